@@ -1,0 +1,43 @@
+"""The ``vrwkv`` command. Each subcommand is a module of this package with ``add_parser`` and ``run``;
+modules are imported only when their subcommand runs, so ``vrwkv --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("vrwkv.cli.demo", "build a model and run it on a bundled photo at two resolutions"),
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2, no stack trace."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vrwkv", description="Vision-RWKV in pure PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except CLIError as e:
+        print(f"vrwkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from vrwkv.cli import main
+
+sys.exit(main())

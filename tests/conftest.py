@@ -1,0 +1,30 @@
+"""Shared test fixtures. The device comes from TORCH_DEVICE (default cpu), as in timm's tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b|, the metric of the golden fixtures' README."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """Load a golden fixture file (official-model outputs) by stem, cached per session."""
+    cache: dict[str, dict] = {}
+
+    def load(name: str) -> dict:
+        if name not in cache:
+            cache[name] = torch.load(DATA / f"{name}.pt", weights_only=True)
+        return cache[name]
+
+    return load
