@@ -1,0 +1,90 @@
+"""Channel mix: the FFN of a VRWKV block (official ``VRWKV_ChannelMix``, spec §1.5)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vrwkv.layers.q_shift import make_shift
+from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
+
+
+class ChannelMix(nn.Module):
+    """Shift-mix, then ``sigmoid(receptance(xr)) * value(relu(key(xk))^2)``.
+
+    Parameter names follow the official checkpoints: ``spatial_mix_k|r`` [1, 1, C] (absent without a shift),
+    ``key`` (hidden x C), optional ``key_norm`` LayerNorm(hidden), ``receptance`` (C x C), ``value`` (C x hidden).
+
+    Args:
+        embed_dim: channels C.
+        layer_id: index of the block (for the fancy init).
+        depth: number of blocks (for the fancy init).
+        hidden_rate: hidden width = ``hidden_rate * embed_dim``.
+        shift_mode: ``"q_shift"``, ``"q_shift_multihead"``, ``"token_shift"`` or ``"none"``.
+        shift_pixel: neighbour distance of the shift (0 disables it).
+        channel_gamma: fraction of channels per Q-Shift direction.
+        init_mode: ``"fancy"``, ``"local"`` or ``"global"``.
+        key_norm: LayerNorm on the squared-ReLU hidden activations.
+        shift_head_size: head width for ``shift_mode="q_shift_multihead"`` (VRWKV6).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        layer_id: int,
+        depth: int,
+        hidden_rate: int = 4,
+        shift_mode: str = "q_shift",
+        shift_pixel: int = 1,
+        channel_gamma: float = 0.25,
+        init_mode: str = "fancy",
+        key_norm: bool = False,
+        shift_head_size: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        check_init_mode(init_mode)
+        depth_ratios(layer_id, depth)  # validates layer_id
+        self.layer_id, self.depth, self.init_mode = layer_id, depth, init_mode
+        self.shift = make_shift(shift_mode, shift_pixel, channel_gamma, head_size=shift_head_size)
+        hidden = hidden_rate * embed_dim
+        if self.shift is not None:
+            self.spatial_mix_k = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+            self.spatial_mix_r = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+        self.key = nn.Linear(embed_dim, hidden, bias=False, **dd)
+        self.key_norm = nn.LayerNorm(hidden, **dd) if key_norm else None
+        self.receptance = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.value = nn.Linear(hidden, embed_dim, bias=False, **dd)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the mix parameters by ``init_mode`` (spec §1.7); Linears keep their init."""
+        if self.shift is None:
+            return
+        if self.init_mode == "fancy":
+            _, r1 = depth_ratios(self.layer_id, self.depth)
+            x = channel_ramp(self.spatial_mix_k)
+            self.spatial_mix_k.copy_(x**r1)
+            self.spatial_mix_r.copy_(x**r1)
+        else:
+            value = 1.0 if self.init_mode == "local" else 0.5
+            self.spatial_mix_k.fill_(value)
+            self.spatial_mix_r.fill_(value)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
+        if self.shift is not None:
+            xx = self.shift(x, hw)
+            xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
+            xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
+        else:
+            xk = xr = x
+        k = torch.square(torch.relu(self.key(xk)))  # [B, T, hidden]
+        if self.key_norm is not None:
+            k = self.key_norm(k)
+        return torch.sigmoid(self.receptance(xr)) * self.value(k)
+
+    def extra_repr(self) -> str:
+        return f"layer_id={self.layer_id}"

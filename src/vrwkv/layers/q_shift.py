@@ -1,0 +1,123 @@
+"""Token shifts that feed the RWKV "mix" interpolation: Q-Shift (Vision-RWKV), the 1-D RWKV token shift, or none.
+
+All shifts take tokens ``[B, T, C]`` in raster order (``t = h * W + w``) and the patch grid ``(H, W)``, and return
+a tensor of the same shape; missing neighbours are zero (no wrap-around). See spec §1.6.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Literal
+
+import torch
+
+ShiftMode = Literal["q_shift", "q_shift_multihead", "token_shift", "none"]
+SHIFT_MODES: tuple[str, ...] = ("q_shift", "q_shift_multihead", "token_shift", "none")
+#: ``shift(x [B, T, C], hw) -> [B, T, C]``
+ShiftFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+def q_shift(
+    x: torch.Tensor,
+    hw: tuple[int, int],
+    shift_pixel: int = 1,
+    channel_gamma: float = 0.25,
+    head_size: int | None = None,
+) -> torch.Tensor:
+    """Quad-directional shift (Q-Shift, spec §1.6).
+
+    With ``g = int(c * channel_gamma)`` channels per quarter (``c`` = C, or ``head_size`` per head), the output at
+    grid position (h, w) takes, in channels ``[0, g)`` the input at (h, w - s) (left neighbour), ``[g, 2g)`` at
+    (h, w + s) (right), ``[2g, 3g)`` at (h - s, w) (above), ``[3g, 4g)`` at (h + s, w) (below); channels
+    ``[4g, c)`` are copied unchanged. ``s = shift_pixel``; neighbours outside the grid are zero.
+
+    Args:
+        x: tokens ``[B, T, C]`` in raster order, ``T = H * W``.
+        hw: the patch grid ``(H, W)``.
+        shift_pixel: neighbour distance ``s`` (>= 0; 0 gives a copy of ``x``).
+        channel_gamma: fraction of channels per direction, at most 1/4.
+        head_size: if given, channels are viewed as ``(C // head_size, head_size)`` and the quarters are cut inside
+            each head (VRWKV6's ``q_shift_multihead``).
+
+    Returns:
+        ``[B, T, C]``, same dtype and device as ``x``.
+    """
+    B, T, C = x.shape
+    H, W = hw
+    if H * W != T:
+        raise ValueError(f"q_shift: grid {H}x{W} does not match {T} tokens")
+    if not 0 <= channel_gamma <= 0.25:
+        raise ValueError(f"q_shift: channel_gamma must be in [0, 1/4], got {channel_gamma}")
+    if shift_pixel < 0:
+        raise ValueError(f"q_shift: shift_pixel must be >= 0, got {shift_pixel}")
+    if head_size is None:
+        grid = x.view(B, H, W, C)  # [B, H, W, C]
+    else:
+        if C % head_size:
+            raise ValueError(f"q_shift: {C} channels are not a multiple of head_size {head_size}")
+        grid = x.view(B, H, W, C // head_size, head_size)  # [B, H, W, heads, head_size]
+    g = int(grid.shape[-1] * channel_gamma)
+    sh, sw = min(shift_pixel, H), min(shift_pixel, W)
+    out = torch.zeros_like(grid)
+    # one slice copy per direction into the zero-initialised output; the zeros left over are the missing neighbours
+    out[:, :, sw:, ..., 0:g] = grid[:, :, : W - sw, ..., 0:g]  # from the left neighbour (w - s)
+    out[:, :, : W - sw, ..., g : 2 * g] = grid[:, :, sw:, ..., g : 2 * g]  # from the right neighbour (w + s)
+    out[:, sh:, :, ..., 2 * g : 3 * g] = grid[:, : H - sh, :, ..., 2 * g : 3 * g]  # from above (h - s)
+    out[:, : H - sh, :, ..., 3 * g : 4 * g] = grid[:, sh:, :, ..., 3 * g : 4 * g]  # from below (h + s)
+    out[..., 4 * g :] = grid[..., 4 * g :]
+    return out.view(B, T, C)
+
+
+def token_shift(x: torch.Tensor, hw: tuple[int, int] | None = None, shift_pixel: int = 1) -> torch.Tensor:
+    """The original 1-D RWKV token shift along the sequence: token t takes token t - s (all channels), zeros first.
+
+    On an image this is the raster order, so the first token of a row takes the last token of the previous row
+    (the official MAE encoder's ``single_shift``).
+
+    Args:
+        x: tokens ``[B, T, C]``.
+        hw: unused (accepted so every shift has the same signature).
+        shift_pixel: shift distance ``s`` (>= 0).
+
+    Returns:
+        ``[B, T, C]``.
+    """
+    if shift_pixel < 0:
+        raise ValueError(f"token_shift: shift_pixel must be >= 0, got {shift_pixel}")
+    T = x.shape[1]
+    s = min(shift_pixel, T)
+    out = torch.zeros_like(x)
+    out[:, s:] = x[:, : T - s]
+    return out
+
+
+def make_shift(
+    shift_mode: str,
+    shift_pixel: int = 1,
+    channel_gamma: float = 0.25,
+    head_size: int = 64,
+) -> ShiftFn | None:
+    """Build the shift function of a mixer, or ``None`` when tokens are not shifted.
+
+    ``None`` (``shift_mode="none"`` or ``shift_pixel == 0``) means the mixers use ``x`` directly and have no
+    ``spatial_mix_*`` parameters, as the official code does for ``shift_pixel == 0``.
+
+    Args:
+        shift_mode: ``"q_shift"``, ``"q_shift_multihead"`` (quarters inside each head of ``head_size`` channels),
+            ``"token_shift"`` or ``"none"``.
+        shift_pixel: neighbour distance.
+        channel_gamma: fraction of channels per Q-Shift direction (<= 1/4).
+        head_size: head width for ``"q_shift_multihead"``.
+    """
+    if shift_mode not in SHIFT_MODES:
+        raise ValueError(f"shift_mode must be one of {SHIFT_MODES}, got {shift_mode!r}")
+    if shift_pixel < 0:
+        raise ValueError(f"shift_pixel must be >= 0, got {shift_pixel}")
+    if not 0 <= channel_gamma <= 0.25:
+        raise ValueError(f"channel_gamma must be in [0, 1/4], got {channel_gamma}")
+    if shift_mode == "none" or shift_pixel == 0:
+        return None
+    if shift_mode == "q_shift":
+        return partial(q_shift, shift_pixel=shift_pixel, channel_gamma=channel_gamma)
+    if shift_mode == "q_shift_multihead":
+        return partial(q_shift, shift_pixel=shift_pixel, channel_gamma=channel_gamma, head_size=head_size)
+    return partial(token_shift, shift_pixel=shift_pixel)

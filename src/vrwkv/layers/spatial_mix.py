@@ -1,0 +1,129 @@
+"""Spatial mix: the attention replacement of a VRWKV block (official ``VRWKV_SpatialMix``, spec §1.4)."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vrwkv.layers.causal_wkv import causal_wkv
+from vrwkv.layers.q_shift import make_shift
+from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
+from vrwkv.ops import bi_wkv
+
+WkvMode = Literal["bidirectional", "causal"]
+WKV_MODES: tuple[str, ...] = ("bidirectional", "causal")
+WKV_SEMANTICS: tuple[str, ...] = ("official", "paper")
+
+
+class SpatialMix(nn.Module):
+    """Shift-mix, then ``output(sigmoid(r) * WKV(k, v))`` with ``w = spatial_decay / T``, ``u = spatial_first / T``.
+
+    Parameter names follow the official checkpoints: ``spatial_decay``, ``spatial_first`` [C],
+    ``spatial_mix_k|v|r`` [1, 1, C] (absent without a shift), ``key``, ``value``, ``receptance``, ``output``
+    (bias-free Linears) and the optional ``key_norm`` LayerNorm (it normalises the WKV output, despite its name).
+
+    Args:
+        embed_dim: channels C.
+        layer_id: index of the block (for the fancy init).
+        depth: number of blocks (for the fancy init).
+        shift_mode: ``"q_shift"``, ``"q_shift_multihead"``, ``"token_shift"`` or ``"none"``.
+        shift_pixel: neighbour distance of the shift (0 disables it, as ``"none"``).
+        channel_gamma: fraction of channels per Q-Shift direction.
+        init_mode: ``"fancy"`` (official default), ``"local"`` or ``"global"``.
+        key_norm: LayerNorm on the WKV output.
+        wkv_mode: ``"bidirectional"`` (Bi-WKV) or ``"causal"`` (original RWKV, ablation).
+        wkv_semantics: Bi-WKV function: ``"official"`` (what the official CUDA kernel computes, reproduces the
+            released checkpoints) or ``"paper"`` (the paper's formula). Ignored when ``wkv_mode="causal"``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        layer_id: int,
+        depth: int,
+        shift_mode: str = "q_shift",
+        shift_pixel: int = 1,
+        channel_gamma: float = 0.25,
+        init_mode: str = "fancy",
+        key_norm: bool = False,
+        wkv_mode: str = "bidirectional",
+        wkv_semantics: str = "official",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        check_init_mode(init_mode)
+        if wkv_mode not in WKV_MODES:
+            raise ValueError(f"wkv_mode must be one of {WKV_MODES}, got {wkv_mode!r}")
+        if wkv_semantics not in WKV_SEMANTICS:
+            raise ValueError(f"wkv_semantics must be one of {WKV_SEMANTICS}, got {wkv_semantics!r}")
+        self.layer_id, self.depth, self.init_mode = layer_id, depth, init_mode
+        self.wkv_mode, self.wkv_semantics = wkv_mode, wkv_semantics
+        depth_ratios(layer_id, depth)  # validates layer_id
+        self.shift = make_shift(shift_mode, shift_pixel, channel_gamma)
+
+        self.spatial_decay = nn.Parameter(torch.empty(embed_dim, **dd))
+        self.spatial_first = nn.Parameter(torch.empty(embed_dim, **dd))
+        if self.shift is not None:
+            self.spatial_mix_k = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+            self.spatial_mix_v = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+            self.spatial_mix_r = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+        self.key = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.value = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.receptance = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.key_norm = nn.LayerNorm(embed_dim, **dd) if key_norm else None
+        self.output = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the decay, bonus and mix parameters by ``init_mode`` (spec §1.7); Linears keep their init."""
+        if self.init_mode == "fancy":
+            r0, r1 = depth_ratios(self.layer_id, self.depth)
+            C = self.spatial_decay.shape[0]
+            c = torch.arange(C, device=self.spatial_decay.device, dtype=torch.float32)
+            # -5 at c = 0 up to +3 at c = C - 1, steeper curve in deeper layers
+            self.spatial_decay.copy_(-5 + 8 * (c / max(C - 1, 1)) ** (0.7 + 1.3 * r0))
+            zigzag = 0.5 * (((c + 1) % 3) - 1)  # 0, 0.5, -0.5, 0, ...
+            self.spatial_first.copy_(math.log(0.3) + zigzag)
+            if self.shift is not None:
+                x = channel_ramp(self.spatial_mix_k)
+                self.spatial_mix_k.copy_(x**r1)
+                self.spatial_mix_v.copy_(x**r1 + 0.3 * r0)
+                self.spatial_mix_r.copy_(x ** (0.5 * r1))
+        else:
+            fill = 1.0 if self.init_mode == "local" else 0.0
+            self.spatial_decay.fill_(fill)
+            self.spatial_first.fill_(fill)
+            if self.shift is not None:
+                for p in (self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r):
+                    p.fill_(1.0 if self.init_mode == "local" else 0.5)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
+        T = x.shape[1]
+        if self.shift is not None:
+            xx = self.shift(x, hw)
+            # the mix weights multiply the unshifted token: x * mu + shift(x) * (1 - mu)
+            xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
+            xv = x * self.spatial_mix_v + xx * (1 - self.spatial_mix_v)
+            xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
+        else:
+            xk = xv = xr = x
+        k, v = self.key(xk), self.value(xv)
+        sr = torch.sigmoid(self.receptance(xr))
+        # the official code divides by the *current* token count, so w and u change with the input resolution
+        w, u = self.spatial_decay / T, self.spatial_first / T
+        if self.wkv_mode == "bidirectional":
+            y = bi_wkv(k, v, w, u, semantics=self.wkv_semantics)
+        else:
+            y = causal_wkv(k, v, w, u)
+        if self.key_norm is not None:
+            y = self.key_norm(y)
+        return self.output(sr * y)
+
+    def extra_repr(self) -> str:
+        return f"layer_id={self.layer_id}, wkv_mode={self.wkv_mode!r}, wkv_semantics={self.wkv_semantics!r}"
