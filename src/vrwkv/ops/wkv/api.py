@@ -1,11 +1,61 @@
-"""Public Bi-WKV entry point (implementation being written)."""
+"""Public Bi-WKV entry point: input checks, dtype policy, and the choice of implementation."""
 from __future__ import annotations
 
 import torch
 
+from vrwkv.ops.wkv.chunked import chunked_bi_wkv
+
+SEMANTICS = ("paper", "official")
+
 
 def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper") -> torch.Tensor:
-    """Bi-WKV over [B, T, C] keys/values; w, u are [C] and already divided by T. Returns [B, T, C]."""
-    from vrwkv.ops.wkv.reference import reference_bi_wkv
+    """Bidirectional WKV of Vision-RWKV: for every channel, a decayed weighted average of the values of all tokens.
 
-    return reference_bi_wkv(k, v, w, u, semantics=semantics).to(k.dtype)
+    ``semantics="paper"`` (the paper formula)::
+
+        y_t = (sum_{i != t} e^{-(|t-i|-1) w + k_i} v_i + e^{u + k_t} v_t) / (same sums without v)
+
+    ``semantics="official"``: exactly the function the official CUDA kernel computes (32 token chunks whose boundary
+    bookkeeping uses |t-i| instead of |t-i|-1 across chunks, a small own-chunk term, and EPS = 1e-6 in the rescaled
+    denominator); use it to reproduce official checkpoints. See ``ops/wkv/README.md``.
+
+    Pure PyTorch, O(T·C) time and memory, any device, differentiable, numerically safe for any sign and size of w and k.
+
+    Args:
+        k (torch.Tensor): keys ``[B, T, C]``.
+        v (torch.Tensor): values ``[B, T, C]``.
+        w (torch.Tensor): per-channel decay ``[C]``, already divided by T (``spatial_decay / T``); any sign.
+        u (torch.Tensor): per-channel bonus of the current token ``[C]``, already divided by T.
+        semantics (str): ``"paper"`` or ``"official"``.
+            Default: ``"paper"``.
+
+    Returns:
+        torch.Tensor: ``[B, T, C]`` in the dtype of ``k``. Half-precision inputs are computed in float32.
+
+    Examples::
+
+        >>> k, v = torch.randn(2, 196, 192), torch.randn(2, 196, 192)
+        >>> w, u = torch.randn(192) / 196, torch.randn(192) / 196
+        >>> bi_wkv(k, v, w, u, semantics="official").shape
+        torch.Size([2, 196, 192])
+    """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"k and v must both be [B, T, C]; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    C = k.shape[-1]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(f"w and u must be [C] = [{C}]; got w {tuple(w.shape)} and u {tuple(u.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError("bi_wkv needs at least one token (T >= 1)")
+    tensors = (k, v, w, u)
+    if not all(t.is_floating_point() for t in tensors):
+        raise TypeError(f"bi_wkv needs floating-point tensors; got {[t.dtype for t in tensors]}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"k, v, w, u must be on one device; got {[str(t.device) for t in tensors]}")
+    out_dtype = k.dtype
+    # float64 stays float64 (references, gradcheck); everything else computes in float32, as the official kernel does.
+    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    with torch.autocast(k.device.type, enabled=False):
+        y = chunked_bi_wkv(*(t.to(compute) for t in tensors), semantics=semantics)
+    return y.to(out_dtype)
