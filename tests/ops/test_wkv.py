@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, rel_err
-from vrwkv.ops import bi_wkv
+from vrwkv.ops import bi_wkv, causal_wkv
 from vrwkv.ops.wkv.chunked import block_length, chunked_bi_wkv
-from vrwkv.ops.wkv.reference import naive_official_bi_wkv, naive_paper_bi_wkv
+from vrwkv.ops.wkv.reference import naive_causal_wkv, naive_official_bi_wkv, naive_paper_bi_wkv
 
 REFERENCES = {"paper": naive_paper_bi_wkv, "official": naive_official_bi_wkv}
 
@@ -121,7 +121,7 @@ def test_bi_wkv_long_sequence_forward_backward_runs():
     Run in a subprocess so its peak memory is measured alone."""
     code = """
 import resource, torch
-from vrwkv.ops import bi_wkv
+from vrwkv.ops import bi_wkv, causal_wkv
 T, C = 65536, 192
 k = torch.randn(1, T, C, requires_grad=True); v = torch.randn(1, T, C, requires_grad=True)
 w = (torch.randn(C) * 3 / T).requires_grad_(); u = (torch.randn(C) / T).requires_grad_()
@@ -134,3 +134,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     assert out.returncode == 0, out.stderr
     peak_mb = int(out.stdout.strip().splitlines()[-1])
     assert peak_mb < 12_000, f"peak {peak_mb} MB"  # O(T·C): about 40 tensors of T·C floats, not T x T
+
+
+@pytest.mark.parametrize("T", [1, 2, 33, 100])
+def test_causal_wkv_matches_reference(T):
+    k, v, w, u = random_inputs(2, T, 6, seed=T)
+    ref = naive_causal_wkv(k, v, w, u)
+    assert rel_err(causal_wkv(k, v, w, u), ref) < 1e-12
+    assert rel_err(causal_wkv(*(x.float() for x in (k, v, w, u))), ref) < 1e-5
+    # token 0 sees only itself, and no token sees a later one
+    y = causal_wkv(k, v, w, u)
+    assert rel_err(y[:, 0], v[:, 0]) < 1e-12
+    if T > 1:
+        assert rel_err(causal_wkv(k[:, :-1], v[:, :-1], w, u), y[:, :-1]) < 1e-12
+
+
+def test_causal_wkv_gradcheck_and_extremes():
+    k, v, w, u = (x.requires_grad_() for x in random_inputs(1, 9, 3, decay_scale=2.0, seed=3))
+    assert torch.autograd.gradcheck(causal_wkv, (k, v, w, u))
+    k, v, w, u = random_inputs(2, 40, 8, decay_scale=100.0, first_scale=100.0, k_scale=60.0, seed=4)
+    y = causal_wkv(*(x.float() for x in (k, v, w, u)))
+    assert torch.isfinite(y).all() and rel_err(y, naive_causal_wkv(k, v, w, u)) < 1e-4

@@ -41,21 +41,34 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    return _run(k, v, w, u, semantics)
+
+
+def causal_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Causal (uni-directional) WKV of the original RWKV, for the paper's ablation of Bi-WKV: token t averages the
+    tokens i <= t with weights ``e^{-(t-i-1) w + k_i}`` (i < t) and ``e^{u + k_t}`` (i = t).
+
+    Same arguments, shapes, dtype policy and guarantees as :func:`bi_wkv`.
+    """
+    return _run(k, v, w, u, "causal")
+
+
+def _run(k, v, w, u, semantics: str) -> torch.Tensor:
+    """Check the inputs, choose the compute dtype, and run the chunked fast path."""
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must both be [B, T, C]; got k {tuple(k.shape)} and v {tuple(v.shape)}")
     C = k.shape[-1]
     if w.shape != (C,) or u.shape != (C,):
         raise ValueError(f"w and u must be [C] = [{C}]; got w {tuple(w.shape)} and u {tuple(u.shape)}")
     if k.shape[1] == 0:
-        raise ValueError("bi_wkv needs at least one token (T >= 1)")
+        raise ValueError("WKV needs at least one token (T >= 1)")
     tensors = (k, v, w, u)
     if not all(t.is_floating_point() for t in tensors):
-        raise TypeError(f"bi_wkv needs floating-point tensors; got {[t.dtype for t in tensors]}")
+        raise TypeError(f"WKV needs floating-point tensors; got {[t.dtype for t in tensors]}")
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"k, v, w, u must be on one device; got {[str(t.device) for t in tensors]}")
-    out_dtype = k.dtype
     # float64 stays float64 (references, gradcheck); everything else computes in float32, as the official kernel does.
     compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     with torch.autocast(k.device.type, enabled=False):
         y = chunked_bi_wkv(*(t.to(compute) for t in tensors), semantics=semantics)
-    return y.to(out_dtype)
+    return y.to(k.dtype)

@@ -133,6 +133,11 @@ def _paper(k, g, w, u, block):
     return _combine([(rho + w, h, None) for rho, h in sides] + [(k + u, g, None)])
 
 
+def _causal(k, g, w, u, block):
+    # original (uni-directional) RWKV: only the left side, exponent -(distance - 1) w
+    return _combine([(rho + w, h, None) for rho, h in decayed_prefix(k, g, w, block)] + [(k + u, g, None)])
+
+
 def _official(k, g, w, u, chunks, eps):
     """The official kernel's function: spec §2.3 closed form, plus its EPS. See README.md."""
     S, B, T, C = g.shape
@@ -185,7 +190,8 @@ def _kernel_running_max(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, Lc: i
 def chunked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper",
                    chunks: int = KERNEL_CHUNKS, eps: float = KERNEL_EPS) -> torch.Tensor:
     """Bi-WKV by chunked rescaled prefix sums. Inputs/outputs as :func:`vrwkv.ops.bi_wkv`; computes in the inputs'
-    dtype (the caller upcasts half precision). ``chunks``/``eps`` only apply to ``semantics="official"``."""
+    dtype (the caller upcasts half precision). ``semantics`` is "paper", "official" or "causal" (the original
+    uni-directional RWKV with the paper's weights); ``chunks``/``eps`` only apply to "official"."""
     g = torch.stack([v, torch.ones_like(v)])  # [2, B, T, C]: numerator and denominator share every exponent
     # y is invariant to a per-sequence shift of k (numerator, denominator and the EPS term all scale by it); centring
     # the largest key at 0 keeps the log-scales small, where float32 rounds them finely
@@ -195,4 +201,4 @@ def chunked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     T = k.shape[1]
     # about 32 blocks, like the kernel's chunks: the carry loop stays short and the cumsums long
     block = block_length(T, w.detach().abs().max().item(), preferred=math.ceil(T / KERNEL_CHUNKS))
-    return _paper(k, g, w, u, block)
+    return (_causal if semantics == "causal" else _paper)(k, g, w, u, block)

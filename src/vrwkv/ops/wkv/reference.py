@@ -1,6 +1,7 @@
 """Float64 references for Bi-WKV: slow, obviously-correct restatements used as the correctness gate.
 
 * :func:`naive_paper_bi_wkv` -- the paper formula as a direct O(T^2) weighted average (log-sum-exp stabilised).
+* :func:`naive_causal_wkv` -- the original uni-directional RWKV (the paper's ablation of Bi-WKV), O(T^2).
 * :func:`naive_official_bi_wkv` -- a line-by-line port of the official CUDA forward kernel
   (``cuda_new/bi_wkv_kernel.cu``): 32 token chunks ("lanes"), per-lane partial sums, the cross-lane exchange,
   then the sequential per-token recurrence with running-max rescaling and ``EPS`` added to the rescaled
@@ -42,6 +43,21 @@ def naive_paper_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: tor
         m = expo.max(dim=1, keepdim=True).values
         a = torch.exp(expo - m)
         y[:, t] = (a * v).sum(1) / a.sum(1)
+    return y
+
+
+def naive_causal_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Original (uni-directional) RWKV with the paper's weights, O(T^2): token t averages tokens i <= t with
+    ``a_ti = exp(-(t-i-1) w + k_i)`` for i < t and ``exp(u + k_t)`` for i = t. Shapes as :func:`naive_paper_bi_wkv`."""
+    k, v, w, u = (x.detach().double() for x in (k, v, w, u))
+    B, T, C = k.shape
+    idx = torch.arange(T, dtype=torch.float64, device=k.device)
+    y = torch.empty_like(k)
+    for t in range(T):
+        expo = -(t - idx[: t + 1, None] - 1) * w + k[:, : t + 1]  # [B, t+1, C]
+        expo[:, t] = u + k[:, t]
+        a = torch.exp(expo - expo.amax(dim=1, keepdim=True))
+        y[:, t] = (a * v[:, : t + 1]).sum(1) / a.sum(1)
     return y
 
 
@@ -134,9 +150,11 @@ def naive_official_bi_wkv(
 
 
 def reference_bi_wkv(k, v, w, u, semantics: str = "paper") -> torch.Tensor:
-    """Dispatch to the float64 reference of ``semantics`` ("paper" or "official")."""
+    """Dispatch to the float64 reference of ``semantics`` ("paper", "official" or "causal")."""
     if semantics == "paper":
         return naive_paper_bi_wkv(k, v, w, u)
     if semantics == "official":
         return naive_official_bi_wkv(k, v, w, u)
-    raise ValueError(f"semantics must be 'paper' or 'official', got {semantics!r}")
+    if semantics == "causal":
+        return naive_causal_wkv(k, v, w, u)
+    raise ValueError(f"semantics must be 'paper', 'official' or 'causal', got {semantics!r}")

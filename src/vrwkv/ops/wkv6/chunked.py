@@ -16,6 +16,29 @@ import torch.nn.functional as F
 CHUNK_SIZE = 16
 
 
+def _shift_right(x: torch.Tensor) -> torch.Tensor:
+    """Shift along the token axis (-2) by one, filling with zero: inclusive -> exclusive prefix sums."""
+    return F.pad(x[..., :-1, :], (0, 0, 1, 0))
+
+
+def _cumsum_hi_lo(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative sum along the token axis (-2) as an unevaluated sum ``hi + lo``.
+
+    ``hi`` is the plain cumsum; ``lo`` accumulates its rounding errors, found exactly with Knuth's TwoSum, so
+    ``(hi_t - hi_s) + (lo_t - lo_s)`` has an error of order eps * |difference| instead of eps * |hi| (which is large
+    after a few strong decays). ``lo`` is zero in exact arithmetic, hence it carries no gradient.
+    """
+    hi = x.cumsum(dim=-2)
+    with torch.no_grad():
+        prev = _shift_right(hi)
+        total = prev + x
+        x_part = total - prev
+        err = (prev - (total - x_part)) + (x - x_part)  # prev + x == total + err exactly
+        err = err + (total - hi)  # the scan may round differently from `total`; that difference is exact (Sterbenz)
+        lo = err.cumsum(dim=-2)
+    return hi, lo
+
+
 def chunk_bi_wkv6(
     r: torch.Tensor,
     k: torch.Tensor,
@@ -50,17 +73,20 @@ def chunk_bi_wkv6(
     log_decay = chunks(-torch.exp(w.to(dtype)))  # [B, H, nC, L, N], <= 0
     u = u.to(dtype).reshape(1, H, 1, 1, N)
 
-    incl = log_decay.cumsum(dim=3)  # sum over the chunk's tokens m <= t
-    excl = F.pad(incl[..., :-1, :], (0, 0, 1, 0))  # sum over m < t
-    total = incl[..., -1:, :]  # [B, H, nC, 1, N], the whole chunk
-    to_end = total - incl  # sum over m > t
+    # Chunk-local sums of the log-decay over m <= t (incl), m < t (excl), m > t (to_end) and the whole chunk (total).
+    # Kept as hi + lo pairs so that their differences are accurate even when strong decays make the sums large.
+    incl_hi, incl_lo = _cumsum_hi_lo(log_decay)
+    excl_hi, excl_lo = _shift_right(incl_hi), _shift_right(incl_lo)
+    total_hi, total_lo = incl_hi[..., -1:, :], incl_lo[..., -1:, :]  # [B, H, nC, 1, N]
+    excl = excl_hi + excl_lo
+    to_end = (total_hi - incl_hi) + (total_lo - incl_lo)
 
     # Intra-chunk. For s < t the pair's exponent is sum_{m=s+1}^{t-1} = excl[t] - incl[s] <= 0. For s > t it is the
     # same expression with t and s swapped, so the lower-triangular weights serve both directions (the upper scores
     # are the lower ones with r and k exchanged, transposed); the diagonal gets the bonus u instead.
     idx = torch.arange(L, device=r.device)
     upper_or_diag = (idx[:, None] <= idx[None, :])[:, :, None]  # [L(t), L(s), 1]
-    pair = excl[..., :, None, :] - incl[..., None, :, :]  # [B, H, nC, L(t), L(s), N]
+    pair = (excl_hi[..., :, None, :] - incl_hi[..., None, :, :]) + (excl_lo[..., :, None, :] - incl_lo[..., None, :, :])
     weight = torch.exp(pair.masked_fill(upper_or_diag, float("-inf")))  # masked before exp: pair > 0 there
     lower = torch.einsum("bhctj,bhctsj->bhcts", r, weight * k[..., None, :, :])  # [B, H, nC, L, L]
     upper = torch.einsum("bhctj,bhctsj->bhcst", k, weight * r[..., None, :, :])
@@ -74,7 +100,7 @@ def chunk_bi_wkv6(
     gain_excl, gain_to_end = torch.exp(excl), torch.exp(to_end)
     write_left = (k * gain_to_end).transpose(-2, -1) @ v  # [B, H, nC, N, N]
     write_right = (k * gain_excl).transpose(-2, -1) @ v
-    chunk_decay = torch.exp(total).transpose(-2, -1)  # [B, H, nC, N, 1]
+    chunk_decay = torch.exp(total_hi + total_lo).transpose(-2, -1)  # [B, H, nC, N, 1]
 
     # Both scans as one left-to-right recurrence: the right-state scan runs on the chunk-reversed sequence.
     writes = torch.stack([write_left, write_right.flip(2)])  # [2, B, H, nC, N, N]
