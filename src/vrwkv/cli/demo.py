@@ -24,10 +24,11 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model = vrwkv.create_model(args.model).to(device).eval()
-    except KeyError as e:
+    except (KeyError, ValueError) as e:  # unknown model name
         raise CLIError(str(e)) from None
     photo = load_sample_image("china.jpg")  # (427, 640, 3) uint8, ships with scikit-learn
-    img = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1).float().div(255)[None].to(device)
+    img = torch.from_numpy(np.array(photo))  # copy: the sample is read-only
+    img = img.permute(2, 0, 1).float().div(255)[None].to(device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
     n_params = sum(p.numel() for p in model.parameters())
