@@ -9,6 +9,7 @@ import sys
 # subcommand name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vrwkv.cli.demo", "build a model and run it on a bundled photo at two resolutions"),
+    "convert": ("vrwkv.cli.convert", "official checkpoint (.pth) -> safetensors with vrwkv key names"),
 }
 
 

@@ -1,5 +1,4 @@
 """Building blocks of the Vision-RWKV models (no model-level code here)."""
-from vrwkv.layers.causal_wkv import causal_wkv, naive_causal_wkv
 from vrwkv.layers.channel_mix import ChannelMix
 from vrwkv.layers.patch_embed import PatchEmbed
 from vrwkv.layers.pos_embed import resize_pos_embed
@@ -15,10 +14,8 @@ __all__ = [
     "SpatialMix",
     "WKV_MODES",
     "WKV_SEMANTICS",
-    "causal_wkv",
     "depth_ratios",
     "make_shift",
-    "naive_causal_wkv",
     "q_shift",
     "resize_pos_embed",
     "token_shift",

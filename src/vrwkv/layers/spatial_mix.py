@@ -7,10 +7,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vrwkv.layers.causal_wkv import causal_wkv
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
-from vrwkv.ops import bi_wkv
+from vrwkv.ops import bi_wkv, causal_wkv
 
 WkvMode = Literal["bidirectional", "causal"]
 WKV_MODES: tuple[str, ...] = ("bidirectional", "causal")

@@ -98,6 +98,10 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> Checkpoint:
             metadata = dict(f.metadata() or {})
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
         return Checkpoint(state_dict, "safetensors", metadata)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch zip archive, or a legacy pickle (protocol >= 2)
+        raise ValueError(f"{path}: not a torch checkpoint or safetensors file")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -212,7 +212,8 @@ class VRWKV(nn.Module):
         self.grid_size = (img_hw[0] // patch_size, img_hw[1] // patch_size)
         self.interpolate_mode = interpolate_mode
         self.grad_checkpointing = with_cp
-        self.out_indices = feature_take_indices(depth, [out_indices] if isinstance(out_indices, int) else out_indices)[0]
+        out_indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
+        self.out_indices = feature_take_indices(depth, out_indices)[0]  # non-negative block indices
 
         if spatial_mix_layer is None:
             spatial_mix_layer = partial(
