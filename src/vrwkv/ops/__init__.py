@@ -3,7 +3,9 @@
 Public entry points:
   bi_wkv(k, v, w, u, semantics="paper")      -- Vision-RWKV Bi-WKV (V1), see ops/wkv/README.md
   causal_wkv(k, v, w, u)                     -- uni-directional RWKV WKV (the paper's ablation), same folder
+  bi_wkv6(r, k, v, w, u, num_heads)          -- bidirectional RWKV-6 of VRWKV6, see ops/wkv6/README.md
 """
 from vrwkv.ops.wkv import bi_wkv, causal_wkv
+from vrwkv.ops.wkv6 import bi_wkv6
 
-__all__ = ["bi_wkv", "causal_wkv"]
+__all__ = ["bi_wkv", "causal_wkv", "bi_wkv6"]

@@ -63,8 +63,8 @@ def naive_recurrent_bi_wkv6(
 def naive_quadratic_bi_wkv6(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
-    """Closed form, O(T^2 N) per head:
-    ``y_t = sum_j r_t[j] (u[j] k_t[j] v_t + sum_{s != t} exp(sum_{m strictly between s and t} -exp(w_m[j])) k_s[j] v_s)``.
+    """Closed form, O(T^2 N) per head, with the log-decay ``a_m = -exp(w_m)``:
+    ``y_t = sum_j r_t[j] (u[j] k_t[j] v_t + sum_{s != t} exp(sum_{m strictly between s and t} a_m[j]) k_s[j] v_s)``.
 
     Args and returns as :func:`naive_recurrent_bi_wkv6`.
     """
