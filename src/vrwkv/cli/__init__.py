@@ -10,6 +10,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vrwkv.cli.demo", "build a model and run it on a bundled photo at two resolutions"),
     "convert": ("vrwkv.cli.convert", "official checkpoint (.pth) -> safetensors with vrwkv key names"),
+    "train": ("vrwkv.cli.train", "train a classifier (default: a small VRWKV on the bundled digits)"),
+    "eval": ("vrwkv.cli.eval", "top-1/top-5, loss and throughput of a checkpoint on a data set"),
+    "predict": ("vrwkv.cli.predict", "top-k classes with probabilities for image files"),
+    "plot": ("vrwkv.cli.plot", "draw a run's loss/accuracy curves to a PNG"),
 }
 
 

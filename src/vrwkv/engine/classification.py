@@ -1,0 +1,343 @@
+"""Image classification end to end: build the experiment from a preset, train, evaluate, predict.
+
+These are the library functions behind ``vrwkv train``, ``vrwkv eval`` and ``vrwkv predict``; they combine the
+data pipeline (``vrwkv.data``), the task (``vrwkv.tasks.classification``) and the shared engine (``Trainer``).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vrwkv.data import DataConfig, TransformedDataset, build_datasets, build_transform, collate_samples, load_rgb
+from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
+from vrwkv.engine.config import (ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
+                                 load_preset, save_yaml, to_dict)
+from vrwkv.engine.distributed import DistInfo, all_gather_objects, cleanup_distributed, init_distributed
+from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
+from vrwkv.tasks.classification import ClassificationConfig, ClassificationTask
+
+logger = logging.getLogger("vrwkv")
+
+DEFAULT_PRESET = "digits"
+
+
+@dataclass
+class ClassificationExperiment:
+    """Everything that defines a classification run; saved as ``config.yaml`` next to its checkpoints."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: ClassificationConfig = field(default_factory=ClassificationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def make_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> ClassificationExperiment:
+    """Preset (bundled name or YAML path) + ``key=value`` overrides (``["optim.lr=3e-4", ...]``)."""
+    data = load_preset(preset)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(ClassificationExperiment, data)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    """Our models through ``vrwkv.create_model`` (official checkpoint conversion), any other through timm."""
+    import timm
+
+    import vrwkv
+
+    ours = getattr(vrwkv, "list_models", None)
+    if ours is not None and name.split(".")[0] in set(ours()):
+        return vrwkv.create_model(name, **kwargs)
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"unknown model {name!r}; see vrwkv.list_models() and timm.list_models()")
+    return timm.create_model(name, **kwargs)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, img_size: int | None = None) -> nn.Module:
+    """Any registered model (VRWKV or timm) with ``num_classes`` outputs, sized for ``img_size`` inputs.
+
+    ``img_size`` / ``drop_path_rate`` are passed only to models that accept them (ViT-like models do, most CNNs
+    do not take ``img_size``). ``cfg.checkpoint`` initialises the weights: one of our run checkpoints (its
+    ``model`` weights; a classifier head of a different size is left freshly initialised) or any file the model
+    factory converts (official VRWKV checkpoints, timm weights).
+    """
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    kwargs.update(cfg.kwargs)
+    ckpt = None
+    if cfg.checkpoint:
+        ckpt = load_checkpoint(cfg.checkpoint)
+        if not is_run_checkpoint(ckpt):
+            kwargs["checkpoint_path"] = cfg.checkpoint
+    while True:
+        try:
+            model = _create(cfg.name, **kwargs)
+            break
+        except TypeError as e:  # drop optional size arguments the architecture does not take
+            dropped = next((k for k in ("img_size", "drop_path_rate") if k in kwargs and k in str(e)
+                            and k not in cfg.kwargs), None)
+            if dropped is None:
+                raise ValueError(f"cannot build model {cfg.name!r} with {kwargs}: {e}") from None
+            kwargs.pop(dropped)
+    if ckpt is not None and is_run_checkpoint(ckpt):
+        state = ckpt["model"]
+        own = model.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        for k in mismatched:
+            state.pop(k)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - set(mismatched):
+            raise ValueError(f"{cfg.checkpoint} does not fit model {cfg.name!r}: missing {list(missing)[:5]}, "
+                             f"unexpected {list(unexpected)[:5]}")
+        if mismatched:
+            logger.info(f"re-initialised {mismatched} (shape differs from {cfg.checkpoint})")
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"model {cfg.name!r} does not support gradient checkpointing")
+        model.set_grad_checkpointing(True)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_deterministic(on: bool) -> None:
+    if on:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _new_run_dir(base: Path) -> Path:
+    if not (base / LAST_CHECKPOINT).exists() and not (base / "config.yaml").exists():
+        return base
+    i = 1
+    while (base.parent / f"{base.name}-{i}").exists():
+        i += 1
+    return base.parent / f"{base.name}-{i}"
+
+
+def latest_run_dir(base: Path) -> Path | None:
+    """The most recently modified run folder ``base`` or ``base-N`` holding a ``last.pt``."""
+    candidates = [p for p in [base, *base.parent.glob(f"{base.name}-*")] if (p / LAST_CHECKPOINT).is_file()]
+    return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime) if candidates else None
+
+
+def train(cfg: ClassificationExperiment, *, preset: str = DEFAULT_PRESET, resume: str | Path | None = None,
+          overrides_on_resume: list[str] | None = None) -> tuple[Path, dict[str, float]]:
+    """Train ``cfg`` (or continue the run in folder ``resume``); returns the run folder and the final metrics.
+
+    Works single-process and under ``torchrun`` (one process per device; gloo on CPU, nccl on CUDA). Only the
+    main process writes. ``run.output_dir`` defaults to ``runs/<preset>`` (``-1``, ``-2``... if taken).
+    """
+    dist = init_distributed(cfg.run.device)
+    threads = torch.get_num_threads()
+    if cfg.run.threads is not None:
+        if cfg.run.threads < 1:
+            raise ValueError(f"run.threads must be >= 1, got {cfg.run.threads}")
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return _train(cfg, dist, preset, resume, overrides_on_resume)
+    finally:
+        torch.set_num_threads(threads)
+        cleanup_distributed()
+
+
+def _train(cfg: ClassificationExperiment, dist: DistInfo, preset: str, resume: str | Path | None,
+           overrides_on_resume: list[str] | None) -> tuple[Path, dict[str, float]]:
+    resume_ckpt = None
+    if resume is not None:
+        run_dir = Path(resume)
+        resume_ckpt = run_dir / LAST_CHECKPOINT
+        if not resume_ckpt.is_file():
+            raise ValueError(f"cannot resume: {resume_ckpt} does not exist")
+        saved = load_checkpoint(resume_ckpt)["config"]
+        data = {k: v for k, v in saved.items() if k != "classes"}
+        if overrides_on_resume:
+            data = apply_overrides(data, overrides_on_resume)
+        cfg = from_dict(ClassificationExperiment, data)
+    else:
+        base = Path(cfg.run.output_dir or f"runs/{Path(preset).stem}")
+        run_dir = Path(all_gather_objects(str(_new_run_dir(base)) if dist.is_main else None)[0])
+        if cfg.run.output_dir and (run_dir / LAST_CHECKPOINT).exists():
+            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
+                             f"another output folder")
+    cfg.run.output_dir = str(run_dir)
+    _set_deterministic(cfg.run.deterministic)
+    _seed_all(cfg.run.seed)  # same initial weights on every process
+
+    train_raw, val_raw, classes = build_datasets(cfg.data)
+    train_set = TransformedDataset(train_raw, build_transform(cfg.data, True), seed=cfg.run.seed, replace_bad=True,
+                                   min_size=cfg.data.img_size)
+    val_set = TransformedDataset(val_raw, build_transform(cfg.data, False), seed=cfg.run.seed,
+                                 min_size=cfg.data.img_size)
+    model = build_model(cfg.model, len(classes), cfg.data.img_size).to(dist.device)
+    task = ClassificationTask(model, len(classes), cfg.task).to(dist.device)
+    config = {**to_dict(cfg), "classes": list(classes)}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(to_dict(cfg), run_dir / "config.yaml")
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | data {cfg.data.dataset}: "
+                    f"{len(train_raw)} train / {len(val_raw)} val images, {len(classes)} classes | "
+                    f"{dist.world_size} process(es) on {dist.device} | run dir {run_dir}")
+    _seed_all(cfg.run.seed + dist.rank)  # independent drop-path / mixup streams per process
+    trainer = Trainer(task, train_set, val_set, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
+                      collate_fn=collate_samples, optim=cfg.optim, schedule=cfg.schedule, run=cfg.run,
+                      run_dir=run_dir, config=config, metric="top1", on_bad_image=cfg.data.on_bad_image,
+                      channels_last=cfg.model.channels_last, dist=dist)
+    metrics = trainer.fit(resume_from=resume_ckpt)
+    if dist.is_main and trainer.state.best_metric is not None:
+        logger.info(f"done: best val top-1 {trainer.state.best_metric:.2f}% | checkpoints {run_dir / LAST_CHECKPOINT}"
+                    f", {run_dir / BEST_CHECKPOINT}")
+    return run_dir, metrics
+
+
+# ------------------------------------------------------------------------------------------------ eval / predict
+@dataclass
+class LoadedClassifier:
+    """A classifier ready for inference: the model, its class names and its eval-time data settings."""
+
+    model: nn.Module
+    classes: list[str]
+    data: DataConfig
+    name: str
+
+
+def load_classifier(checkpoint: str | None = None, model_name: str | None = None, *, ema: bool = False,
+                    device: torch.device | str = "cpu", num_classes: int | None = None) -> LoadedClassifier:
+    """A trained classifier from one of our run checkpoints, an official checkpoint (``model_name`` needed) or a
+    registered model name alone (random or default weights)."""
+    ckpt = load_checkpoint(checkpoint) if checkpoint else None
+    if ckpt is not None and is_run_checkpoint(ckpt):
+        saved = {k: v for k, v in ckpt["config"].items() if k != "classes"}
+        cfg = from_dict(ClassificationExperiment, saved)
+        classes = list(ckpt["config"]["classes"])
+        model_cfg = ModelConfig(name=cfg.model.name, kwargs=cfg.model.kwargs)
+        model = build_model(model_cfg, len(classes), cfg.data.img_size)
+        state = ckpt["model"]
+        if ema:
+            if ckpt.get("ema") is None:
+                raise ValueError(f"{checkpoint} has no EMA weights (trained without run.ema=true)")
+            state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+        model.load_state_dict(state)
+        name, data = cfg.model.name, cfg.data
+    else:
+        if model_name is None:
+            raise ValueError(f"{checkpoint} is not a vrwkv training checkpoint: also give the model name (--model)")
+        kwargs: dict[str, Any] = {}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if checkpoint:
+            kwargs["checkpoint_path"] = checkpoint
+        model = _create(model_name, **kwargs)
+        n = model.num_classes if hasattr(model, "num_classes") else num_classes
+        classes = imagenet_class_names() if n == 1000 else [str(i) for i in range(n or 0)]
+        data = data_config_for(model)
+        name = model_name
+    return LoadedClassifier(model.to(device).eval(), classes, data, name)
+
+
+def imagenet_class_names() -> list[str]:
+    """Human-readable ImageNet-1k class names, in class-index order (from timm)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_descriptions())
+
+
+def data_config_for(model: nn.Module) -> DataConfig:
+    """Eval settings (input size, crop, mean/std, interpolation) from a model's pretrained config."""
+    from timm.data import resolve_data_config
+
+    d = resolve_data_config({}, model=model)
+    return DataConfig(img_size=int(d["input_size"][-1]), crop_pct=float(d["crop_pct"]),
+                      interpolation=str(d["interpolation"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+def evaluate(classifier: LoadedClassifier, dataset: str | None = None, *, split: str | None = None,
+             batch_size: int = 64, workers: int = 0, on_bad_image: str = "error", amp: str = "none",
+             progress: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 / loss and throughput of ``classifier`` on a data set (default: the one it was trained on).
+
+    ``dataset`` is ``"digits"`` or an ImageFolder root; ``split`` defaults to the config's val split.
+    """
+    device = next(classifier.model.parameters()).device
+    data = DataConfig(**{**vars(classifier.data), "on_bad_image": on_bad_image})
+    if dataset is not None:
+        data.dataset = dataset
+    if split is not None:
+        data.val_split = split
+    _, val_raw, classes = build_datasets_for_eval(data, classifier.classes)
+    val_set = TransformedDataset(val_raw, build_transform(data, False), min_size=data.img_size)
+    task = ClassificationTask(classifier.model, len(classifier.classes), ClassificationConfig(label_smoothing=0))
+    bad: list[str] = []
+
+    def check(batch: dict) -> None:
+        for path, reason in batch["bad"]:
+            if on_bad_image == "error":
+                from vrwkv.data import BadImageError
+
+                raise BadImageError(path, reason + " (use --on-bad-image skip to skip such files)")
+            logger.warning(f"skipping bad image {path}: {reason}")
+            bad.append(path)
+
+    metrics, timing = evaluate_dataset(task, val_set, batch_size=batch_size, workers=workers,
+                                       collate_fn=collate_samples, device=device, amp_dtype=resolve_amp(amp, device),
+                                       check_batch=check, progress=progress)
+    metrics["bad_images"] = len(bad)
+    metrics["img_per_s_model"] = timing["images"] / max(timing["forward_s"], 1e-9)
+    metrics["img_per_s_total"] = timing["images"] / max(timing["total_s"], 1e-9)
+    return metrics
+
+
+def build_datasets_for_eval(data: DataConfig, classes: list[str]) -> tuple[Any, Any, list[str]]:
+    """The evaluation split, with class indices aligned to the classifier's ``classes``."""
+    from vrwkv.data import DigitsDataset, ImageFolderDataset
+
+    if data.dataset == "digits":
+        val = DigitsDataset("val", data.img_size)
+        if len(classes) != len(val.classes):
+            raise ValueError(f"the classifier has {len(classes)} classes, digits has 10")
+        return None, val, classes
+    root = Path(data.dataset)
+    split_dir = root / data.val_split
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
+    names = classes if set(found) <= set(classes) else found
+    if len(names) != len(classes):
+        raise ValueError(f"{split_dir} has {len(found)} class folders that do not match the classifier's "
+                         f"{len(classes)} classes")
+    return None, ImageFolderDataset(root, data.val_split, classes=names, on_bad_image=data.on_bad_image), names
+
+
+@torch.no_grad()
+def predict(classifier: LoadedClassifier, images: list[str], topk: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-``k`` (class name, probability) for each image file (any format/mode Pillow reads)."""
+    transform = build_transform(classifier.data, False)
+    device = next(classifier.model.parameters()).device
+    batch = torch.stack([transform(load_rgb(p)) for p in images]).to(device)
+    probs = classifier.model(batch).float().softmax(dim=-1)
+    k = min(topk, probs.shape[-1])
+    top = probs.topk(k, dim=-1)
+    return [[(classifier.classes[i] if i < len(classifier.classes) else str(i), float(p))
+             for p, i in zip(ps.tolist(), idx.tolist())] for ps, idx in zip(top.values, top.indices)]
