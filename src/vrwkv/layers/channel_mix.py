@@ -25,6 +25,7 @@ class ChannelMix(nn.Module):
         init_mode: ``"fancy"``, ``"local"`` or ``"global"``.
         key_norm: LayerNorm on the squared-ReLU hidden activations.
         shift_head_size: head width for ``shift_mode="q_shift_multihead"`` (VRWKV6).
+        num_suffix_tokens: tokens after the patch tokens that the shift passes through (VRWKV6's cls token).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class ChannelMix(nn.Module):
         init_mode: str = "fancy",
         key_norm: bool = False,
         shift_head_size: int = 64,
+        num_suffix_tokens: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -47,7 +49,7 @@ class ChannelMix(nn.Module):
         check_init_mode(init_mode)
         depth_ratios(layer_id, depth)  # validates layer_id
         self.layer_id, self.depth, self.init_mode = layer_id, depth, init_mode
-        self.shift = make_shift(shift_mode, shift_pixel, channel_gamma, head_size=shift_head_size)
+        self.shift = make_shift(shift_mode, shift_pixel, channel_gamma, shift_head_size, num_suffix_tokens)
         hidden = hidden_rate * embed_dim
         if self.shift is not None:
             self.spatial_mix_k = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))

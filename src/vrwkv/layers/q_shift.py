@@ -90,11 +90,31 @@ def token_shift(x: torch.Tensor, hw: tuple[int, int] | None = None, shift_pixel:
     return out
 
 
+def shift_patch_tokens(
+    x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, num_suffix_tokens: int
+) -> torch.Tensor:
+    """Apply a grid ``shift`` to the patch tokens of ``x`` and pass the ``num_suffix_tokens`` tokens that follow them
+    (VRWKV6's cls token, which goes last) through unchanged: their "shifted" value is themselves.
+
+    Args:
+        x: tokens ``[B, H * W + num_suffix_tokens, C]``, patch tokens first in raster order.
+        hw: the patch grid ``(H, W)``.
+        shift: the shift of the patch tokens.
+        num_suffix_tokens: extra tokens at the end (>= 1).
+
+    Returns:
+        ``[B, T, C]``.
+    """
+    patches = shift(x[:, :-num_suffix_tokens], hw)  # [B, H * W, C]
+    return torch.cat([patches, x[:, -num_suffix_tokens:]], dim=1)
+
+
 def make_shift(
     shift_mode: str,
     shift_pixel: int = 1,
     channel_gamma: float = 0.25,
     head_size: int = 64,
+    num_suffix_tokens: int = 0,
 ) -> ShiftFn | None:
     """Build the shift function of a mixer, or ``None`` when tokens are not shifted.
 
@@ -107,6 +127,7 @@ def make_shift(
         shift_pixel: neighbour distance.
         channel_gamma: fraction of channels per Q-Shift direction (<= 1/4).
         head_size: head width for ``"q_shift_multihead"``.
+        num_suffix_tokens: extra tokens after the patch tokens (VRWKV6's cls token), passed through unshifted.
     """
     if shift_mode not in SHIFT_MODES:
         raise ValueError(f"shift_mode must be one of {SHIFT_MODES}, got {shift_mode!r}")
@@ -117,7 +138,11 @@ def make_shift(
     if shift_mode == "none" or shift_pixel == 0:
         return None
     if shift_mode == "q_shift":
-        return partial(q_shift, shift_pixel=shift_pixel, channel_gamma=channel_gamma)
-    if shift_mode == "q_shift_multihead":
-        return partial(q_shift, shift_pixel=shift_pixel, channel_gamma=channel_gamma, head_size=head_size)
-    return partial(token_shift, shift_pixel=shift_pixel)
+        shift = partial(q_shift, shift_pixel=shift_pixel, channel_gamma=channel_gamma)
+    elif shift_mode == "q_shift_multihead":
+        shift = partial(q_shift, shift_pixel=shift_pixel, channel_gamma=channel_gamma, head_size=head_size)
+    else:
+        shift = partial(token_shift, shift_pixel=shift_pixel)
+    if num_suffix_tokens:
+        shift = partial(shift_patch_tokens, shift=shift, num_suffix_tokens=num_suffix_tokens)
+    return shift

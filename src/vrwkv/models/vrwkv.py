@@ -207,6 +207,7 @@ class VRWKV(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.head_hidden_size = head_hidden_size or embed_dim
         self.num_prefix_tokens = 0
+        self.num_suffix_tokens = 0  # tokens after the patch tokens (VRWKV6's optional cls token goes last)
         self.depth = depth
         self.patch_size = patch_size
         self.grid_size = (img_hw[0] // patch_size, img_hw[1] // patch_size)
@@ -308,7 +309,7 @@ class VRWKV(nn.Module):
         """Tokens ``[B, T, C]`` -> logits ``[B, num_classes]`` (pooled features ``[B, C]`` if ``pre_logits``;
         for an MLP head, its hidden activations ``[B, head_hidden_size]``)."""
         if self.global_pool == "avg":
-            x = x.mean(dim=1)
+            x = x[:, : x.shape[1] - self.num_suffix_tokens].mean(dim=1)  # mean over the patch tokens
         x = self.head_drop(x)
         if isinstance(self.head, nn.Sequential):
             x = self.head[:-1](x)
@@ -325,16 +326,24 @@ class VRWKV(nn.Module):
         As in the official code the final norm is applied after the last block only, so only that output is
         normalised. Dense-prediction heads use this.
         """
-        B = x.shape[0]
-        x, (H, W) = self._embed(x)
+        x, hw = self._embed(x)
         outs = []
         for i, blk in enumerate(self.layers):
-            x = self._block(blk, x, (H, W))
+            x = self._block(blk, x, hw)
             if i == len(self.layers) - 1:
                 x = self.ln1(x)
             if i in self.out_indices:
-                outs.append(x.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
+                outs.append(self._backbone_output(x, hw))
         return tuple(outs)
+
+    def _backbone_output(self, x: torch.Tensor, hw: tuple[int, int]) -> Any:
+        """One entry of :meth:`forward_backbone`: the map ``[B, C, H, W]`` of a block's output tokens."""
+        return self._to_map(x, hw)
+
+    def _to_map(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Tokens ``[B, H * W (+ suffix tokens), C]`` -> patch map ``[B, C, H, W]`` (suffix tokens dropped)."""
+        H, W = hw
+        return x[:, : H * W].reshape(x.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
 
     def forward_intermediates(
         self,
@@ -362,17 +371,14 @@ class VRWKV(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        B = x.shape[0]
-        x, (H, W) = self._embed(x)
+        x, hw = self._embed(x)
         blocks = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
         for i, blk in enumerate(blocks):
-            x = self._block(blk, x, (H, W))
+            x = self._block(blk, x, hw)
             if i in take_indices:
                 y = self.ln1(x) if norm else x
-                if output_fmt == "NCHW":
-                    y = y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
-                intermediates.append(y)
+                intermediates.append(self._to_map(y, hw) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
         return self.ln1(x), intermediates
