@@ -30,6 +30,12 @@ _NEG = -1e30
 _MAX_BLOCK_DECAY = 30.0
 
 
+def _exp_le0(x: torch.Tensor) -> torch.Tensor:
+    """exp of arguments <= 0, floored at e^-87: below that, CPU exp takes a slow path 10-30x slower (denormals), and
+    the terms are negligible anyway (every caller compares them with a term of exponent 0 or multiplies by 0)."""
+    return torch.exp(x.clamp(min=-87.0))
+
+
 def block_length(T: int, w_absmax: float, preferred: int) -> int:
     """Tokens per block: ``preferred`` (clipped to [1, T]) unless that lets the decay span more than
     ``_MAX_BLOCK_DECAY`` inside a block (``L·max|w| <= 30``)."""
@@ -56,12 +62,12 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
     * the intra-block piece: terms of t's own block of ``block`` tokens;
     * the carry piece: terms of all earlier blocks (omitted if ``carry=False``: the sum then restarts at every block).
 
-    ``rho`` is the exponent of the piece's largest term (a running max), so ``h`` is of order 1 and an empty piece has
-    ``rho ~ _NEG``.
+    ``rho`` is about the log of the piece's denominator (its largest term for the carry), so ``h`` is of order 1 and
+    an empty piece has ``rho = _NEG``.
 
     Args:
         mu: log-scales [B, T, C] (``_NEG`` marks absent tokens).
-        g: mantissas [S, B, T, C] (S stacked quantities sharing mu, e.g. numerator and denominator).
+        g: mantissas [S, B, T, C]: S stacked quantities sharing mu; the last one is the denominator (>= 0).
         w: decay per step [C] (any sign).
         block: block length L (see :func:`block_length`).
     Returns:
@@ -75,31 +81,32 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
     a = mu.view(B, N, L, C) + pw  # [B, N, L, C] exponent relative to the block start
     with torch.no_grad():  # references only: every e^{+m} is matched by an e^{-m}, so they carry no gradient
         m = a.amax(2)  # [B, N, C]
-        cm = torch.cummax(a, 2).values  # [B, N, L, C] largest term so far
-        if not inclusive:
-            cm = _exclusive(cm, 2)
-        # terms were summed at the block max m >= cm; the clamp only matters for sums that underflowed there
-        intra_scale = torch.exp(torch.clamp(m[:, :, None] - cm, max=80.0))
-    terms = torch.exp(a - m[:, :, None]) * g.view(S, B, N, L, C)  # [S, B, N, L, C]
+    terms = _exp_le0(a - m[:, :, None]) * g.view(S, B, N, L, C)  # [S, B, N, L, C]
     csum = terms.cumsum(3)
     intra = csum if inclusive else torch.cat([torch.zeros_like(csum[:, :, :, :1]), csum[:, :, :, :-1]], 3)
-    pieces = [(cm - pw, intra * intra_scale)]
+    with torch.no_grad():
+        # express each intra sum at its own size: terms were summed at the block max m, possibly far above them
+        den = intra[-1]
+        nonempty = den >= torch.finfo(den.dtype).tiny  # 1/den stays finite; smaller sums underflowed anyway
+        intra_log_den = torch.where(nonempty, m[:, :, None] + torch.log(den), _NEG)
+        inv_den = torch.where(nonempty, 1.0 / den, 0.0)
+    pieces = [(intra_log_den - pw, intra * inv_den)]
     if carry:
-        # state entering block b: sum_{j < s_b} e^{mu_j - (s_b - j) w} g_j = e^{sigma_b} h_b, sigma_b its largest term
+        # State entering block b: sum_{b' < b} e^{m_b' - (b - b') L w} blocksum_b' (a block's total, seen from the
+        # next block's start, is e^{m_b' - L w} blocksum_b'). Done as one [N, N] matrix per (batch, channel): no
+        # sequential loop; N stays small because blocks are long.
         Lw = L * w
-        sigma = mu.new_full((B, C), _NEG)
-        h = g.new_zeros((S, B, C))
-        sigmas, hs = [sigma], [h]
-        for b in range(N - 1):
-            with torch.no_grad():
-                r = torch.maximum(sigma, m[:, b])
-            h = h * torch.exp(sigma - r) + csum[:, :, b, -1] * torch.exp(m[:, b] - r)
-            sigma = r - Lw
-            sigmas.append(sigma)
-            hs.append(h)
-        sigma_in = torch.stack(sigmas, 1)[:, :, None] - pw  # [B, N, L, C]
-        h_in = torch.stack(hs, 2)[:, :, :, None].expand(S, B, N, L, C)
-        pieces.append((sigma_in, h_in))
+        idx = torch.arange(N, device=mu.device, dtype=mu.dtype)[:, None]  # [N, 1]
+        src = m + idx * Lw  # [B, N, C] (gradient through w; m is a reference)
+        expo = src[:, None] - idx[:, None] * Lw  # [B, N (target b), N (source b'), C]
+        causal = torch.ones(N, N, dtype=torch.bool, device=mu.device).tril(-1)[None, :, :, None]
+        expo = torch.where(causal, expo, _NEG)
+        with torch.no_grad():
+            sigma = expo.amax(2, keepdim=True)  # [B, N, 1, C] largest carried term
+        weights = _exp_le0(expo - sigma) * causal  # [B, N, N, C], <= 1 (block 0 carries nothing: all masked)
+        h_in = torch.einsum("bnjc,sbjc->sbnc", weights, csum[:, :, :, -1])  # [S, B, N, C]
+        sigma_in = sigma - pw  # [B, N, L, C]
+        pieces.append((sigma_in, h_in[:, :, :, None].expand(S, B, N, L, C)))
     return [(rho.reshape(B, N * L, C)[:, :T], h.reshape(S, B, N * L, C)[:, :, :T]) for rho, h in pieces]
 
 
@@ -119,11 +126,11 @@ def _combine(pieces, den_extra_log: torch.Tensor | None = None, den_extra_scale:
             ref = torch.maximum(ref, den_extra_log)
     total = 0
     for rho, h, factor in pieces:
-        term = h * torch.exp(rho - ref)
+        term = h * _exp_le0(rho - ref)
         total = total + (term if factor is None else term * factor)
     num, den = total[0], total[1]
     if den_extra_log is not None:
-        den = den + den_extra_scale * torch.exp(den_extra_log - ref)
+        den = den + den_extra_scale * _exp_le0(den_extra_log - ref)
     return num / den
 
 
@@ -138,22 +145,30 @@ def _causal(k, g, w, u, block):
     return _combine([(rho + w, h, None) for rho, h in decayed_prefix(k, g, w, block)] + [(k + u, g, None)])
 
 
-def _official(k, g, w, u, chunks, eps):
+def _official(k, g, w, u, block, chunks, eps):
     """The official kernel's function: spec §2.3 closed form, plus its EPS. See README.md."""
     S, B, T, C = g.shape
     Lc = math.ceil(T / chunks)  # tokens per kernel chunk; chunk starts are multiples of Lc
-    k, g = _pad(k, g, math.ceil(T / Lc) * Lc)  # absent tokens at the end, like the kernel's empty lane slots
-    # blocks = the kernel's chunks. Left: the carry piece is the far part (j < s, exponent -(t-j) w) and the intra
-    # piece the near part (s <= j < t), whose exponent is -(t-j-1) w as in the paper.
-    near, far = decayed_prefix(k, g, w, Lc)
+    n = math.ceil(T / Lc)
+    k, g = _pad(k, g, n * Lc)  # absent tokens at the end, like the kernel's empty lane slots
+    pw = torch.arange(Lc, device=k.device, dtype=k.dtype)[:, None] * w  # [Lc, C] position inside the chunk
+
+    def at_chunk_starts(rho, h):
+        # far left (earlier chunks, j < s): e^{k_j - (t-j) w} = e^{-p w} x (the exclusive prefix at the chunk start)
+        rho = rho[:, ::Lc, None] - pw  # [B, n, Lc, C]
+        return rho.reshape(B, n * Lc, C), h[:, :, ::Lc, None].expand(S, B, n, Lc, C).reshape(S, B, n * Lc, C)
+
+    far = [at_chunk_starts(rho, h) for rho, h in decayed_prefix(k, g, w, block)]
+    # near left (same chunk, s <= j < t): e^{k_j - (t-j-1) w}  (distance - 1, as in the paper)
+    (near,) = decayed_prefix(k, g, w, Lc, carry=False)
     # spurious own-chunk term (s < j <= t): (1 - e^w) e^{k_j + (t-j) w}, restarted at every chunk start
     k_no_start = k.clone()
     k_no_start[:, ::Lc] = _NEG
     (spur,) = decayed_prefix(k_no_start, g, -w, Lc, inclusive=True, carry=False)
     # right (all j > t, any chunk): e^{k_j - (j-t) w}  (distance, not distance - 1)
-    right = _reverse_prefix(k, g, w, Lc)
-    pieces = [(far[0], far[1], None), (near[0] + w, near[1], None), (spur[0], spur[1], -torch.expm1(w))]
-    pieces += [(rho, h, None) for rho, h in right] + [(k + u, g, None)]
+    right = _reverse_prefix(k, g, w, block)
+    pieces = [(rho, h, None) for rho, h in far + right]
+    pieces += [(near[0] + w, near[1], None), (spur[0], spur[1], -torch.expm1(w)), (k + u, g, None)]
     y = _combine(pieces, den_extra_log=_kernel_running_max(k, w, u, Lc), den_extra_scale=eps)
     return y[:, :T]
 
@@ -164,6 +179,15 @@ def _exclusive(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([first, x.narrow(dim, 0, x.shape[dim] - 1)], dim)
 
 
+def _cummax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inclusive running max along ``dim`` in log2(n) vectorised steps (torch.cummax is a slow scalar loop on CPU)."""
+    n, step = x.shape[dim], 1
+    while step < n:
+        x = torch.maximum(x, torch.cat([torch.full_like(x.narrow(dim, 0, step), _NEG), x.narrow(dim, 0, n - step)], dim))
+        step *= 2
+    return x
+
+
 @torch.no_grad()
 def _kernel_running_max(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, Lc: int) -> torch.Tensor:
     """The kernel's running max ``m_t = max(o_right, u + k_t, o_left)`` (its EPS enters as ``EPS·e^{m_t}``).
@@ -172,18 +196,17 @@ def _kernel_running_max(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, Lc: i
     """
     B, Tp, C = k.shape
     n = Tp // Lc
-    tw = torch.arange(Tp, device=k.device, dtype=k.dtype)[:, None] * w  # [Tp, C]
-    pw = tw[:Lc]  # [Lc, C]
+    tw = (torch.arange(Tp, device=k.device, dtype=k.dtype)[:, None] * w).view(n, Lc, C)  # [n, Lc, C]
+    pw = tw[0]  # [Lc, C]
     kc = k.view(B, n, Lc, C)
     # o_left: max exponent of the left terms (far: k_j - (t-j) w for j < s; near: k_j - (t-j-1) w for s <= j < t)
-    far = torch.cummax(k + tw, 1).values.view(B, n, Lc, C)[:, :, -1]
-    far = _exclusive(far, 1)[:, :, None] - tw.view(n, Lc, C)
-    near = _exclusive(torch.cummax(kc + pw, 2).values, 2) - (pw - w)
-    # o_right: max_{j >= s} k_j - (j-s) w at the chunk start (the start token stays in it after being subtracted),
+    far = _exclusive(_cummax((kc + tw).amax(2), 1), 1)[:, :, None] - tw  # chunk maxima, then over chunks
+    near = _exclusive(_cummax(kc + pw, 2), 2) - (pw - w)
+    # o_right: max_{j>=s} k_j - (j-s) w at the chunk start (the start token stays in it after being subtracted),
     # then o <- max(o + w, k_{t+1} + w) at every step of the chunk.
-    start = (torch.cummax((k - tw).flip(1), 1).values.flip(1) + tw).view(B, n, Lc, C)[:, :, :1]
+    start = _cummax((kc - tw).amax(2).flip(1), 1).flip(1)[:, :, None] + tw[:, :1]  # [B, n, 1, C]
     later = torch.cat([kc.new_full((B, n, 1, C), _NEG), kc[:, :, 1:]], 2) - pw
-    right = torch.maximum(start + pw, torch.cummax(later, 2).values + pw + w)
+    right = torch.maximum(start + pw, _cummax(later, 2) + pw + w)
     return torch.maximum(torch.maximum(far, near), torch.maximum(right, kc + u)).reshape(B, Tp, C)
 
 
@@ -196,9 +219,9 @@ def chunked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     # y is invariant to a per-sequence shift of k (numerator, denominator and the EPS term all scale by it); centring
     # the largest key at 0 keeps the log-scales small, where float32 rounds them finely
     k = k - k.detach().amax(1, keepdim=True)
-    if semantics == "official":
-        return _official(k, g, w, u, chunks, eps)
     T = k.shape[1]
-    # about 32 blocks, like the kernel's chunks: the carry loop stays short and the cumsums long
-    block = block_length(T, w.detach().abs().max().item(), preferred=math.ceil(T / KERNEL_CHUNKS))
+    # N ~ sqrt(T)/2 blocks: the [N, N] carry matrix stays below T/4 entries per channel
+    block = block_length(T, w.detach().abs().max().item(), preferred=max(math.ceil(T / 32), math.ceil(2 * T**0.5)))
+    if semantics == "official":
+        return _official(k, g, w, u, block, chunks, eps)
     return (_causal if semantics == "causal" else _paper)(k, g, w, u, block)
