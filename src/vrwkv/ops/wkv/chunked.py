@@ -55,7 +55,7 @@ def _pad(mu: torch.Tensor, g: torch.Tensor, Tp: int):
 
 
 def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: int, inclusive: bool = False,
-                   carry: bool = True):
+                   carry: bool = True, exact_intra: bool = False):
     """``sum_{j<t} e^{mu_j - (t-j) w} g_j`` (``j <= t`` if inclusive), split into two pieces ``(rho, h)``, each
     meaning ``e^{rho} h``:
 
@@ -70,6 +70,9 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
         g: mantissas [S, B, T, C]: S stacked quantities sharing mu; the last one is the denominator (>= 0).
         w: decay per step [C] (any sign).
         block: block length L (see :func:`block_length`).
+        exact_intra: sum inside blocks with a running-max rescaled scan instead of a cumsum at the block max: exact
+            whatever the spread of mu inside a block (the cumsum loses terms more than e^87 below a LATER token of
+            the block, which only a one-sided sum can need), at log2(L) passes instead of one.
     Returns:
         list of pieces ``(rho [B, T, C], h [S, B, T, C])``.
     """
@@ -81,16 +84,22 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
     a = mu.view(B, N, L, C) + pw  # [B, N, L, C] exponent relative to the block start
     with torch.no_grad():  # references only: every e^{+m} is matched by an e^{-m}, so they carry no gradient
         m = a.amax(2)  # [B, N, C]
-    terms = _exp_le0(a - m[:, :, None]) * g.view(S, B, N, L, C)  # [S, B, N, L, C]
-    csum = terms.cumsum(3)
-    intra = csum if inclusive else torch.cat([torch.zeros_like(csum[:, :, :, :1]), csum[:, :, :, :-1]], 3)
-    with torch.no_grad():
-        # express each intra sum at its own size: terms were summed at the block max m, possibly far above them
-        den = intra[-1]
-        nonempty = den >= torch.finfo(den.dtype).tiny  # 1/den stays finite; smaller sums underflowed anyway
-        intra_log_den = torch.where(nonempty, m[:, :, None] + torch.log(den), _NEG)
-        inv_den = torch.where(nonempty, 1.0 / den, 0.0)
-    pieces = [(intra_log_den - pw, intra * inv_den)]
+    gb = g.view(S, B, N, L, C)
+    if exact_intra:
+        intra_rho, intra, block_sum = _rescaled_scan(a, gb, inclusive)
+        pieces = [(intra_rho - pw, intra)]
+    else:
+        terms = _exp_le0(a - m[:, :, None]) * gb  # [S, B, N, L, C]
+        csum = terms.cumsum(3)
+        block_sum = csum[:, :, :, -1]
+        intra = csum if inclusive else torch.cat([torch.zeros_like(csum[:, :, :, :1]), csum[:, :, :, :-1]], 3)
+        with torch.no_grad():
+            # express each intra sum at its own size: terms were summed at the block max m, possibly far above them
+            den = intra[-1]
+            nonempty = den >= torch.finfo(den.dtype).tiny  # 1/den stays finite; smaller sums underflowed anyway
+            intra_log_den = torch.where(nonempty, m[:, :, None] + torch.log(den), _NEG)
+            inv_den = torch.where(nonempty, 1.0 / den, 0.0)
+        pieces = [(intra_log_den - pw, intra * inv_den)]
     if carry:
         # State entering block b: sum_{b' < b} e^{m_b' - (b - b') L w} blocksum_b' (a block's total, seen from the
         # next block's start, is e^{m_b' - L w} blocksum_b'). Done as one [N, N] matrix per (batch, channel): no
@@ -104,10 +113,31 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
         with torch.no_grad():
             sigma = expo.amax(2, keepdim=True)  # [B, N, 1, C] largest carried term
         weights = _exp_le0(expo - sigma) * causal  # [B, N, N, C], <= 1 (block 0 carries nothing: all masked)
-        h_in = torch.einsum("bnjc,sbjc->sbnc", weights, csum[:, :, :, -1])  # [S, B, N, C]
+        h_in = torch.einsum("bnjc,sbjc->sbnc", weights, block_sum)  # [S, B, N, C]
         sigma_in = sigma - pw  # [B, N, L, C]
         pieces.append((sigma_in, h_in[:, :, :, None].expand(S, B, N, L, C)))
     return [(rho.reshape(B, N * L, C)[:, :T], h.reshape(S, B, N * L, C)[:, :, :T]) for rho, h in pieces]
+
+
+def _rescaled_scan(a: torch.Tensor, g: torch.Tensor, inclusive: bool):
+    """Prefix sums of ``e^{a_j} g_j`` along dim 2 of a [B, N, L, C] (g: [S, B, N, L, C]) as running (max, sum) pairs
+    combined in log2(L) vectorised steps (Hillis-Steele; the pair merge is associative). Returns the prefix pieces
+    ``(M [B, N, L, C], s [S, B, N, L, C])`` meaning ``e^M s`` and the block totals scaled to the block max."""
+    M, s = a, g
+    L, step = a.shape[2], 1
+    while step < L:
+        M_prev = torch.cat([torch.full_like(M[:, :, :step], _NEG), M[:, :, :-step]], 2)
+        s_prev = torch.cat([torch.zeros_like(s[:, :, :, :step]), s[:, :, :, :-step]], 3)
+        with torch.no_grad():
+            M_new = torch.maximum(M, M_prev)
+        s = s * _exp_le0(M - M_new) + s_prev * _exp_le0(M_prev - M_new)
+        M = M_new
+        step *= 2
+    block_sum = s[:, :, :, -1]  # scaled to M[:, :, -1] = the block max
+    if not inclusive:
+        M = torch.cat([torch.full_like(M[:, :, :1], _NEG), M[:, :, :-1]], 2)
+        s = torch.cat([torch.zeros_like(s[:, :, :, :1]), s[:, :, :, :-1]], 3)
+    return M, s, block_sum
 
 
 def _reverse_prefix(mu, g, w, block):
@@ -142,7 +172,9 @@ def _paper(k, g, w, u, block):
 
 def _causal(k, g, w, u, block):
     # original (uni-directional) RWKV: only the left side, exponent -(distance - 1) w
-    return _combine([(rho + w, h, None) for rho, h in decayed_prefix(k, g, w, block)] + [(k + u, g, None)])
+    # one-sided: a query does not see the later tokens of its block, so their size must not matter (exact_intra)
+    left = decayed_prefix(k, g, w, block, exact_intra=True)
+    return _combine([(rho + w, h, None) for rho, h in left] + [(k + u, g, None)])
 
 
 def _official(k, g, w, u, block, chunks, eps):
