@@ -1,0 +1,149 @@
+"""One measurement in this process, described by a JSON spec; prints one JSON line with the result.
+
+Kinds:
+  * ``model``: inference (``mode="infer"``) or a training step (``mode="train"``: forward, cross-entropy, backward,
+    AdamW step) of a registered model at one resolution and batch size: seconds per call (median, min, max of
+    ``repeats`` runs after ``warmup``), real FLOPs (``torch.utils.flop_counter``), peak RSS of this process.
+  * ``matmul_peak``: achieved fp32 GFLOP/s of a large square matmul (the machine's practical peak).
+  * ``copy_bandwidth``: achieved bytes/s of a large tensor copy (read + write).
+  * ``wkv``: the Bi-WKV op (fast path or float64 reference) forward or forward+backward at one (B, T, C).
+
+Run: ``python -m vrwkv.bench.measure '{"kind": "model", "model": "vrwkv_tiny", "size": [224, 224], ...}'``.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def _timeit(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure_model(spec: dict) -> dict:
+    import timm
+
+    import vrwkv  # noqa: F401  (registers our models)
+
+    torch.manual_seed(0)
+    h, w = spec["size"]
+    batch = spec["batch"]
+    kwargs = dict(spec.get("model_kwargs", {}))
+    if not spec["model"].startswith(("vrwkv", "test_vrwkv")):
+        kwargs.setdefault("dynamic_img_size", True)  # timm ViT/DeiT at any resolution
+    model = timm.create_model(spec["model"], img_size=(h, w), **kwargs)
+    x = torch.randn(batch, 3, h, w)
+    if spec["mode"] == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+        flops = _count_flops(lambda: model(x)) if spec.get("flops", True) else None
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        target = torch.randint(0, model.num_classes, (batch,))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+
+        flops = None
+    timing = _timeit(step, spec.get("warmup", 1), spec.get("repeats", 5))
+    n_params = sum(p.numel() for p in model.parameters())
+    return {**timing, "flops": flops, "params": n_params, "peak_rss_mb": _peak_rss_mb()}
+
+
+def measure_matmul_peak(spec: dict) -> dict:
+    n = spec.get("n", 2048)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    timing = _timeit(lambda: a @ b, warmup=2, repeats=spec.get("repeats", 5))
+    return {**timing, "gflops": 2 * n**3 / timing["min_s"] / 1e9}
+
+
+def measure_copy_bandwidth(spec: dict) -> dict:
+    n = spec.get("numel", 64 * 2**20)
+    src, dst = torch.randn(n), torch.empty(n)
+    timing = _timeit(lambda: dst.copy_(src), warmup=2, repeats=spec.get("repeats", 5))
+    return {**timing, "bytes_per_s": 2 * 4 * n / timing["min_s"]}
+
+
+def measure_wkv(spec: dict) -> dict:
+    from vrwkv.ops import bi_wkv
+    from vrwkv.ops.wkv.reference import reference_bi_wkv
+
+    B, T, C = spec["B"], spec["T"], spec["C"]
+    torch.manual_seed(0)
+    k, v = torch.randn(B, T, C), torch.randn(B, T, C)
+    w, u = torch.randn(C) * 3 / T, torch.randn(C) / T
+    semantics = spec.get("semantics", "official")
+    if spec["impl"] == "reference":
+        fn = lambda: reference_bi_wkv(k, v, w, u, semantics)  # noqa: E731
+    elif spec["backward"]:
+        for t in (k, v, w, u):
+            t.requires_grad_()
+
+        def fn():
+            bi_wkv(k, v, w, u, semantics).sum().backward()
+    else:
+
+        def fn():
+            with torch.inference_mode():
+                bi_wkv(k, v, w, u, semantics)
+
+    timing = _timeit(fn, spec.get("warmup", 1), spec.get("repeats", 5))
+    return {**timing, "peak_rss_mb": _peak_rss_mb()}
+
+
+KINDS = {
+    "model": measure_model,
+    "matmul_peak": measure_matmul_peak,
+    "copy_bandwidth": measure_copy_bandwidth,
+    "wkv": measure_wkv,
+}
+
+
+def measure(spec: dict) -> dict:
+    """Run the measurement described by ``spec`` in this process."""
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    return KINDS[spec["kind"]](spec)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    print(json.dumps({"spec": spec, "result": measure(spec)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

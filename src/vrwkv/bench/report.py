@@ -1,0 +1,135 @@
+"""Markdown table and PNG plots of a benchmark report (see :mod:`vrwkv.bench.runner`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _machine_peaks(rows: list[dict]) -> tuple[float | None, float | None]:
+    peak = bw = None
+    for r in rows:
+        if "error" in r["result"]:
+            continue
+        if r["spec"]["kind"] == "matmul_peak":
+            peak = r["result"]["gflops"]
+        elif r["spec"]["kind"] == "copy_bandwidth":
+            bw = r["result"]["bytes_per_s"]
+    return peak, bw
+
+
+def model_rows(report: dict) -> list[dict]:
+    """Flatten model measurements: per-image time, GFLOP/s, % of peak, and the time ratio reference / ours."""
+    rows = report["rows"]
+    peak, _ = _machine_peaks(rows)
+    out = []
+    by_key = {}
+    for r in rows:
+        s, res = r["spec"], r["result"]
+        if s["kind"] != "model":
+            continue
+        row = dict(pair=s["pair"], model=s["model"], mode=s["mode"], size=s["size"][0], batch=s["batch"], error=res.get("error"))
+        if "error" not in res:
+            row.update(per_image_s=res["median_s"] / s["batch"], min_s=res["min_s"] / s["batch"],
+                       max_s=res["max_s"] / s["batch"], peak_rss_mb=res["peak_rss_mb"], params=res["params"])
+            if res.get("flops"):
+                row["gflop_per_image"] = res["flops"] / s["batch"] / 1e9
+                row["gflops_achieved"] = res["flops"] / res["median_s"] / 1e9
+                row["pct_of_peak"] = 100 * row["gflops_achieved"] / peak if peak else None
+        out.append(row)
+        by_key[(s["pair"], s["model"], s["mode"], s["size"][0], s["batch"])] = row
+    from vrwkv.bench.runner import PAIRS
+
+    for row in out:
+        ours, ref = PAIRS[row["pair"]]
+        if row["model"] == ours and "per_image_s" in row:
+            other = by_key.get((row["pair"], ref, row["mode"], row["size"], row["batch"]))
+            if other and "per_image_s" in other:
+                row["speedup_vs_ref"] = other["per_image_s"] / row["per_image_s"]
+                row["memory_vs_ref"] = row["peak_rss_mb"] / other["peak_rss_mb"]
+    return out
+
+
+def wkv_rows(report: dict) -> list[dict]:
+    _, bw = _machine_peaks(report["rows"])
+    out = []
+    for r in report["rows"]:
+        s, res = r["spec"], r["result"]
+        if s["kind"] != "wkv":
+            continue
+        row = dict(impl=s["impl"], backward=s["backward"], T=s["T"], C=s["C"], error=res.get("error"))
+        if "error" not in res:
+            row["median_s"] = res["median_s"]
+            if bw and s["impl"] == "fast" and not s["backward"]:
+                floor = 3 * 4 * s["B"] * s["T"] * s["C"] / bw  # k, v read and y written once, float32
+                row["bandwidth_floor_s"] = floor
+                row["x_floor"] = res["median_s"] / floor
+        out.append(row)
+    return out
+
+
+def _fmt(x, spec=".3g"):
+    return "—" if x is None else format(x, spec)
+
+
+def write_markdown(report: dict) -> str:
+    peak, bw = _machine_peaks(report["rows"])
+    m = report["machine"]
+    lines = [
+        f"Benchmark of {report['date']} on {m['platform']} ({m['cpu_count']} CPUs), torch {m['torch']}, timm {m['timm']}.",
+        f"fp32 matmul peak measured in this run: {_fmt(peak, '.0f')} GFLOP/s; copy bandwidth: "
+        f"{_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
+        "",
+        "| model | mode | size | batch | s/image (median) | min–max | GFLOP/image | GFLOP/s | % of peak | peak RSS (MB) "
+        "| speed-up vs ViT | memory vs ViT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in model_rows(report):
+        if r["error"]:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} |||||||")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | {r['per_image_s']:.4g} | "
+            f"{r['min_s']:.3g}–{r['max_s']:.3g} | {_fmt(r.get('gflop_per_image'))} | {_fmt(r.get('gflops_achieved'), '.0f')} | "
+            f"{_fmt(r.get('pct_of_peak'), '.0f')} | {r['peak_rss_mb']:.0f} | {_fmt(r.get('speedup_vs_ref'), '.2f')} | "
+            f"{_fmt(r.get('memory_vs_ref'), '.2f')} |"
+        )
+    wr = wkv_rows(report)
+    if wr:
+        lines += ["", "Bi-WKV op (B=1, official semantics):", "",
+                  "| impl | pass | T | C | median s | bandwidth floor s | × floor |", "|---|---|---|---|---|---|---|"]
+        for r in wr:
+            p = "fwd+bwd" if r["backward"] else "fwd"
+            if r["error"]:
+                lines.append(f"| {r['impl']} | {p} | {r['T']} | {r['C']} | failed: {r['error']} |||")
+            else:
+                lines.append(f"| {r['impl']} | {p} | {r['T']} | {r['C']} | {r['median_s']:.4g} | "
+                             f"{_fmt(r.get('bandwidth_floor_s'))} | {_fmt(r.get('x_floor'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report: dict, out_dir: Path) -> list[Path]:
+    """time_vs_resolution.png and memory_vs_resolution.png (log scales, ours vs ViT, inference at batch 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in model_rows(report) if not r["error"] and r["mode"] == "infer" and r["batch"] == 1]
+    paths = []
+    for key, ylabel, name in (("per_image_s", "seconds per image", "time_vs_resolution.png"),
+                              ("peak_rss_mb", "peak memory (MB, process RSS)", "memory_vs_resolution.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in sorted({r["model"] for r in rows}):
+            pts = sorted((r["size"], r[key]) for r in rows if r["model"] == model)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (px), batch 1, inference")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

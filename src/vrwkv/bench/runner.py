@@ -1,0 +1,142 @@
+"""Plan the measurements, run each in a fresh subprocess, and write JSON, a Markdown table and plots.
+
+Model benchmarks compare each VRWKV model with a timm ViT/DeiT of the same size (``PAIRS``), both at dynamic image
+size, over a list of resolutions: inference seconds per image (median, min-max), training-step time, peak memory,
+real FLOPs and the achieved fraction of this machine's fp32 matmul peak (measured in the same run). The Bi-WKV
+micro-benchmark times the fast op (forward, forward+backward) against the float64 reference and against the
+memory-bandwidth floor (k, v and y each read or written once at the measured copy bandwidth).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# VRWKV model -> the timm ViT of the same width/depth it is compared with
+PAIRS = {
+    "tiny": ("vrwkv_tiny", "deit_tiny_patch16_224"),
+    "small": ("vrwkv_small", "vit_small_patch16_224"),
+    "base": ("vrwkv_base", "vit_base_patch16_224"),
+    "v6_tiny": ("vrwkv6_tiny", "deit_tiny_patch16_224"),
+    "test": ("test_vrwkv", "test_vit"),  # tiny models, for the tests of this runner
+}
+
+
+@dataclass
+class BenchConfig:
+    pairs: list[str] = field(default_factory=lambda: ["tiny"])
+    sizes: list[int] = field(default_factory=lambda: [224, 512, 1024, 2048])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    batch_max_size: int = 512  # batches > 1 only up to this resolution (DeiT-T at 2048 takes ~25 s per image)
+    train_sizes: list[int] = field(default_factory=lambda: [224])
+    train_batch: int = 8
+    vrwkv_only_sizes: list[int] = field(default_factory=list)  # beyond the paper: VRWKV alone (e.g. 4096 8192)
+    repeats: int = 5
+    warmup: int = 1
+    wkv_T: list[int] = field(default_factory=list)  # Bi-WKV micro-benchmark token counts (empty: skip)
+    wkv_C: int = 192
+    wkv_reference_max_T: int = 1024  # the O(T^2)/looped float64 reference is timed up to this T
+    timeout_s: float = 3600.0
+
+
+def run_spec(spec: dict, timeout_s: float) -> dict:
+    """Run one measurement in a fresh interpreter; returns its result dict or ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", "vrwkv.bench.measure", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout_s:.0f} s"}
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {out.returncode}: {tail[0]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])["result"]
+
+
+def plan(cfg: BenchConfig) -> list[dict]:
+    """All measurement specs of a run (machine peaks first)."""
+    specs: list[dict] = [{"kind": "matmul_peak"}, {"kind": "copy_bandwidth"}]
+    for pair in cfg.pairs:
+        ours, ref = PAIRS[pair]
+        for model in (ours, ref):
+            sizes = cfg.sizes + (cfg.vrwkv_only_sizes if model == ours else [])
+            for size in sizes:
+                for batch in cfg.batch_sizes:
+                    if batch > 1 and size > cfg.batch_max_size:
+                        continue
+                    specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=batch,
+                                      mode="infer", repeats=cfg.repeats, warmup=cfg.warmup))
+            for size in cfg.train_sizes:
+                specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
+                                  mode="train", repeats=cfg.repeats, warmup=cfg.warmup))
+    for T in cfg.wkv_T:
+        for impl, backward in (("fast", False), ("fast", True), ("reference", False)):
+            if impl == "reference" and T > cfg.wkv_reference_max_T:
+                continue
+            specs.append(dict(kind="wkv", impl=impl, backward=backward, B=1, T=T, C=cfg.wkv_C,
+                              repeats=cfg.repeats if impl == "fast" else 1, warmup=1 if impl == "fast" else 0))
+    return specs
+
+
+def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -> dict:
+    """Run every planned measurement and write ``results.json``, ``results.md`` and the plots into ``out_dir``.
+
+    ``isolate=False`` runs the measurements in this process (same code, no per-measurement peak memory): for tests.
+    """
+    from vrwkv.bench.measure import measure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = plan(cfg)
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        t0 = time.perf_counter()
+        result = run_spec(spec, cfg.timeout_s) if isolate else measure(spec)
+        rows.append({"spec": spec, "result": result})
+        progress(f"[{i}/{len(specs)}] {describe(spec)}: {summary(result)} ({time.perf_counter() - t0:.0f} s)")
+    report = {
+        "config": asdict(cfg),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
+                    "torch": _version("torch"), "timm": _version("timm"), "cpu_count": _cpu_count()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "rows": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    from vrwkv.bench.report import write_markdown, write_plots
+
+    (out_dir / "results.md").write_text(write_markdown(report))
+    write_plots(report, out_dir)
+    return report
+
+
+def describe(spec: dict) -> str:
+    if spec["kind"] == "model":
+        return f"{spec['model']} {spec['mode']} {spec['size'][0]}x{spec['size'][1]} batch {spec['batch']}"
+    if spec["kind"] == "wkv":
+        return f"bi_wkv {spec['impl']}{' fwd+bwd' if spec['backward'] else ' fwd'} T={spec['T']} C={spec['C']}"
+    return spec["kind"]
+
+
+def summary(result: dict) -> str:
+    if "error" in result:
+        return f"FAILED ({result['error']})"
+    if "gflops" in result:
+        return f"{result['gflops']:.0f} GFLOP/s"
+    if "bytes_per_s" in result:
+        return f"{result['bytes_per_s'] / 1e9:.1f} GB/s"
+    return f"{result['median_s'] * 1e3:.1f} ms"
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # a missing optional package is reported, not fatal
+        return "n/a"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)

@@ -1,0 +1,43 @@
+"""``vrwkv bench``: VRWKV vs timm's ViT/DeiT (time, memory, FLOPs) and the Bi-WKV op micro-benchmark."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", nargs="+", default=["tiny"],
+                   help="model pairs: tiny (vrwkv_tiny vs deit_tiny), small, base, v6_tiny, test (default: tiny)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 2048], help="square resolutions")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch-max-size", type=int, default=512, help="batches > 1 only up to this resolution")
+    p.add_argument("--train-sizes", type=int, nargs="*", default=[224], help="resolutions of the training-step timing")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--vrwkv-only-sizes", type=int, nargs="*", default=[], help="extra resolutions for VRWKV alone")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    p.add_argument("--wkv-T", type=int, nargs="*", default=[], help="token counts of the Bi-WKV micro-benchmark")
+    p.add_argument("--wkv-C", type=int, default=192)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    p.add_argument("--out", default=None, help="output directory (default: runs/bench-<date>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from vrwkv.bench.runner import PAIRS, BenchConfig, run as run_bench
+    from vrwkv.cli import CLIError
+
+    unknown = [p for p in args.pairs if p not in PAIRS]
+    if unknown:
+        raise CLIError(f"unknown pair(s) {unknown}; choose from {sorted(PAIRS)}")
+    if args.repeats < 1 or any(s < 16 for s in args.sizes + args.vrwkv_only_sizes + args.train_sizes):
+        raise CLIError("--repeats must be >= 1 and every size >= 16")
+    cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
+                      batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
+                      vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
+                      timeout_s=args.timeout)
+    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_bench(cfg, out)
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.json, results.md, time_vs_resolution.png, memory_vs_resolution.png")
+    return 0

@@ -1,0 +1,53 @@
+"""The benchmark runner on a tiny configuration (the real benchmark is not a unit test: see README)."""
+import json
+
+from PIL import Image
+
+from vrwkv.bench.runner import BenchConfig, plan, run, run_spec
+from vrwkv.cli import main
+
+
+def test_plan_pairs_models_and_skips_large_batches():
+    cfg = BenchConfig(pairs=["tiny"], sizes=[224, 1024], batch_sizes=[1, 8], batch_max_size=512, train_sizes=[224],
+                      vrwkv_only_sizes=[4096], wkv_T=[196, 4096], wkv_reference_max_T=1024)
+    specs = plan(cfg)
+    infer = [(s["model"], s["size"][0], s["batch"]) for s in specs if s["kind"] == "model" and s["mode"] == "infer"]
+    assert ("vrwkv_tiny", 1024, 1) in infer and ("deit_tiny_patch16_224", 1024, 1) in infer
+    assert ("vrwkv_tiny", 1024, 8) not in infer and ("vrwkv_tiny", 224, 8) in infer
+    assert ("vrwkv_tiny", 4096, 1) in infer and ("deit_tiny_patch16_224", 4096, 1) not in infer
+    wkv = [(s["impl"], s["T"]) for s in specs if s["kind"] == "wkv"]
+    assert ("reference", 196) in wkv and ("reference", 4096) not in wkv and ("fast", 4096) in wkv
+    assert specs[0]["kind"] == "matmul_peak"
+
+
+def test_each_measurement_runs_in_its_own_process():
+    spec = dict(kind="model", pair="test", model="test_vrwkv", size=[32, 32], batch=1, mode="infer", repeats=1)
+    result = run_spec(spec, timeout_s=600)
+    assert result["median_s"] > 0 and result["flops"] > 0 and result["peak_rss_mb"] > 50  # a whole interpreter
+    assert "error" in run_spec(dict(spec, model="no_such_model"), timeout_s=600)
+
+
+def test_bench_runs_end_to_end_on_tiny_models(tmp_path):
+    # in-process (isolate=False): the same measurement code without one interpreter start per measurement
+    cfg = BenchConfig(pairs=["test"], sizes=[32, 64], batch_sizes=[1, 2], batch_max_size=32, train_sizes=[32],
+                      train_batch=2, repeats=2, wkv_T=[40], wkv_C=32, timeout_s=600)
+    report = run(cfg, tmp_path, progress=lambda msg: None, isolate=False)
+    assert not [r for r in report["rows"] if "error" in r["result"]]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    infer = [r for r in saved["rows"] if r["spec"]["kind"] == "model" and r["spec"]["mode"] == "infer"]
+    assert len(infer) == 2 * 3  # two models x (32 batch 1, 32 batch 2, 64 batch 1)
+    for r in infer:
+        assert r["result"]["median_s"] > 0 and r["result"]["flops"] > 0 and r["result"]["peak_rss_mb"] > 0
+    # FLOPs grow with the resolution: 4x the tokens
+    flops = {(r["spec"]["model"], r["spec"]["size"][0], r["spec"]["batch"]): r["result"]["flops"] for r in infer}
+    assert flops[("test_vrwkv", 64, 1)] > 3 * flops[("test_vrwkv", 32, 1)]
+    md = (tmp_path / "results.md").read_text()
+    assert "test_vrwkv" in md and "speed-up vs ViT" in md and "× floor" in md
+    for png in ("time_vs_resolution.png", "memory_vs_resolution.png"):
+        with Image.open(tmp_path / png) as im:
+            assert im.size[0] > 100
+
+
+def test_bench_cli_rejects_bad_arguments(capsys):
+    assert main(["bench", "--pairs", "huge"]) == 2
+    assert "unknown pair" in capsys.readouterr().err
