@@ -513,14 +513,15 @@ def _feature_indices(depth: int) -> tuple[int, ...]:
     return tuple(sorted({max(0, depth * (k + 1) // 4 - 1) for k in range(4)}))
 
 
-def _create_vrwkv(variant: str, pretrained: bool = False, **kwargs: Any) -> VRWKV:
+def _create_vrwkv(variant: str, pretrained: bool = False, model_cls: type[VRWKV] | None = None, **kwargs: Any) -> VRWKV:
+    """Build ``variant`` with timm's builder; ``model_cls`` is a VRWKV subclass (VRWKV6) or None for VRWKV."""
     depth = kwargs.get("depth", 12)
     overlay = kwargs.get("pretrained_cfg_overlay")
     if overlay and any(overlay.get(k) for k in ("file", "url")):
         # timm resets custom_load when the overlay names a new file/url; our loader is what reads official formats
         kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
     return build_model_with_cfg(
-        VRWKV,
+        model_cls or VRWKV,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -72,13 +72,15 @@ def chunk_bi_wkv6(
 
     # Intra-chunk. The weight of a pair is symmetric in (t, s), so the strictly lower triangle serves both directions:
     # the upper scores are the lower ones with r and k exchanged, transposed. The diagonal gets the bonus u instead.
-    i = torch.arange(L, device=r.device)
-    upper_or_diag = (i[:, None] <= i[None, :])[:, :, None]  # [L(t), L(s), 1]
-    weight = torch.exp(pair.masked_fill(upper_or_diag, float("-inf")))
-    lower = torch.einsum("bhctj,bhctsj->bhcts", r, weight * k[..., None, :, :])  # [B, H, nC, L, L]
-    upper = torch.einsum("bhctj,bhctsj->bhcst", k, weight * r[..., None, :, :])
+    # On and above the diagonal `between` has empty rows, so pair = 0 there: exp stays finite and the scores are
+    # masked afterwards (on [L, L], not on the [L, L, N] weights).
+    weight = torch.exp(pair)  # [B, H, nC, L(t), L(s), N]
+    below = torch.tril(torch.ones(L, L, dtype=dtype, device=r.device), diagonal=-1)  # s < t
+    # batched matrix-vector products over j: [L(s), N] @ [N, 1] for every t (no transposed copy of the weights)
+    lower = ((weight * k[..., None, :, :]) @ r[..., :, :, None]).squeeze(-1) * below  # sum_j r_t W_ts k_s
+    upper = ((weight * r[..., None, :, :]) @ k[..., :, :, None]).squeeze(-1) * below  # sum_j k_t W_ts r_s
     self_term = (r * u * k).sum(-1)  # [B, H, nC, L]
-    y = (lower + upper + torch.diag_embed(self_term)) @ v  # [B, H, nC, L, N]
+    y = (lower + upper.transpose(-2, -1) + torch.diag_embed(self_term)) @ v  # [B, H, nC, L, N]
 
     # Inter-chunk. Left state of chunk c: sum over s in earlier chunks of exp(sum_{m=s+1}^{start_c - 1}) k_s v_s^T,
     # read by query t with exp(before[t]); right state: sum over later chunks of exp(sum_{m=end_c+1}^{s-1}) k_s v_s^T,
