@@ -25,7 +25,7 @@ def test_short_digits_run_learns_and_records(tmp_path):
     epochs = _rows(run_dir / "metrics.csv")
     assert [int(r["epoch"]) for r in epochs] == [1, 2, 3, 4] and "ema_val_top1" in epochs[0]
     assert float(epochs[-1]["train_loss"]) < float(epochs[0]["train_loss"])
-    assert len(_rows(run_dir / "steps.csv")) == 4 * (1437 // 32)
+    assert len(_rows(run_dir / "steps.csv")) == 4 * (1438 // 32)
     assert (run_dir / "config.yaml").read_text().count("test_resnet") == 1
     ckpt = load_checkpoint(run_dir / "best.pt")
     assert ckpt["config"]["classes"] == [str(i) for i in range(10)] and ckpt["ema"] is not None

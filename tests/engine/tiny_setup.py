@@ -7,3 +7,5 @@ RUN = [
 # no BatchNorm (its batch statistics would differ between 1 and 2 processes / accumulation steps)
 VIT = ["model.name=test_vit", "model.kwargs={patch_size: 4, depth: 2}"]
 TINY = VIT + RUN
+# our smallest registered VRWKV (embed 64, depth 2) with 4x4 patches: 16 tokens at 16 px
+VRWKV = ["model.name=test_vrwkv", "model.kwargs={patch_size: 4}"]

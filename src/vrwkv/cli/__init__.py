@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vrwkv.cli.eval", "top-1/top-5, loss and throughput of a checkpoint on a data set"),
     "predict": ("vrwkv.cli.predict", "top-k classes with probabilities for image files"),
     "plot": ("vrwkv.cli.plot", "draw a run's loss/accuracy curves to a PNG"),
+    "ablate": ("vrwkv.cli.ablate", "shift / wkv ablations on the bundled digits, several seeds, mean ± std"),
     "bench": ("vrwkv.cli.bench", "benchmark VRWKV vs ViT (time, memory, FLOPs) and the Bi-WKV op"),
 }
 

@@ -2,11 +2,13 @@
 
 ``sklearn.datasets.load_digits`` ships 1797 real 8×8 grey-level scans of handwritten digits (UCI "optdigits",
 43 writers). We scale the 0..16 grey levels to 0..255, upsample each digit bilinearly to ``img_size`` and repeat
-it over 3 channels, so any RGB model can train on it. The train/val split is fixed (stratified, seed 0, 20 % held
-out = 360 images) and does not depend on any run's seed.
+it over 3 channels, so any RGB model can train on it. The train/val split is fixed (stratified: 20 % of each
+class, seed 0, 359 held-out images) and does not depend on any run's seed.
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -17,22 +19,40 @@ _VAL_FRACTION = 0.2
 _SPLIT_SEED = 0
 
 
-def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
-    """Fixed stratified (train, val) indices into ``load_digits()`` (1437 / 360 images)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits as ``(images [N, 8, 8] float 0..16, labels [N] int)``.
 
-    labels = load_digits().target
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=_VAL_FRACTION, random_state=_SPLIT_SEED, stratify=labels)
-    return np.sort(train_idx), np.sort(val_idx)
+    Reads the CSV that scikit-learn ships (what ``sklearn.datasets.load_digits`` reads) without importing
+    scikit-learn, whose import alone takes seconds; falls back to ``load_digits`` if the file moved.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is not None and path.is_file():
+        data = np.loadtxt(path, delimiter=",")  # [1797, 65]: 64 pixels then the label
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target.astype(np.int64)
+
+
+def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified (train, val) indices: 20 % of every class (seed 0) is held out (1438 / 359 images)."""
+    _, labels = load_digits_arrays()
+    rng = np.random.RandomState(_SPLIT_SEED)
+    val = []
+    for c in range(10):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        val.extend(members[: int(round(_VAL_FRACTION * len(members)))])
+    val = np.sort(np.array(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
 
 
 class DigitsDataset:
     """The bundled digits as PIL RGB images (``img_size`` × ``img_size``) with integer labels 0..9.
 
     Args:
-        split: ``"train"`` (1437 images) or ``"val"`` (360 images, the fixed held-out split).
+        split: ``"train"`` (1438 images) or ``"val"`` (359 images, the fixed held-out split).
         img_size: side of the upsampled image in pixels (the raw scans are 8×8).
     """
 
@@ -43,14 +63,12 @@ class DigitsDataset:
             raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
         if img_size < 8:
             raise ValueError(f"digits img_size must be >= 8 (the scans are 8x8), got {img_size}")
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        images, labels = load_digits_arrays()
         idx = digits_split_indices()[0 if split == "train" else 1]
-        grey = (digits.images[idx] * (255.0 / 16.0)).round().astype(np.uint8)  # [N, 8, 8], 0..255
+        grey = (images[idx] * (255.0 / 16.0)).round().astype(np.uint8)  # [N, 8, 8], 0..255
         self.split = split
         self.img_size = img_size
-        self.targets = digits.target[idx].astype(np.int64).tolist()
+        self.targets = labels[idx].tolist()
         self.images = [
             Image.fromarray(g, mode="L").resize((img_size, img_size), Image.BILINEAR).convert("RGB") for g in grey
         ]

@@ -146,7 +146,8 @@ def evaluate_dataset(task: nn.Module, dataset: Any, *, batch_size: int, workers:
     total_s = time.perf_counter() - t0
     if not sums:  # no readable image on this process
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        sums = {k: zero.clone() for k in ("count", "loss_sum", "top1", "top5")}
+        keys = getattr(task, "stat_keys", ("count", "loss_sum", "top1", "top5"))  # what evaluate_batch returns
+        sums = {k: zero.clone() for k in keys}
     model.train(was_training)
     reduced = all_reduce_sum(sums)
     return task.summarize(reduced), {"images": float(reduced["count"]), "forward_s": forward_s, "total_s": total_s}
@@ -171,7 +172,8 @@ class Trainer:
         optim / schedule / run: engine config sections.
         run_dir: output folder (checkpoints, CSV, TensorBoard).
         config: plain-data config stored in every checkpoint (for resume / eval / predict).
-        metric: name of the ``summarize`` metric that selects ``best.pt`` (higher is better).
+        metric: name of the ``summarize`` metric that selects ``best.pt``.
+        maximize: whether a higher ``metric`` is better (top-1) or a lower one (a reconstruction loss).
         channels_last: feed 4-D inputs in channels-last memory format (match a channels-last model).
         on_bad_image: ``"skip"`` (count and report) or ``"error"`` (stop with the file name).
         dist: process placement (single-process CPU by default).
@@ -180,7 +182,7 @@ class Trainer:
     def __init__(self, task: nn.Module, train_set: Any, val_set: Any, *, batch_size: int, workers: int,
                  collate_fn: Callable, optim: OptimConfig, schedule: ScheduleConfig, run: RunConfig,
                  run_dir: str | Path, config: dict[str, Any], metric: str = "top1", on_bad_image: str = "error",
-                 channels_last: bool = False, dist: DistInfo | None = None):
+                 channels_last: bool = False, dist: DistInfo | None = None, maximize: bool = True):
         self.dist = dist or DistInfo()
         if batch_size % self.dist.world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by the {self.dist.world_size} processes")
@@ -194,6 +196,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.config = config
         self.metric = metric
+        self.maximize = maximize
         self.on_bad_image = on_bad_image
         self.channels_last = channels_last
         self.device = self.dist.device
@@ -351,7 +354,8 @@ class Trainer:
         is_best = False
         if f"val_{self.metric}" in metrics:
             value = metrics[f"val_{self.metric}"]
-            is_best = self.state.best_metric is None or value > self.state.best_metric
+            best = self.state.best_metric
+            is_best = best is None or (value > best if self.maximize else value < best)
             if is_best:
                 self.state.best_metric = value
         self.logger.log_epoch(epoch, self.state.step, metrics, self.schedule_cfg.epochs)
