@@ -79,8 +79,8 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int | None = None)
     kwargs.update(cfg.kwargs)
     ckpt = None
     if cfg.checkpoint:
-        ckpt = load_checkpoint(cfg.checkpoint)
-        if not is_run_checkpoint(ckpt):
+        ckpt = read_run_checkpoint(cfg.checkpoint)
+        if ckpt is None:
             kwargs["checkpoint_path"] = cfg.checkpoint
     while True:
         try:
@@ -92,7 +92,7 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int | None = None)
             if dropped is None:
                 raise ValueError(f"cannot build model {cfg.name!r} with {kwargs}: {e}") from None
             kwargs.pop(dropped)
-    if ckpt is not None and is_run_checkpoint(ckpt):
+    if ckpt is not None:
         state = ckpt["model"]
         own = model.state_dict()
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -111,6 +111,18 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int | None = None)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def read_run_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """One of our training checkpoints, or None for any other file (official / timm weights, which the model
+    factory converts). A missing file raises ValueError."""
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError:  # not loadable with weights_only: not ours; the model factory reports on it
+        return None
+    return ckpt if is_run_checkpoint(ckpt) else None
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -220,17 +232,18 @@ class LoadedClassifier:
     """A classifier ready for inference: the model, its class names and its eval-time data settings."""
 
     model: nn.Module
-    classes: list[str]
+    classes: list[str]  # display names, in class-index order
     data: DataConfig
     name: str
+    folder_names: list[str] | None = None  # class-folder names in index order (ImageNet synsets); default: classes
 
 
 def load_classifier(checkpoint: str | None = None, model_name: str | None = None, *, ema: bool = False,
                     device: torch.device | str = "cpu", num_classes: int | None = None) -> LoadedClassifier:
     """A trained classifier from one of our run checkpoints, an official checkpoint (``model_name`` needed) or a
     registered model name alone (random or default weights)."""
-    ckpt = load_checkpoint(checkpoint) if checkpoint else None
-    if ckpt is not None and is_run_checkpoint(ckpt):
+    ckpt = read_run_checkpoint(checkpoint) if checkpoint else None
+    if ckpt is not None:
         saved = {k: v for k, v in ckpt["config"].items() if k != "classes"}
         cfg = from_dict(ClassificationExperiment, saved)
         classes = list(ckpt["config"]["classes"])
@@ -253,17 +266,17 @@ def load_classifier(checkpoint: str | None = None, model_name: str | None = None
             kwargs["checkpoint_path"] = checkpoint
         model = _create(model_name, **kwargs)
         n = model.num_classes if hasattr(model, "num_classes") else num_classes
-        classes = imagenet_class_names() if n == 1000 else [str(i) for i in range(n or 0)]
-        data = data_config_for(model)
-        name = model_name
+        folders = None
+        if n == 1000:  # ImageNet-1k: synset folders (n01440764, ...) and readable names from timm
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            classes, folders = list(info.label_descriptions()), list(info.label_names())
+        else:
+            classes = [str(i) for i in range(n or 0)]
+        clf = LoadedClassifier(model.to(device).eval(), classes, data_config_for(model), model_name, folders)
+        return clf
     return LoadedClassifier(model.to(device).eval(), classes, data, name)
-
-
-def imagenet_class_names() -> list[str]:
-    """Human-readable ImageNet-1k class names, in class-index order (from timm)."""
-    from timm.data import ImageNetInfo
-
-    return list(ImageNetInfo().label_descriptions())
 
 
 def data_config_for(model: nn.Module) -> DataConfig:
@@ -288,7 +301,7 @@ def evaluate(classifier: LoadedClassifier, dataset: str | None = None, *, split:
         data.dataset = dataset
     if split is not None:
         data.val_split = split
-    _, val_raw, classes = build_datasets_for_eval(data, classifier.classes)
+    val_raw = build_eval_dataset(data, classifier.folder_names or classifier.classes)
     val_set = TransformedDataset(val_raw, build_transform(data, False), min_size=data.img_size)
     task = ClassificationTask(classifier.model, len(classifier.classes), ClassificationConfig(label_smoothing=0))
     bad: list[str] = []
@@ -311,23 +324,23 @@ def evaluate(classifier: LoadedClassifier, dataset: str | None = None, *, split:
     return metrics
 
 
-def build_datasets_for_eval(data: DataConfig, classes: list[str]) -> tuple[Any, Any, list[str]]:
-    """The evaluation split, with class indices aligned to the classifier's ``classes``."""
+def build_eval_dataset(data: DataConfig, folder_names: list[str]) -> Any:
+    """The evaluation split, with class indices aligned to the classifier's classes (``folder_names`` in index
+    order). An ImageFolder split may hold any subset of those class folders (e.g. a few ImageNet synsets)."""
     from vrwkv.data import DigitsDataset, ImageFolderDataset
 
     if data.dataset == "digits":
         val = DigitsDataset("val", data.img_size)
-        if len(classes) != len(val.classes):
-            raise ValueError(f"the classifier has {len(classes)} classes, digits has 10")
-        return None, val, classes
-    root = Path(data.dataset)
-    split_dir = root / data.val_split
+        if len(folder_names) != len(val.classes):
+            raise ValueError(f"the classifier has {len(folder_names)} classes, digits has 10")
+        return val
+    split_dir = Path(data.dataset) / data.val_split
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
-    names = classes if set(found) <= set(classes) else found
-    if len(names) != len(classes):
-        raise ValueError(f"{split_dir} has {len(found)} class folders that do not match the classifier's "
-                         f"{len(classes)} classes")
-    return None, ImageFolderDataset(root, data.val_split, classes=names, on_bad_image=data.on_bad_image), names
+    unknown = sorted(set(found) - set(folder_names))
+    if unknown:
+        raise ValueError(f"{split_dir} has class folders the classifier does not know: {unknown[:5]} (its classes "
+                         f"are e.g. {folder_names[:3]})")
+    return ImageFolderDataset(data.dataset, data.val_split, classes=folder_names, on_bad_image=data.on_bad_image)
 
 
 @torch.no_grad()
