@@ -75,3 +75,27 @@ def test_bad_images_are_skipped_and_counted_or_stop_the_run(tmp_path):
                                                            "data.on_bad_image=skip"]))
     assert metrics["bad_images"] == 2 and 0 <= metrics["val_top1"] <= 100  # train: replaced, val: dropped
     assert _rows(run_dir / "metrics.csv")[0]["bad_images"] == "2.0"
+
+
+def test_grad_checkpointing_and_channels_last_train_the_same_model(tmp_path):
+    from tiny_setup import RUN, VRWKV
+
+    common = VRWKV + RUN + ["run.max_steps=2", "run.deterministic=true"]
+    train(make_config("digits", common + [f"run.output_dir={tmp_path / 'plain'}"]))
+    train(make_config("digits", common + [f"run.output_dir={tmp_path / 'ckpt'}", "model.grad_checkpointing=true",
+                                          "model.channels_last=true"]))
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("plain", "ckpt"))
+    for k, v in a.items():
+        assert rel_err(b[k], v) < 1e-5, k
+
+
+def test_bf16_autocast_and_layer_decay_run(tmp_path):
+    from tiny_setup import RUN, VRWKV
+
+    cfg = make_config("digits", VRWKV + RUN + ["run.max_steps=2", "run.amp=bf16", "optim.layer_decay=0.75",
+                                               f"run.output_dir={tmp_path}"])
+    _, metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train_loss"])) and 0 <= metrics["val_top1"] <= 100
+    opt = load_checkpoint(tmp_path / "last.pt")["optimizer"]
+    scales = sorted({g["lr_scale"] for g in opt["param_groups"]})
+    assert len(scales) >= 3 and scales[-1] == 1.0  # stem < blocks < head
