@@ -71,20 +71,21 @@ def test_bi_wkv6_accurate_after_strong_decays():
     assert rel_err(bi_wkv6(r, k, v, w, u, 1), ref) < 1e-6
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 16, 64])
-def test_chunk_size_does_not_change_the_result(chunk_size):
+@pytest.mark.parametrize("chunk_size, sub_size", [(1, 4), (3, 4), (12, 3), (16, 16), (16, 4), (64, 8)],
+                         ids=lambda x: str(x))
+def test_chunk_and_sub_chunk_sizes_do_not_change_the_result(chunk_size, sub_size):
     r, k, v, w, u = random_inputs(2, 37, 1, seed=2)
     ref = naive_recurrent_bi_wkv6(r, k, v, w, u, 1)
-    assert rel_err(chunk_bi_wkv6(r, k, v, w, u, 1, chunk_size=chunk_size), ref) < 1e-12
+    assert rel_err(chunk_bi_wkv6(r, k, v, w, u, 1, chunk_size=chunk_size, sub_size=sub_size), ref) < 1e-12
 
 
 def test_bi_wkv6_gradcheck():
     """Full finite-difference check of the chunked path (generic in the head size: 2 heads of 4 channels keep it
-    cheap; T=7 in chunks of 3 crosses two chunk boundaries and pads the last chunk), then a fast-mode check of the
-    public op at the real head size."""
-    r, k, v, w, u = random_inputs(1, 7, 2, "mixed", seed=3, head_size=4)
+    cheap; T=9 in chunks of 6 with sub-chunks of 2 crosses chunk and sub-chunk boundaries and pads the last chunk),
+    then a fast-mode check of the public op at the real head size."""
+    r, k, v, w, u = random_inputs(1, 9, 2, "mixed", seed=3, head_size=4)
     inputs = [x.clamp(max=1.0).requires_grad_() if x is w else x.requires_grad_() for x in (r, k, v, w, u)]
-    assert torch.autograd.gradcheck(lambda *a: chunk_bi_wkv6(*a, 2, chunk_size=3), inputs)
+    assert torch.autograd.gradcheck(lambda *a: chunk_bi_wkv6(*a, 2, chunk_size=6, sub_size=2), inputs)
     r, k, v, w, u = random_inputs(1, 5, 1, "mixed", seed=3)
     inputs = [x.clamp(max=1.0).requires_grad_() if x is w else x.requires_grad_() for x in (r, k, v, w, u)]
     assert torch.autograd.gradcheck(lambda *a: bi_wkv6(*a, 1), inputs, fast_mode=True)
