@@ -9,7 +9,7 @@ from vrwkv.engine.checkpoint import load_checkpoint
 from vrwkv.engine.classification import make_config, train
 from vrwkv.engine.loop import NonFiniteLossError
 
-from tiny_setup import RUN, TINY
+from tiny_setup import RUN, TINY, VRWKV
 
 
 def _rows(path):
@@ -18,15 +18,15 @@ def _rows(path):
 
 
 def test_short_digits_run_learns_and_records(tmp_path):
-    cfg = make_config("digits", RUN + ["model.name=test_resnet", "model.kwargs={}", f"run.output_dir={tmp_path}",
-                                       "schedule.epochs=4", "optim.lr=3e-3", "run.ema=true", "run.ema_decay=0.9"])
+    cfg = make_config("digits", RUN + VRWKV + [f"run.output_dir={tmp_path}", "schedule.epochs=4", "optim.lr=3e-3",
+                                               "run.ema=true", "run.ema_decay=0.9"])
     run_dir, metrics = train(cfg)
     assert metrics["val_top1"] > 60, metrics  # 10 classes: chance is 10 %
     epochs = _rows(run_dir / "metrics.csv")
     assert [int(r["epoch"]) for r in epochs] == [1, 2, 3, 4] and "ema_val_top1" in epochs[0]
     assert float(epochs[-1]["train_loss"]) < float(epochs[0]["train_loss"])
     assert len(_rows(run_dir / "steps.csv")) == 4 * (1438 // 32)
-    assert (run_dir / "config.yaml").read_text().count("test_resnet") == 1
+    assert (run_dir / "config.yaml").read_text().count("test_vrwkv") == 1
     ckpt = load_checkpoint(run_dir / "best.pt")
     assert ckpt["config"]["classes"] == [str(i) for i in range(10)] and ckpt["ema"] is not None
 
@@ -78,8 +78,6 @@ def test_bad_images_are_skipped_and_counted_or_stop_the_run(tmp_path):
 
 
 def test_grad_checkpointing_and_channels_last_train_the_same_model(tmp_path):
-    from tiny_setup import RUN, VRWKV
-
     common = VRWKV + RUN + ["run.max_steps=2", "run.deterministic=true"]
     train(make_config("digits", common + [f"run.output_dir={tmp_path / 'plain'}"]))
     train(make_config("digits", common + [f"run.output_dir={tmp_path / 'ckpt'}", "model.grad_checkpointing=true",
@@ -89,10 +87,8 @@ def test_grad_checkpointing_and_channels_last_train_the_same_model(tmp_path):
         assert rel_err(b[k], v) < 1e-5, k
 
 
-def test_bf16_autocast_and_layer_decay_run(tmp_path):
-    from tiny_setup import RUN, VRWKV
-
-    cfg = make_config("digits", VRWKV + RUN + ["run.max_steps=2", "run.amp=bf16", "optim.layer_decay=0.75",
+def test_bf16_autocast_and_layer_decay_run_on_vrwkv6(tmp_path):
+    cfg = make_config("digits", RUN + ["model.name=test_vrwkv6", "model.kwargs={patch_size: 4}", "run.max_steps=2", "run.amp=bf16", "optim.layer_decay=0.75",
                                                f"run.output_dir={tmp_path}"])
     _, metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train_loss"])) and 0 <= metrics["val_top1"] <= 100
