@@ -18,11 +18,10 @@ TEST_MODELS = ["test_vrwkv6", "test_vrwkv6b"]
 
 
 def golden_kwargs(config: dict) -> dict:
-    """Official VRWKV6 constructor kwargs -> ours (only the names differ; out_indices is the last block)."""
+    """Official VRWKV6 constructor kwargs -> ours (only the names differ)."""
     rename = {"embed_dims": "embed_dim", "in_channels": "in_chans"}
     kwargs = {rename.get(k, k): v for k, v in config["backbone"].items()}
-    for key in ("out_indices", "shift_mode", "head_size"):  # q_shift_multihead and 64 are what VRWKV6 is
-        kwargs.pop(key)
+    kwargs.pop("out_indices")  # the official backbone returns the last block; ours gives it as forward_features
     return kwargs
 
 
@@ -211,6 +210,8 @@ def test_options_and_errors():
         timm.create_model("test_vrwkv6", wkv_semantics="paper")
     with pytest.raises(ValueError, match="init_mode"):
         timm.create_model("test_vrwkv6", init_mode="global")
+    with pytest.raises(ValueError, match="q_shift_multihead"):
+        timm.create_model("test_vrwkv6", shift_mode="q_shift")
 
 
 def test_timm_api_odds_and_ends():

@@ -31,6 +31,10 @@ class VRWKV6(VRWKV):
     Args:
         embed_dim: channels C, a multiple of 64.
         num_heads: heads H (``C = H * 64``); default ``embed_dim // 64``.
+        depth: number of blocks.
+        hidden_rate: FFN width multiplier.
+        shift_pixel: Q-Shift distance (0: no shift).
+        channel_gamma: fraction of each head's channels per Q-Shift direction (<= 1/4).
         with_cls_token: append a learned ``cls_token`` [1, 1, C] *after* the patch tokens (after the position
             embedding); the shifts pass it through unchanged. Average pooling and feature maps use the patch
             tokens only; ``forward_features`` and ``NLC`` intermediates keep it as the last token.
@@ -38,10 +42,12 @@ class VRWKV6(VRWKV):
             as the official backbone does.
         key_norm: LayerNorm on the WKV output (before ``ln_x``) and on the FFN hidden activations.
         init_mode: ``"fancy"`` only (the official V6 init, spec §4.4).
+        shift_mode: ``"q_shift_multihead"`` only; accepted so that official configs can be passed as they are.
+        head_size: 64 only (the official ``HEAD_SIZE``); accepted for the same reason.
         **kwargs: every other argument of :class:`~vrwkv.models.vrwkv.VRWKV` (``img_size``, ``patch_size``,
-            ``num_classes``, ``depth``, ``hidden_rate``, ``drop_rate``, ``drop_path_rate``, ``init_values``,
-            ``post_norm``, ``shift_pixel``, ``channel_gamma``, ``final_norm``, ``out_indices``, ``with_cp``,
-            ``interpolate_mode``, ``dynamic_img_pad``, ``device``, ``dtype``, ...).
+            ``in_chans``, ``num_classes``, ``global_pool``, ``drop_rate``, ``head_drop_rate``, ``drop_path_rate``,
+            ``init_values``, ``post_norm``, ``final_norm``, ``out_indices``, ``with_cp``, ``interpolate_mode``,
+            ``dynamic_img_pad``, ``device``, ``dtype``).
     """
 
     def __init__(
@@ -56,15 +62,20 @@ class VRWKV6(VRWKV):
         init_mode: str = "fancy",
         with_cls_token: bool = False,
         output_cls_token: bool = False,
+        shift_mode: str = "q_shift_multihead",
+        head_size: int = HEAD_SIZE,
         **kwargs: Any,
     ):
+        if shift_mode != "q_shift_multihead" or head_size != HEAD_SIZE:
+            raise ValueError(f"VRWKV6 uses shift_mode='q_shift_multihead' and head_size={HEAD_SIZE}; "
+                             f"got {shift_mode!r} and {head_size}")
         num_heads = embed_dim // HEAD_SIZE if num_heads is None else num_heads
         if num_heads < 1 or embed_dim != num_heads * HEAD_SIZE:
             raise ValueError(f"VRWKV6 needs embed_dim = num_heads * {HEAD_SIZE}; got embed_dim {embed_dim}, "
                              f"num_heads {num_heads}")
         if output_cls_token and not with_cls_token:
             raise ValueError("output_cls_token=True needs with_cls_token=True")
-        for name in ("wkv_mode", "wkv_semantics", "shift_mode", "spatial_mix_layer", "channel_mix_layer"):
+        for name in ("wkv_mode", "wkv_semantics", "spatial_mix_layer", "channel_mix_layer"):
             if name in kwargs:
                 raise TypeError(f"VRWKV6 does not take {name!r} (its mixers are fixed: Bi-WKV6, q_shift_multihead)")
         num_suffix_tokens = int(with_cls_token)
