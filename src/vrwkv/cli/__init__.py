@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("vrwkv.cli.plot", "draw a run's loss/accuracy curves to a PNG"),
     "ablate": ("vrwkv.cli.ablate", "shift / wkv ablations on the bundled digits, several seeds, mean ± std"),
     "bench": ("vrwkv.cli.bench", "benchmark VRWKV vs ViT (time, memory, FLOPs) and the Bi-WKV op"),
+    "pretrain-mae": ("vrwkv.cli.pretrain_mae", "masked-autoencoder pre-training (default: the bundled digits)"),
 }
 
 

@@ -9,6 +9,7 @@ _FLAGS = {
     "lr": "optim.lr", "output": "run.output_dir", "device": "run.device", "amp": "run.amp", "seed": "run.seed",
     "workers": "data.workers", "on_bad_image": "data.on_bad_image", "img_size": "data.img_size",
     "accum_steps": "run.accum_steps", "layer_decay": "optim.layer_decay", "drop_path": "model.drop_path_rate",
+    "init_from": "model.init_from",
 }
 
 
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-loading processes per training process")
+    p.add_argument("--init-from", metavar="MAE_CKPT",
+                   help="fine-tune: initialise the backbone from the encoder of an MAE checkpoint (a `vrwkv "
+                        "pretrain-mae` run folder's last.pt, or an official one); combine with --layer-decay")
     p.add_argument("--on-bad-image", choices=["skip", "error"],
                    help="unreadable images / empty class folders: skip and report, or stop (default: error)")
 

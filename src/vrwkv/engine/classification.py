@@ -69,7 +69,8 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int | None = None)
     ``img_size`` / ``drop_path_rate`` are passed only to models that accept them (ViT-like models do, most CNNs
     do not take ``img_size``). ``cfg.checkpoint`` initialises the weights: one of our run checkpoints (its
     ``model`` weights; a classifier head of a different size is left freshly initialised) or any file the model
-    factory converts (official VRWKV checkpoints, timm weights).
+    factory converts (official VRWKV checkpoints, timm weights). ``cfg.init_from`` then loads the encoder of an MAE
+    checkpoint into the backbone (fine-tuning; see ``vrwkv.models.mae.load_mae_encoder``).
     """
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if img_size is not None:
@@ -104,6 +105,10 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int | None = None)
                              f"unexpected {list(unexpected)[:5]}")
         if mismatched:
             logger.info(f"re-initialised {mismatched} (shape differs from {cfg.checkpoint})")
+    if cfg.init_from:
+        from vrwkv.models.mae import load_mae_encoder
+
+        load_mae_encoder(model, cfg.init_from)  # raises a ValueError if the classifier is not a fitting VRWKV
     if cfg.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"model {cfg.name!r} does not support gradient checkpointing")

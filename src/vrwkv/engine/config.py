@@ -28,6 +28,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
     checkpoint: str | None = None  # initial weights: an official checkpoint or one of our run checkpoints
+    init_from: str | None = None  # MAE checkpoint (ours or official) whose encoder initialises the backbone
     grad_checkpointing: bool = False
     channels_last: bool = False
 
@@ -46,7 +47,7 @@ class OptimConfig:
     layer_decay: float | None = None  # layer-wise lr decay factor (e.g. 0.75 for fine-tuning), None = off
     # "official": no decay on normalisation layers and on biases, decay on everything else (incl. pos_embed,
     # spatial_decay/first, layer-scale gammas), as mmcls' paramwise_cfg; "timm": no decay on every 1-D
-    # parameter and on the model's no_weight_decay() names.
+    # parameter and on the model's no_weight_decay() names; "all": decay on every parameter (official MAE).
     wd_rule: str = "official"
 
 
@@ -209,9 +210,9 @@ def apply_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
     return out
 
 
-def list_presets() -> list[str]:
-    """Names of the bundled presets (``src/vrwkv/configs/*.yaml``)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+def list_presets(preset_dir: Path = PRESET_DIR) -> list[str]:
+    """Names of the bundled presets (``src/vrwkv/configs/*.yaml``; another task's folder with ``preset_dir``)."""
+    return sorted(p.stem for p in preset_dir.glob("*.yaml"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -229,16 +230,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """A bundled preset by name, or a YAML file by path (which may name a ``preset:`` to start from)."""
+def load_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
+    """A bundled preset by name (from ``preset_dir``), or a YAML file by path (which may name a ``preset:`` to
+    start from)."""
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
         data = load_yaml(name_or_path)
-    elif name_or_path in list_presets():
-        data = load_yaml(PRESET_DIR / f"{name_or_path}.yaml")
+    elif name_or_path in list_presets(preset_dir):
+        data = load_yaml(preset_dir / f"{name_or_path}.yaml")
     else:
-        raise ValueError(f"unknown preset {name_or_path!r}; bundled presets: {', '.join(list_presets())}")
+        raise ValueError(f"unknown preset {name_or_path!r}; bundled presets: {', '.join(list_presets(preset_dir))}")
     base = data.pop("preset", None)
-    return merge(load_preset(base), data) if base else data
+    return merge(load_preset(base, preset_dir), data) if base else data
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:

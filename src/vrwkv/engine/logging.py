@@ -108,6 +108,8 @@ def format_epoch_line(epoch: int, total_epochs: int, m: dict[str, float]) -> str
         parts.append(f"train loss {m['train_loss']:.4f}")
     if "val_top1" in m:
         parts.append(f"val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2f} top5 {m['val_top5']:.2f}")
+    elif "val_loss" in m:  # a task without accuracy (MAE pre-training)
+        parts.append(f"val loss {m['val_loss']:.4f}")
     if "ema_val_top1" in m:
         parts.append(f"EMA top1 {m['ema_val_top1']:.2f}")
     if "lr" in m:

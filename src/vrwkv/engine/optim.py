@@ -14,7 +14,8 @@ def no_decay_names(model: nn.Module, rule: str) -> tuple[list[str], bool]:
 
     ``"official"`` (mmcls ``norm_decay_mult=0, bias_decay_mult=0``): parameters of normalisation layers and every
     parameter named ``bias``; 1-D parameters such as ``spatial_decay`` or layer-scale gammas keep their decay.
-    ``"timm"``: every 1-D parameter, plus the model's ``no_weight_decay()`` names.
+    ``"timm"``: every 1-D parameter, plus the model's ``no_weight_decay()`` names. ``"all"``: none (decay on
+    every parameter, as the official MAE pre-training).
     """
     if rule == "official":
         names = [f"{mod_name}.{p_name}" if mod_name else p_name
@@ -22,10 +23,12 @@ def no_decay_names(model: nn.Module, rule: str) -> tuple[list[str], bool]:
                  for p_name, _ in mod.named_parameters(recurse=False)]
         names += [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
         return names, False
+    if rule == "all":  # the official MAE recipe: weight decay on every parameter
+        return [], False
     if rule == "timm":
         extra = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
         return sorted(extra), True
-    raise ValueError(f"optim.wd_rule must be 'official' or 'timm', got {rule!r}")
+    raise ValueError(f"optim.wd_rule must be 'official', 'timm' or 'all', got {rule!r}")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
