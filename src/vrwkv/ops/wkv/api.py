@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from vrwkv.ops._dtype import check_floating_on_one_device, run_in_float32
 from vrwkv.ops.wkv.chunked import chunked_bi_wkv
 
 SEMANTICS = ("paper", "official")
@@ -62,13 +63,5 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
         raise ValueError(f"w and u must be [C] = [{C}]; got w {tuple(w.shape)} and u {tuple(u.shape)}")
     if k.shape[1] == 0:
         raise ValueError("WKV needs at least one token (T >= 1)")
-    tensors = (k, v, w, u)
-    if not all(t.is_floating_point() for t in tensors):
-        raise TypeError(f"WKV needs floating-point tensors; got {[t.dtype for t in tensors]}")
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"k, v, w, u must be on one device; got {[str(t.device) for t in tensors]}")
-    # float64 stays float64 (references, gradcheck); everything else computes in float32, as the official kernel does.
-    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    with torch.autocast(k.device.type, enabled=False):
-        y = chunked_bi_wkv(*(t.to(compute) for t in tensors), semantics=semantics)
-    return y.to(k.dtype)
+    check_floating_on_one_device("WKV", {"k": k, "v": v, "w": w, "u": u})
+    return run_in_float32(chunked_bi_wkv, (k, v, w, u), semantics=semantics)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from vrwkv.ops._dtype import check_floating_on_one_device, run_in_float32
 from vrwkv.ops.wkv6.chunked import chunk_bi_wkv6
 
 #: Head size of the official VRWKV6 (``HEAD_SIZE = 64`` in the kernel and the model).
@@ -60,12 +61,5 @@ def bi_wkv6(
                          f"got {tuple(u.shape)}")
     if T == 0:
         raise ValueError("WKV6 needs at least one token (T >= 1)")
-    if not all(t.is_floating_point() for t in tensors):
-        raise TypeError(f"WKV6 needs floating-point tensors; got {[t.dtype for t in tensors]}")
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"r, k, v, w, u must be on one device; got {[str(t.device) for t in tensors]}")
-    # float64 stays float64 (references, gradcheck); everything else computes in float32, as the official kernel does.
-    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    with torch.autocast(r.device.type, enabled=False):
-        y = chunk_bi_wkv6(*(t.to(compute) for t in tensors), num_heads=num_heads)
-    return y.to(r.dtype)
+    check_floating_on_one_device("WKV6", {"r": r, "k": k, "v": v, "w": w, "u": u})
+    return run_in_float32(chunk_bi_wkv6, tensors, num_heads=num_heads)
