@@ -22,18 +22,13 @@ import math
 
 import torch
 
+from vrwkv.ops._numerics import exp_le0
 from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 
 # A finite "minus infinity": exp() of it is exactly 0 and differences of two of them stay finite (no NaN in backward).
 _NEG = -1e30
 # The largest decay exponent a block may span (see the module docstring).
 _MAX_BLOCK_DECAY = 30.0
-
-
-def _exp_le0(x: torch.Tensor) -> torch.Tensor:
-    """exp of arguments <= 0, floored at e^-87: below that, CPU exp takes a slow path 10-30x slower (denormals), and
-    the terms are negligible anyway (every caller compares them with a term of exponent 0 or multiplies by 0)."""
-    return torch.exp(x.clamp(min=-87.0))
 
 
 def block_length(T: int, w_absmax: float, preferred: int) -> int:
@@ -89,7 +84,7 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
         intra_rho, intra, block_sum = _rescaled_scan(a, gb, inclusive)
         pieces = [(intra_rho - pw, intra)]
     else:
-        terms = _exp_le0(a - m[:, :, None]) * gb  # [S, B, N, L, C]
+        terms = exp_le0(a - m[:, :, None]) * gb  # [S, B, N, L, C]
         csum = terms.cumsum(3)
         block_sum = csum[:, :, :, -1]
         intra = csum if inclusive else torch.cat([torch.zeros_like(csum[:, :, :, :1]), csum[:, :, :, :-1]], 3)
@@ -112,7 +107,7 @@ def decayed_prefix(mu: torch.Tensor, g: torch.Tensor, w: torch.Tensor, block: in
         expo = torch.where(causal, expo, _NEG)
         with torch.no_grad():
             sigma = expo.amax(2, keepdim=True)  # [B, N, 1, C] largest carried term
-        weights = _exp_le0(expo - sigma) * causal  # [B, N, N, C], <= 1 (block 0 carries nothing: all masked)
+        weights = exp_le0(expo - sigma) * causal  # [B, N, N, C], <= 1 (block 0 carries nothing: all masked)
         h_in = torch.einsum("bnjc,sbjc->sbnc", weights, block_sum)  # [S, B, N, C]
         sigma_in = sigma - pw  # [B, N, L, C]
         pieces.append((sigma_in, h_in[:, :, :, None].expand(S, B, N, L, C)))
@@ -130,7 +125,7 @@ def _rescaled_scan(a: torch.Tensor, g: torch.Tensor, inclusive: bool):
         s_prev = torch.cat([torch.zeros_like(s[:, :, :, :step]), s[:, :, :, :-step]], 3)
         with torch.no_grad():
             M_new = torch.maximum(M, M_prev)
-        s = s * _exp_le0(M - M_new) + s_prev * _exp_le0(M_prev - M_new)
+        s = s * exp_le0(M - M_new) + s_prev * exp_le0(M_prev - M_new)
         M = M_new
         step *= 2
     block_sum = s[:, :, :, -1]  # scaled to M[:, :, -1] = the block max
@@ -156,11 +151,11 @@ def _combine(pieces, den_extra_log: torch.Tensor | None = None, den_extra_scale:
             ref = torch.maximum(ref, den_extra_log)
     total = 0
     for rho, h, factor in pieces:
-        term = h * _exp_le0(rho - ref)
+        term = h * exp_le0(rho - ref)
         total = total + (term if factor is None else term * factor)
     num, den = total[0], total[1]
     if den_extra_log is not None:
-        den = den + den_extra_scale * _exp_le0(den_extra_log - ref)
+        den = den + den_extra_scale * exp_le0(den_extra_log - ref)
     return num / den
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vrwkv.ops._numerics import exp_le0
+
 #: Default tokens per chunk: the Python loop over chunks has T / chunk_size steps.
 CHUNK_SIZE = 16
 #: Default tokens per sub-chunk: the pairwise weights are [B, H, T, sub_size, N].
@@ -58,7 +60,7 @@ def _intra_chunk_scores(
     # Within a sub-chunk. The weight of a pair is symmetric in (t, s), so the strictly lower triangle serves both
     # directions: the upper scores are the lower ones with r and k exchanged, transposed. On and above the diagonal
     # `between` has empty rows, so the exponent is 0 there: exp stays finite and the [S, S] scores are masked instead.
-    weight = torch.exp((between @ log_decay).unflatten(-2, (S, S)))  # [..., n, S(t), S(s), N]
+    weight = exp_le0((between @ log_decay).unflatten(-2, (S, S)))  # [..., n, S(t), S(s), N]
     below = torch.tril(torch.ones(S, S, dtype=r.dtype, device=r.device), diagonal=-1)  # s < t
     # batched matrix-vector products over j: [S(s), N] @ [N, 1] for every t (no transposed copy of the weights)
     lower = ((weight * k[..., None, :, :]) @ r[..., :, :, None]).squeeze(-1) * below  # sum_j r_t W_ts k_s
@@ -70,9 +72,9 @@ def _intra_chunk_scores(
 
     # Across sub-chunks j < i: exp(after[s]) * gap[i, j] * exp(before[t]), gap = exp(sum over sub-chunks j < l < i).
     gap_sums, _, _ = _segment_masks(n, r.dtype, r.device)
-    gap = torch.exp((gap_sums @ log_decay.sum(dim=-2)).unflatten(-2, (n, n)))  # [..., n(i), n(j), N]
-    queries = torch.stack([r, k]) * torch.exp(before @ log_decay)  # [2, ..., n, S, N]: lower, then r/k exchanged
-    keys = torch.stack([k, r]) * torch.exp(after @ log_decay)
+    gap = exp_le0((gap_sums @ log_decay.sum(dim=-2)).unflatten(-2, (n, n)))  # [..., n(i), n(j), N]
+    queries = torch.stack([r, k]) * exp_le0(before @ log_decay)  # [2, ..., n, S, N]: lower, then r/k exchanged
+    keys = torch.stack([k, r]) * exp_le0(after @ log_decay)
     rows = [queries.new_zeros(*queries.shape[:-3], S, L)]  # sub-chunk row 0 has no earlier sub-chunk
     for i in range(1, n):  # row i: its queries against the keys of sub-chunks j < i, scaled by gap[i, j]
         scaled = (gap[..., i, :i, None, :] * keys[..., :i, :, :]).flatten(-3, -2)  # [2, ..., i * S, N]
@@ -133,10 +135,10 @@ def chunk_bi_wkv6(
     # read by query t with exp(before[t]); right state: sum over later chunks of exp(sum_{m=end_c+1}^{s-1}) k_s v_s^T,
     # read with exp(after[t]). A chunk writes into the left state with exp(after) and into the right one with
     # exp(before); crossing a whole chunk multiplies a state by exp(total).
-    gain_before, gain_after = torch.exp(log_before), torch.exp(log_after)
+    gain_before, gain_after = exp_le0(log_before), exp_le0(log_after)
     write_left = (k * gain_after).transpose(-2, -1) @ v  # [B, H, nC, N, N]
     write_right = (k * gain_before).transpose(-2, -1) @ v
-    chunk_decay = torch.exp(log_total).transpose(-2, -1)  # [B, H, nC, N, 1]
+    chunk_decay = exp_le0(log_total).transpose(-2, -1)  # [B, H, nC, N, 1]
 
     # The two scans over chunks (elementwise work only). unbind once: indexing write_left[:, :, c] in the loop would
     # make each backward step scatter into a full-size zero tensor.
