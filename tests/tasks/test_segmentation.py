@@ -1,0 +1,120 @@
+"""Segmentation task: UperNet shapes and mmseg names, loss, confusion-matrix metrics, sliding window, lr decay."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from vrwkv.models.adapter import SimpleFeaturePyramid, VRWKVAdapter
+from vrwkv.models.vrwkv import VRWKV
+from vrwkv.tasks.segmentation import (SegmentationConfig, SegmentationTask, Segmentor, confusion_matrix,
+                                      layer_id_of, segmentation_metrics)
+
+
+def _segmentor(seed=0, adapter=True, num_classes=5):
+    torch.manual_seed(seed)
+    if adapter:
+        backbone = VRWKVAdapter(embed_dim=32, depth=4, img_size=64, deform_num_heads=2, conv_inplane=8,
+                                interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]])
+    else:
+        backbone = SimpleFeaturePyramid(VRWKV(embed_dim=32, depth=2, img_size=64, num_classes=0), out_channels=16)
+    return Segmentor(backbone, num_classes, channels=16, aux_channels=8)
+
+
+def test_segmentor_shapes_and_mmseg_names():
+    model = _segmentor()
+    logits, aux = model(torch.randn(2, 3, 64, 96))
+    assert logits.shape == (2, 5, 16, 24) and aux.shape == (2, 5, 4, 6)
+    keys = set(model.state_dict())
+    for k in ["decode_head.psp_modules.3.1.conv.weight", "decode_head.bottleneck.bn.running_mean",
+              "decode_head.lateral_convs.2.conv.weight", "decode_head.fpn_convs.0.bn.weight",
+              "decode_head.fpn_bottleneck.conv.weight", "decode_head.conv_seg.bias",
+              "auxiliary_head.convs.0.conv.weight", "auxiliary_head.conv_seg.weight", "backbone.spm.fc1.weight"]:
+        assert k in keys, k
+    assert model.decode_head.psp_modules[3][0].output_size == 6
+    # any input size at inference (padded to 32 inside)
+    model.eval()
+    assert model.inference(torch.randn(1, 3, 50, 70)).shape == (1, 5, 50, 70)
+
+
+def test_task_loss_is_decode_plus_weighted_aux_with_ignore():
+    model = _segmentor(adapter=False)
+    task = SegmentationTask(model, SegmentationConfig(aux_weight=0.4))
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.randint(0, 5, (2, 64, 64))
+    mask[:, :10] = 255
+    torch.manual_seed(1)
+    out = task({"image": images, "mask": mask})
+    torch.manual_seed(1)  # same dropout masks
+    logits, aux = model(images)
+    up = lambda z: F.interpolate(z, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
+    keep = mask != 255
+    ce = lambda z: -up(z).log_softmax(1).gather(1, mask.clamp(max=4)[:, None])[:, 0][keep].mean()  # noqa: E731
+    assert torch.allclose(out["loss"], ce(logits) + 0.4 * ce(aux), rtol=1e-5)
+    out["loss"].backward()
+
+
+def test_confusion_matrix_and_metrics():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, size=(3, 7, 5))
+    target[0, 0] = 255
+    pred = rng.integers(0, 4, size=(3, 7, 5))
+    cm = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 4).numpy()
+    ref = np.zeros((4, 4), dtype=np.int64)
+    for t, p in zip(target.ravel(), pred.ravel()):
+        if t != 255:
+            ref[t, p] += 1
+    assert (cm == ref).all()
+    # a hand example: class 0: 2 TP, 1 FN (predicted 1); class 1: 1 TP, 1 FP; class 2 absent from labels
+    m = segmentation_metrics(torch.tensor([[2, 1, 0], [0, 1, 0], [0, 0, 0]]))
+    assert m["IoU"][0] == pytest.approx(100 * 2 / 3) and m["IoU"][1] == pytest.approx(50.0)
+    assert np.isnan(m["IoU"][2]) and m["mIoU"] == pytest.approx((200 / 3 + 50) / 2)
+    assert m["aAcc"] == pytest.approx(75.0) and m["mAcc"] == pytest.approx((200 / 3 + 100) / 2)
+    with pytest.raises(ValueError, match="labels must be in"):
+        confusion_matrix(torch.zeros(4), torch.tensor([0, 1, 7, 255]), 4)
+
+
+def test_evaluate_batch_sums_over_batches_like_one_batch():
+    model = _segmentor(adapter=False).eval()
+    task = SegmentationTask(model)
+    images, mask = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4, 64, 64))
+    mask[0, :5] = 255
+    whole = task.evaluate_batch({"image": images, "mask": mask})
+    parts = [task.evaluate_batch({"image": images[i:i + 2], "mask": mask[i:i + 2]}) for i in (0, 2)]
+    for k in whole:
+        assert torch.allclose(whole[k], parts[0][k] + parts[1][k], rtol=1e-5), k
+    metrics = task.summarize({k: parts[0][k] + parts[1][k] for k in whole})
+    pred = model.inference(images).argmax(1)
+    keep = mask != 255
+    assert metrics["aAcc"] == pytest.approx(100 * (pred[keep] == mask[keep]).double().mean().item())
+    assert metrics["count"] == 4 and 0 <= metrics["mIoU"] <= 100
+
+
+def test_slide_inference_averages_the_mmseg_windows():
+    model = _segmentor(adapter=False).eval()
+    img = torch.randn(1, 3, 64, 96)
+    # crop 64, stride 48: columns x1 = 0 and 32 (the last window is aligned to the border), one row
+    out = model.inference(img, crop_size=64, stride=48)
+    left, right = model.encode_decode(img[..., :64]), model.encode_decode(img[..., 32:])
+    ref = torch.zeros_like(out)
+    ref[..., :32] = left[..., :32]
+    ref[..., 32:64] = (left[..., 32:] + right[..., :32]) / 2
+    ref[..., 64:] = right[..., 32:]
+    assert rel_err(out, ref) < 1e-6
+    assert torch.equal(model.inference(img, crop_size=128), model.inference(img))  # crop larger than the image
+    with pytest.raises(ValueError, match="stride"):
+        model.inference(img, crop_size=32, stride=64)
+
+
+def test_layer_decay_groups_follow_the_official_rule():
+    from timm.optim import param_groups_layer_decay
+
+    model = _segmentor()  # depth 4: N = 6 layer ids, scale = rate ** (5 - id)
+    groups = param_groups_layer_decay(model, layer_decay=0.5, weight_decay=0.0)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert scale[id(p)] == 0.5 ** (5 - layer_id_of(name, 4)), name
+    named = dict(model.named_parameters())
+    assert scale[id(named["backbone.pos_embed"])] == 0.5**5
+    assert scale[id(named["backbone.layers.3.att.key.weight"])] == 0.5
+    assert scale[id(named["backbone.spm.fc1.weight"])] == scale[id(named["decode_head.conv_seg.weight"])] == 1.0
