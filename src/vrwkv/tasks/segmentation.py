@@ -243,6 +243,8 @@ class SegmentationTask(nn.Module):
         model = model if model is not None else self.model
         mask = batch["mask"]
         logits = model.inference(batch["image"], self.cfg.slide_crop, self.cfg.slide_stride).float()
+        if logits.shape[-2:] != mask.shape[-2:]:  # evaluation at the label's resolution, as mmseg
+            logits = _resize(logits, mask.shape[-2:])
         num_classes = logits.shape[1]
         valid = (mask != IGNORE_INDEX).sum()
         return {
