@@ -68,6 +68,8 @@ def test_resume_continues_a_finished_run_without_training_more(run_dir, capsys):
     (["train", "--resume", "/no/such/run"], "cannot resume: /no/such/run/last.pt does not exist"),
     (["eval", "/no/such.pt"], "checkpoint /no/such.pt does not exist"),
     (["predict", "x.png"], "give --checkpoint"),
+    (["predict", "x.png", "--model", "test_vrwkv", "--threads", "0"], "--threads must be >= 1"),
+    (["eval", "/no/such.pt", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["plot", "/no/such/run"], "run folder /no/such/run does not exist"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, message, capsys):

@@ -13,6 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else mps, else cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
     p.add_argument("--on-bad-image", choices=["skip", "error"], default="error")
@@ -36,13 +37,18 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vrwkv.cli import CLIError
     from vrwkv.cli._common import setup_logging, user_errors
 
     setup_logging()
     if args.batch_size < 1:
-        from vrwkv.cli import CLIError
-
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     with user_errors():
         from vrwkv.engine import classification
         from vrwkv.engine.distributed import default_device
