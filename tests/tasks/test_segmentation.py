@@ -118,3 +118,12 @@ def test_layer_decay_groups_follow_the_official_rule():
     assert scale[id(named["backbone.pos_embed"])] == 0.5**5
     assert scale[id(named["backbone.layers.3.att.key.weight"])] == 0.5
     assert scale[id(named["backbone.spm.fc1.weight"])] == scale[id(named["decode_head.conv_seg.weight"])] == 1.0
+
+
+def test_all_reduce_sum_keeps_the_confusion_matrix_shape():
+    from vrwkv.engine.distributed import all_reduce_sum
+
+    cm = torch.arange(9.0).view(3, 3)
+    out = all_reduce_sum({"confusion": cm, "count": torch.tensor(2.0)})
+    assert out["confusion"].shape == (3, 3) and torch.equal(out["confusion"], cm.double())
+    assert out["count"].shape == () and out["count"].item() == 2.0

@@ -17,6 +17,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("vrwkv.cli.ablate", "shift / wkv ablations on the bundled digits, several seeds, mean ± std"),
     "bench": ("vrwkv.cli.bench", "benchmark VRWKV vs ViT (time, memory, FLOPs) and the Bi-WKV op"),
     "pretrain-mae": ("vrwkv.cli.pretrain_mae", "masked-autoencoder pre-training (default: the bundled digits)"),
+    "seg-train": ("vrwkv.cli.seg_train", "train UperNet on a VRWKV backbone (default: the bundled digit scenes)"),
+    "seg-eval": ("vrwkv.cli.seg_eval", "mIoU / pixel accuracy of a segmentation checkpoint (optional sliding window)"),
+    "seg-predict": ("vrwkv.cli.seg_predict", "segment an image: colour mask PNG and overlay"),
 }
 
 

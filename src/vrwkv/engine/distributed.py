@@ -60,17 +60,20 @@ def cleanup_distributed() -> None:
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over all processes (identity when single-process). Returns float64 CPU tensors."""
+    """Sum each tensor (any shape, e.g. a confusion matrix) over all processes (identity when single-process).
+    Returns float64 CPU tensors of the input shapes."""
     keys = sorted(tensors)
     if not keys:
         return {}
     device = tensors[keys[0]].device
-    flat = torch.stack([tensors[k].detach().to(device=device, dtype=torch.float64).reshape(()) for k in keys])
+    shapes = [tensors[k].shape for k in keys]
+    flat = torch.cat([tensors[k].detach().to(device=device, dtype=torch.float64).reshape(-1) for k in keys])
     if dist.is_available() and dist.is_initialized():
         if device.type == "mps":  # no float64 on MPS: reduce on CPU
             flat = flat.cpu()
         dist.all_reduce(flat)
-    return dict(zip(keys, flat.cpu().unbind()))
+    parts = flat.cpu().split([s.numel() for s in shapes])
+    return {k: part.reshape(shape) for k, part, shape in zip(keys, parts, shapes)}
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
