@@ -8,6 +8,15 @@ from vrwkv.cli import main
 from vrwkv.engine.classification import load_classifier
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: as fast for these sizes, and no spinning against other processes sharing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def official_pth(golden, tmp_path_factory):
     path = tmp_path_factory.mktemp("official") / "vrwkv_t_in1k_224.pth"
