@@ -26,7 +26,7 @@ def _run(path, x):
 
 def test_export_onnx_vrwkv_dynamic_batch(tmp_path):
     # official Bi-WKV semantics (the expm1 symbolic), MLP head, key_norm, post-norm; non-square input
-    model = _model("test_vrwkv2", depth=2)
+    model = _model("test_vrwkv2", depth=1)
     report = export_onnx(model, tmp_path / "m.onnx", (64, 48), batch_size=2, dynamic_batch=True)
     assert set(report.checked) == {2, 3} and report.max_error < TOLERANCE
     x = torch.randn(1, 3, 64, 48)
@@ -37,11 +37,12 @@ def test_export_onnx_vrwkv_dynamic_batch(tmp_path):
 
 
 def test_export_onnx_vrwkv6(tmp_path):
-    # cls token, key_norm, T = 13 tokens: not a whole number of WKV6 chunks (the floor_divide symbolic)
-    model = _model("test_vrwkv6b", depth=2)
-    report = export_onnx(model, tmp_path / "m6.onnx", (64, 48), batch_size=2, dynamic_batch=False)
-    assert list(report.checked) == [2] and report.max_error < TOLERANCE
-    x = torch.randn(2, 3, 64, 48)
+    # cls token, key_norm, T = 13 tokens: not a whole number of WKV6 chunks (the floor_divide symbolic); dynamic
+    # batch through WKV6's sub-chunk code (the unflatten symbolic)
+    model = _model("test_vrwkv6b", depth=1)
+    report = export_onnx(model, tmp_path / "m6.onnx", (64, 48), batch_size=2, dynamic_batch=True)
+    assert set(report.checked) == {2, 3} and report.max_error < TOLERANCE
+    x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
         assert rel_err(_run(report.path, x), model(x)) < TOLERANCE
 
@@ -61,8 +62,23 @@ def test_onnx_floor_divide_symbolic_rounds_down(tmp_path):
         assert torch.equal(_run(tmp_path / "p.onnx", x), PadToMultiple()(x))
 
 
+def test_onnx_unflatten_symbolic_keeps_batch_dynamic(tmp_path):
+    # with torch's own symbolic, the shape read after unflatten is exported as the traced batch size (5 here)
+    class ZeroPadded(torch.nn.Module):
+        def forward(self, x):
+            q = x.unflatten(-2, (2, 2))
+            return torch.cat([q.new_zeros(*q.shape[:-1], 3), q], -1)
+
+    with onnx_symbolics():
+        torch.onnx.export(ZeroPadded(), (torch.randn(5, 3, 4, 8),), str(tmp_path / "u.onnx"), dynamo=False,
+                          input_names=["images"], dynamic_axes={"images": {0: "batch"}}, opset_version=17)
+    for batch in (1, 2, 5):
+        x = torch.randn(batch, 3, 4, 8)
+        assert torch.equal(_run(tmp_path / "u.onnx", x), ZeroPadded()(x))
+
+
 def test_export_torchscript(tmp_path):
-    model = _model("test_vrwkv", wkv_semantics="paper")
+    model = _model("test_vrwkv", wkv_semantics="paper", depth=1)
     report = export_torchscript(model, tmp_path / "m.pt", 64, batch_size=2)
     assert report.max_error < 1e-6
     loaded = torch.jit.load(str(report.path))

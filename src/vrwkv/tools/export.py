@@ -4,13 +4,16 @@ What works with torch 2.14 (measured on the tiny test models, see tests/tools/te
 
 * **ONNX, TorchScript-based exporter** (``torch.onnx.export(..., dynamo=False)``, used here): VRWKV (both WKV
   semantics, causal too) and VRWKV6, with a dynamic batch axis; onnxruntime matches PyTorch to ~1e-6 relative.
-  Three ops need a symbolic the exporter lacks or gets wrong; they are registered for the duration of the export only:
+  Four ops need a symbolic the exporter lacks or gets wrong; they are registered for the duration of the export only:
 
   - ``aten::expm1`` (official Bi-WKV semantics; no ONNX symbolic): ``Exp(x) - 1``;
   - ``aten::diag_embed`` (WKV6; no ONNX symbolic): ``Unsqueeze(x, -1) * EyeLike``;
   - ``aten::floor_divide``: the built-in symbolic truncates (it predates ``torch.floor_divide`` rounding down), so
     the traced ``-(-T // L)`` (a ceiling division in WKV6's chunking) came out one chunk short; exported here as a
-    true floor division.
+    true floor division;
+  - ``aten::unflatten``: the built-in symbolic computes its slice bounds from ``dim`` at run time, so ONNX shape
+    inference loses the dynamic batch of the result and a later ``.shape`` read (WKV6's sub-chunk code) is folded
+    into the traced batch size; exported here with constant bounds, which keeps the batch dynamic.
 
 * **Fixed resolution only**: the WKV ops choose block lengths from ``T`` and the decay values in Python (``w`` is
   read with ``.item()``), and ``w = spatial_decay / T``, so a graph holds for one input size. Other sizes are
@@ -105,6 +108,21 @@ def _floor_divide(g, a, b):
     return g.op("Sub", div, g.op("Cast", g.op("And", signs_differ, inexact), to_i=7))  # 7 = INT64
 
 
+def _unflatten(g, x, dim, sizes):
+    rank, d = x.type().dim(), _const_int(dim)
+    if rank is None or d is None:
+        raise NotImplementedError("unflatten export needs a known input rank and a constant dim")
+    d %= rank
+
+    def const(v: list[int]):
+        return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
+
+    shape = g.op("Shape", x)
+    head = g.op("Slice", shape, const([0]), const([d]))  # constant bounds: shape inference keeps symbolic dims
+    tail = g.op("Slice", shape, const([d + 1]), const([rank]))
+    return g.op("Reshape", x, g.op("Concat", head, sizes, tail, axis_i=0))
+
+
 def _const_int(value) -> int | None:
     node = value.node()
     if node.kind() == "onnx::Constant":
@@ -119,20 +137,22 @@ def _is_float(value) -> bool:
     return scalar in ("Float", "Double", "Half", "BFloat16")
 
 
-_SYMBOLICS = {"aten::expm1": _expm1, "aten::diag_embed": _diag_embed, "aten::floor_divide": _floor_divide}
+_SYMBOLICS = {"aten::expm1": _expm1, "aten::diag_embed": _diag_embed, "aten::floor_divide": _floor_divide,
+              "aten::unflatten": _unflatten}
 
 
 @contextlib.contextmanager
-def onnx_symbolics() -> Iterator[None]:
-    """Register the three symbolics our ops need (see the module docstring) for the TorchScript-based ONNX exporter,
-    and remove them afterwards (torch's built-in symbolics are left in place)."""
+def onnx_symbolics(opset: int = 17) -> Iterator[None]:
+    """Register the symbolics our ops need (see the module docstring) for the TorchScript-based ONNX exporter at
+    ``opset`` (so they take precedence over built-ins of earlier opsets), and remove them afterwards (torch's
+    built-in symbolics are left in place)."""
     for name, fn in _SYMBOLICS.items():
-        torch.onnx.register_custom_op_symbolic(name, fn, 9)
+        torch.onnx.register_custom_op_symbolic(name, fn, opset)
     try:
         yield
     finally:
         for name in _SYMBOLICS:
-            torch.onnx.unregister_custom_op_symbolic(name, 9)
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 # ----------------------------------------------------------------------------------------------------- exports
@@ -171,7 +191,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | Sequence[int
     model.eval()
     x = _example(model, hw, batch_size)
     dynamic_axes = {"images": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    with onnx_symbolics(), warnings.catch_warnings():
+    with onnx_symbolics(opset), warnings.catch_warnings():
         # the trace reads the decay values with .item(): constants for fixed weights, which is what we want
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["images"], output_names=["output"],
