@@ -86,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
                 resume = Path(args.resume)
         run_dir, metrics = mae.pretrain(cfg, preset=args.preset, resume=resume,
                                         overrides_on_resume=overrides if resume else None)
-    if "val_loss" in metrics:
+    import os
+
+    if "val_loss" in metrics and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"final val loss {metrics['val_loss']:.4f} (masked patches) | run dir {run_dir} | fine-tune: "
               f"vrwkv train --init-from {run_dir / 'last.pt'}")
     return 0

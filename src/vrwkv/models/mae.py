@@ -13,7 +13,9 @@ tokens and needs no attention mask, so a sparse input is just a shorter sequence
   The decoder uses the ordinary Q-Shift on the full grid.
 
 In both modes the spatial mix divides ``spatial_decay`` and ``spatial_first`` by the length of the sequence it
-sees: the number of visible tokens in the encoder, all tokens in the decoder (as the official code does).
+sees: the number of visible tokens in the encoder, all tokens in the decoder (as the official code does). Both
+stacks are made of the V1 :class:`~vrwkv.models.vrwkv.Block`, so block 0 of each has ``ln0`` (also
+``decoder_blocks.0.ln0``, as the official ``Block`` built with ``layer_id=0``).
 
 State-dict names are the official ones: ``patch_embed.projection.*``, ``pos_embed``, ``blocks.{i}.*``, ``ln1.*``,
 ``decoder_embed.*``, ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks.{i}.*``, ``ln2.*``, ``decoder_pred.*``.
@@ -40,7 +42,7 @@ from vrwkv.models.vrwkv import VRWKV, Block
 
 __all__ = [
     "MAE_MODELS", "SPARSE_MODES", "MaskedAutoencoderVRWKV", "VisibleTokens", "create_mae_model",
-    "load_mae_encoder", "mae_encoder_state_dict", "sincos_pos_embed_2d", "visible_q_shift",
+    "load_mae_encoder", "mae_encoder_state_dict", "read_mae_checkpoint", "sincos_pos_embed_2d", "visible_q_shift",
 ]
 
 _logger = logging.getLogger(__name__)

@@ -50,7 +50,8 @@ class MAETask(nn.Module):
         """Summable statistics: ``loss_sum`` (per-image masked-patch loss, summed) and ``count``.
 
         The masks come from a generator seeded with ``eval_seed``, so two checkpoints are compared on the same
-        masks (the i-th image of every batch gets the same mask) and the global RNG is untouched.
+        masks (the i-th image of every batch gets the same mask) and the global RNG is untouched. Under DDP each
+        process has its own batches, so the value is comparable between runs with the same number of processes.
         """
         model = model if model is not None else self.model
         images = batch["image"]
