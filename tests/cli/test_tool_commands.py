@@ -9,6 +9,15 @@ from vrwkv.tools.erf import sample_photos
 from vrwkv.tools.features import load_features
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: as fast for these sizes, and no spinning against other processes sharing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _one_line_error(capsys, command):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"vrwkv {command}: error:") and "\n" not in err

@@ -2,6 +2,7 @@
 matmul part against torch's FlopCounterMode on small models."""
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
