@@ -4,9 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
+import vrwkv
 from vrwkv.cli import main
+from vrwkv.data import load_rgb
 from vrwkv.tools.erf import sample_photos
-from vrwkv.tools.features import load_features
+from vrwkv.tools.features import eval_transform, load_features, pooled_features
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +89,22 @@ def test_features_command(photo_dir, tmp_path, capsys):
     assert "broken.png" in _one_line_error(capsys, "features")
     assert main(["features", str(tmp_path / "missing"), str(out)]) == 2
     assert "does not exist" in _one_line_error(capsys, "features")
+
+
+def test_features_command_with_checkpoint(photo_dir, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = vrwkv.create_model("test_vrwkv", num_classes=7).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    out = tmp_path / "feats.safetensors"
+    weights = str(tmp_path / "weights.pth")
+    argv = ["features", str(photo_dir), str(out), "--model", "test_vrwkv", "--checkpoint", weights,
+            "--model-kwargs", "num_classes=7", "--no-progress"]
+    assert main(argv) == 0
+    feats, files, meta = load_features(out)
+    transform = eval_transform(model)
+    with torch.no_grad():
+        expected = pooled_features(model, torch.stack([transform(load_rgb(photo_dir / f)) for f in files]))
+    assert torch.allclose(feats, expected, atol=1e-5) and meta["checkpoint"] == weights

@@ -20,7 +20,8 @@ Conventions (batch 1, one image of ``img_size``):
   ``torch.utils.flop_counter.FlopCounterMode`` reports for matmuls and convolutions).
 
 Activations applied functionally (sigmoid, ReLU², SiLU), the token shifts, residual adds and the position embedding
-are not counted, as in the official numbers. ``T`` is the token count (``H·W`` patches plus VRWKV6's cls token).
+are not counted, as in the official numbers. The classifier (average pool and head) is included when the model has
+one (it adds < 0.02 % for the official sizes). ``T`` is the token count (``H·W`` patches plus VRWKV6's cls token).
 """
 from __future__ import annotations
 
