@@ -10,7 +10,8 @@ from vrwkv.engine.checkpoint import load_checkpoint
 from vrwkv.engine.classification import make_config, train
 
 # SGD: Adam would turn float-rounding-level gradients (e.g. of the key bias, which softmax ignores) into full steps
-COMMON = VRWKV + RUN + ["run.max_steps=8", "run.deterministic=true", "optim.opt=sgd", "optim.lr=0.1", "data.batch_size=32"]
+COMMON = VRWKV + RUN + ["run.max_steps=8", "run.deterministic=true", "optim.opt=sgd", "optim.lr=0.1",
+                        "data.batch_size=32"]
 
 
 def _losses(run_dir):

@@ -30,7 +30,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
     s_py, s_np, s_torch = np.random.SeedSequence([seed, epoch, index]).generate_state(3)
     random.seed(int(s_py))
     np.random.seed(int(s_np))
-    torch.default_generator.manual_seed(int(s_torch))  # CPU only (transforms run on CPU); torch.manual_seed is ~100x slower
+    # the CPU generator only (transforms run on CPU): torch.manual_seed also seeds accelerators and is ~100x slower
+    torch.default_generator.manual_seed(int(s_torch))
     try:
         yield
     finally:
