@@ -7,7 +7,7 @@ import torch
 
 from conftest import DEVICE, rel_err
 from vrwkv.ops import bi_wkv, causal_wkv
-from vrwkv.ops.wkv.chunked import block_length, chunked_bi_wkv
+from vrwkv.ops.wkv.chunked import MAX_ABS_DECAY_EXACT, block_length, chunked_bi_wkv
 from vrwkv.ops.wkv.reference import naive_causal_wkv, naive_official_bi_wkv, naive_paper_bi_wkv
 
 REFERENCES = {"paper": naive_paper_bi_wkv, "official": naive_official_bi_wkv}
@@ -109,12 +109,20 @@ def test_bi_wkv_rejects_bad_input():
         bi_wkv(k.long(), v, w, u)
 
 
-def test_block_length_bounds_the_decay_inside_a_block():
-    assert block_length(196, 0.01, preferred=7) == 7
-    assert block_length(5, 0.0, preferred=7) == 5
-    assert block_length(1000, 3.0, preferred=32) == 10  # 10 * 3 = 30
-    assert block_length(2, 50.0, preferred=1) == 1
+def test_block_length_depends_on_T_only_and_bounds_the_decay_inside_a_block():
+    for T in (1, 2, 5, 37, 196, 1000, 65536):
+        L = block_length(T)
+        assert 1 <= L <= T
+        assert L * MAX_ABS_DECAY_EXACT / T <= 30 or L == 1  # |w| L <= 30 for |spatial_decay| <= 200
+    assert block_length(196) == 28 and block_length(65536) == 2048
 
+
+@pytest.mark.parametrize("T", [3, 40, 196])
+def test_bi_wkv_at_the_largest_guaranteed_decay(T):
+    k, v, w, u = random_inputs(2, T, 4, k_scale=20.0, seed=T)
+    w = torch.tensor([1.0, -1.0, 0.5, -0.25], dtype=torch.float64) * MAX_ABS_DECAY_EXACT / T
+    ref = naive_paper_bi_wkv(k, v, w, u)
+    assert rel_err(bi_wkv(*(x.float() for x in (k, v, w, u)), semantics="paper"), ref) < 1e-4
 
 
 @pytest.mark.slow

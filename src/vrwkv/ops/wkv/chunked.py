@@ -11,7 +11,8 @@ same on the reversed sequence). :func:`decayed_prefix` computes it in linear spa
   pieces are added (a small query never underflows because another token is huge; an empty sum never looks large).
 
 Terms that underflow inside a block are below e^-87 of the block maximum, which every query of the sequence sees with
-weight >= e^{-2 L |w|}; the block length keeps ``L |w| <= 30``, so what is dropped is < e^-27 of any denominator.
+weight >= e^{-2 L |w|}; the block length keeps ``L |w| <= 30`` for ``|w| T <= 200``, so what is dropped is < e^-27 of
+any denominator.
 
 The official kernel's function (32 token chunks, |t-i| across chunk boundaries, the spurious own-chunk term, EPS) is
 assembled from the same primitive: see README.md for the derivation of each piece.
@@ -27,17 +28,21 @@ from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 
 # A finite "minus infinity": exp() of it is exactly 0 and differences of two of them stay finite (no NaN in backward).
 _NEG = -1e30
-# The largest decay exponent a block may span (see the module docstring).
+# The largest decay exponent a block may span (see the module docstring), and the largest |spatial_decay| = |w|·T for
+# which block lengths guarantee it. Larger decays still compute, with the underflow bound of the docstring loosened.
 _MAX_BLOCK_DECAY = 30.0
+MAX_ABS_DECAY_EXACT = 200.0
 
 
-def block_length(T: int, w_absmax: float, preferred: int) -> int:
-    """Tokens per block: ``preferred`` (clipped to [1, T]) unless that lets the decay span more than
-    ``_MAX_BLOCK_DECAY`` inside a block (``L·max|w| <= 30``)."""
-    L = max(1, min(T, preferred))
-    if w_absmax > 0:
-        L = max(1, min(L, int(_MAX_BLOCK_DECAY / w_absmax)))
-    return L
+def block_length(T: int) -> int:
+    """Tokens per block, a function of T alone (no data-dependent control flow: torch.compile/export trace through).
+
+    About ``2·sqrt(T)`` (at least ``T / 32``), so the [N, N] carry matrix stays below T/4 entries per channel, and at
+    most ``30 T / MAX_ABS_DECAY_EXACT``, so that the decay spans at most 30 inside a block whenever
+    ``|spatial_decay| = |w|·T <= MAX_ABS_DECAY_EXACT`` (200).
+    """
+    preferred = max(math.ceil(T / 32), math.ceil(2 * T**0.5))
+    return max(1, min(T, preferred, int(_MAX_BLOCK_DECAY * T / MAX_ABS_DECAY_EXACT)))
 
 
 def _pad(mu: torch.Tensor, g: torch.Tensor, Tp: int):
@@ -118,7 +123,9 @@ def _rescaled_scan(a: torch.Tensor, g: torch.Tensor, inclusive: bool):
     """Prefix sums of ``e^{a_j} g_j`` along dim 2 of a [B, N, L, C] (g: [S, B, N, L, C]) as running (max, sum) pairs
     combined in log2(L) vectorised steps (Hillis-Steele; the pair merge is associative). Returns the prefix pieces
     ``(M [B, N, L, C], s [S, B, N, L, C])`` meaning ``e^M s`` and the block totals scaled to the block max."""
-    M, s = a, g
+    # M is a detached reference throughout; s carries the gradient (e^{a - M} = 1 in value, d/da = 1)
+    M = a.detach()
+    s = g * torch.exp(a - M)
     L, step = a.shape[2], 1
     while step < L:
         M_prev = torch.cat([torch.full_like(M[:, :, :step], _NEG), M[:, :, :-step]], 2)
@@ -247,8 +254,7 @@ def chunked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     # the largest key at 0 keeps the log-scales small, where float32 rounds them finely
     k = k - k.detach().amax(1, keepdim=True)
     T = k.shape[1]
-    # N ~ sqrt(T)/2 blocks: the [N, N] carry matrix stays below T/4 entries per channel
-    block = block_length(T, w.detach().abs().max().item(), preferred=max(math.ceil(T / 32), math.ceil(2 * T**0.5)))
+    block = block_length(T)
     if semantics == "official":
         return _official(k, g, w, u, block, chunks, eps)
     return (_causal if semantics == "causal" else _paper)(k, g, w, u, block)
