@@ -15,12 +15,11 @@ What works with torch 2.14 (measured on the tiny test models, see tests/tools/te
     inference loses the dynamic batch of the result and a later ``.shape`` read (WKV6's sub-chunk code) is folded
     into the traced batch size; exported here with constant bounds, which keeps the batch dynamic.
 
-* **Fixed resolution only**: the WKV ops choose block lengths from ``T`` and the decay values in Python (``w`` is
-  read with ``.item()``), and ``w = spatial_decay / T``, so a graph holds for one input size. Other sizes are
-  refused by onnxruntime (the spatial input dimensions are static).
-* **ONNX, dynamo exporter** (``dynamo=True``, ``torch.export``): VRWKV6 exports and matches, VRWKV does not:
-  ``torch.export`` cannot guard on the data-dependent ``.item()`` of the Bi-WKV block length
-  (``ops/wkv/chunked.py: block_length``). Not offered here.
+* **Fixed resolution only**: the WKV ops choose block lengths from ``T`` in Python, and ``w = spatial_decay / T``,
+  so a graph holds for one input size. Other sizes are refused by onnxruntime (the spatial input dimensions are
+  static).
+* **ONNX, dynamo exporter** (``dynamo=True``): not offered here. ``torch.export`` itself traces VRWKV and VRWKV6
+  (the Bi-WKV block length depends on ``T`` only); VRWKV6's dynamo ONNX export was measured to match.
 * **TorchScript**: ``torch.jit.trace`` works for both (same fixed-resolution rule); ``torch.jit.script`` does not
   (``PatchEmbed.forward`` unpacks a shape list of unknown length).
 """
@@ -192,7 +191,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | Sequence[int
     x = _example(model, hw, batch_size)
     dynamic_axes = {"images": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     with onnx_symbolics(opset), warnings.catch_warnings():
-        # the trace reads the decay values with .item(): constants for fixed weights, which is what we want
+        # shape-dependent Python (block lengths from T) is traced as constants: one graph per resolution
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["images"], output_names=["output"],
                           dynamic_axes=dynamic_axes, opset_version=opset)
