@@ -19,7 +19,7 @@ from vrwkv.data import DataConfig, TransformedDataset, build_datasets, build_tra
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
 from vrwkv.engine.config import (ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
                                  load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, cleanup_distributed, init_distributed
+from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
 from vrwkv.tasks.classification import ClassificationConfig, ClassificationTask
 
@@ -168,32 +168,28 @@ def train(cfg: ClassificationExperiment, *, preset: str = DEFAULT_PRESET, resume
     Works single-process and under ``torchrun`` (one process per device; gloo on CPU, nccl on CUDA). Only the
     main process writes. ``run.output_dir`` defaults to ``runs/<preset>`` (``-1``, ``-2``... if taken).
     """
-    dist = init_distributed(cfg.run.device)
-    threads = torch.get_num_threads()
-    if cfg.run.threads is not None:
-        if cfg.run.threads < 1:
-            raise ValueError(f"run.threads must be >= 1, got {cfg.run.threads}")
-        torch.set_num_threads(cfg.run.threads)
-    try:
-        return _train(cfg, dist, preset, resume, overrides_on_resume)
-    finally:
-        torch.set_num_threads(threads)
-        cleanup_distributed()
+    if resume is not None:
+        # the run continues with its saved config, device and thread count included (they change float rounding)
+        cfg = _saved_config(Path(resume), overrides_on_resume)
+    with process_setup(cfg.run.device, cfg.run.threads) as dist:
+        return _train(cfg, dist, preset, resume)
 
 
-def _train(cfg: ClassificationExperiment, dist: DistInfo, preset: str, resume: str | Path | None,
-           overrides_on_resume: list[str] | None) -> tuple[Path, dict[str, float]]:
+def _saved_config(run_dir: Path, overrides: list[str] | None) -> ClassificationExperiment:
+    """The config stored in ``run_dir/last.pt``, with ``overrides`` applied."""
+    ckpt = run_dir / LAST_CHECKPOINT
+    if not ckpt.is_file():
+        raise ValueError(f"cannot resume: {ckpt} does not exist")
+    data = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k != "classes"}
+    return from_dict(ClassificationExperiment, apply_overrides(data, overrides) if overrides else data)
+
+
+def _train(cfg: ClassificationExperiment, dist: DistInfo, preset: str,
+           resume: str | Path | None) -> tuple[Path, dict[str, float]]:
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)
         resume_ckpt = run_dir / LAST_CHECKPOINT
-        if not resume_ckpt.is_file():
-            raise ValueError(f"cannot resume: {resume_ckpt} does not exist")
-        saved = load_checkpoint(resume_ckpt)["config"]
-        data = {k: v for k, v in saved.items() if k != "classes"}
-        if overrides_on_resume:
-            data = apply_overrides(data, overrides_on_resume)
-        cfg = from_dict(ClassificationExperiment, data)
     else:
         base = Path(cfg.run.output_dir or f"runs/{Path(preset).stem}")
         run_dir = Path(all_gather_objects(str(_new_run_dir(base)) if dist.is_main else None)[0])

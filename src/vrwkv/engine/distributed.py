@@ -1,9 +1,10 @@
 """Process-group set-up for ``torchrun`` (gloo on CPU, nccl on CUDA) and the few collectives the engine uses."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,23 @@ def init_distributed(device: str | None = None) -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_setup(device: str | None, threads: int | None) -> Iterator[DistInfo]:
+    """One run's process state: the process group (if launched by torchrun) and the CPU thread count, both undone
+    on exit. Callers pass the config the run actually uses (a resumed run's saved one): threads change rounding."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"run.threads must be >= 1, got {threads}")
+    info = init_distributed(device)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield info
+    finally:
+        torch.set_num_threads(previous)
+        cleanup_distributed()
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
 from vrwkv.engine.classification import _new_run_dir, _seed_all, _set_deterministic, latest_run_dir
 from vrwkv.engine.config import (PRESET_DIR, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides,
                                  from_dict, list_presets, load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, cleanup_distributed, init_distributed
+from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
 from vrwkv.engine.loop import LAST_CHECKPOINT, Trainer, unwrap
 from vrwkv.tasks.mae import MAEConfig, MAETask
 
@@ -204,17 +204,8 @@ def pretrain(cfg: MAEExperiment, *, preset: str = DEFAULT_PRESET, resume: str | 
     """
     if resume is not None:
         cfg = _saved_config(Path(resume), overrides_on_resume)
-    dist = init_distributed(cfg.run.device)
-    threads = torch.get_num_threads()
-    if cfg.run.threads is not None:
-        if cfg.run.threads < 1:
-            raise ValueError(f"run.threads must be >= 1, got {cfg.run.threads}")
-        torch.set_num_threads(cfg.run.threads)
-    try:
+    with process_setup(cfg.run.device, cfg.run.threads) as dist:
         return _pretrain(cfg, dist, preset, resume)
-    finally:
-        torch.set_num_threads(threads)
-        cleanup_distributed()
 
 
 def default_output_dir(preset: str) -> Path:
