@@ -55,3 +55,17 @@ def test_resume_after_kill_reaches_the_uninterrupted_weights(tmp_path):
 def _losses(run_dir):
     with open(run_dir / "steps.csv", newline="") as f:
         return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_ctrl_c_ends_with_a_resume_hint_not_a_traceback(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    proc = _cli(COMMON + [f"run.output_dir={run_dir}"])
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert load_checkpoint(run_dir / "last.pt")["loop"]["step"] >= 3

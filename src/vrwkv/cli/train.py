@@ -70,8 +70,15 @@ def run(args: argparse.Namespace) -> int:
                     raise CLIError(f"no run to resume under {base}[-N] (no last.pt); give the run folder")
             else:
                 resume = Path(args.resume)
-        run_dir, metrics = classification.train(cfg, preset=args.preset, resume=resume,
-                                                overrides_on_resume=overrides if resume else None)
+        try:
+            run_dir, metrics = classification.train(cfg, preset=args.preset, resume=resume,
+                                                    overrides_on_resume=overrides if resume else None)
+        except KeyboardInterrupt:
+            import sys
+
+            print("vrwkv train: interrupted; `vrwkv train --resume [RUN_DIR]` continues from the last checkpoint",
+                  file=sys.stderr)
+            return 130
     if "val_top1" in metrics:
         print(f"final val top-1 {metrics['val_top1']:.2f}% top-5 {metrics['val_top5']:.2f}% "
               f"loss {metrics['val_loss']:.4f} | run dir {run_dir}")
