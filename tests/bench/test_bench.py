@@ -3,6 +3,7 @@ import json
 
 from PIL import Image
 
+from vrwkv.bench.measure import measure
 from vrwkv.bench.runner import BenchConfig, plan, run, run_spec
 from vrwkv.cli import main
 
@@ -39,13 +40,24 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path):
     for r in infer:
         assert r["result"]["median_s"] > 0 and r["result"]["flops"] > 0 and r["result"]["peak_rss_mb"] > 0
     # FLOPs grow with the resolution: 4x the tokens
-    flops = {(r["spec"]["model"], r["spec"]["size"][0], r["spec"]["batch"]): r["result"]["flops"] for r in infer}
+    flops = {(r["spec"]["model"], r["spec"]["size"][0], r["spec"]["batch"]): r["result"]["flops"] for r in infer
+             if not r["spec"].get("compile")}
     assert flops[("test_vrwkv", 64, 1)] > 3 * flops[("test_vrwkv", 32, 1)]
     md = (tmp_path / "results.md").read_text()
     assert "test_vrwkv" in md and "speed-up vs ViT" in md and "× floor" in md
     for png in ("time_vs_resolution.png", "memory_vs_resolution.png"):
         with Image.open(tmp_path / png) as im:
             assert im.size[0] > 100
+
+
+def test_compiled_model_is_planned_and_measured():
+    cfg = BenchConfig(pairs=["test"], sizes=[32], batch_sizes=[1], train_sizes=[], compile_backend="inductor")
+    planned = [s for s in plan(cfg) if s.get("compile")]
+    assert [(s["model"], s["compile"]) for s in planned] == [("test_vrwkv", "inductor")]  # ours only, inference
+    # the "eager" backend runs the torch.compile path (dynamo tracing) without a C++ build, to keep the test fast
+    spec = dict(planned[0], compile="eager", repeats=1, warmup=1)
+    result = measure(spec)
+    assert result["median_s"] > 0 and result["flops"] > 0
 
 
 def test_bench_cli_rejects_bad_arguments(capsys):

@@ -1,7 +1,7 @@
 """One measurement in this process, described by a JSON spec; prints one JSON line with the result.
 
 Kinds:
-  * ``model``: inference (``mode="infer"``) or a training step (``mode="train"``: forward, cross-entropy, backward,
+  * ``model``: inference (``mode="infer"``, optionally ``compile="inductor"``) or a training step (``mode="train"``: forward, cross-entropy, backward,
     AdamW step) of a registered model at one resolution and batch size: seconds per call (median, min, max of
     ``repeats`` runs after ``warmup``), real FLOPs (``torch.utils.flop_counter``), peak RSS of this process.
   * ``matmul_peak``: achieved fp32 GFLOP/s of a large square matmul (the machine's practical peak).
@@ -57,7 +57,12 @@ def measure_model(spec: dict) -> dict:
     kwargs = dict(spec.get("model_kwargs", {}))
     if not spec["model"].startswith(("vrwkv", "test_vrwkv")):
         kwargs.setdefault("dynamic_img_size", True)  # timm ViT/DeiT at any resolution
-    model = timm.create_model(spec["model"], img_size=(h, w), **kwargs)
+    eager = timm.create_model(spec["model"], img_size=(h, w), **kwargs)
+    model = eager
+    if spec.get("compile"):  # the first (warm-up) call compiles; FLOPs are counted on the eager model
+        from vrwkv.tools.compile import compile_model
+
+        model = compile_model(eager, backend=spec["compile"])
     x = torch.randn(batch, 3, h, w)
     if spec["mode"] == "infer":
         model.eval()
@@ -66,7 +71,7 @@ def measure_model(spec: dict) -> dict:
             with torch.inference_mode():
                 model(x)
 
-        flops = _count_flops(lambda: model(x)) if spec.get("flops", True) else None
+        flops = _count_flops(lambda: eager(x)) if spec.get("flops", True) else None
     else:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

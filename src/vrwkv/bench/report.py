@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vrwkv.bench.runner import PAIRS, display_name
+
 
 def _machine_peaks(rows: list[dict]) -> tuple[float | None, float | None]:
     peak = bw = None
@@ -26,7 +28,8 @@ def model_rows(report: dict) -> list[dict]:
         s, res = r["spec"], r["result"]
         if s["kind"] != "model":
             continue
-        row = dict(pair=s["pair"], model=s["model"], mode=s["mode"], size=s["size"][0], batch=s["batch"], error=res.get("error"))
+        row = dict(pair=s["pair"], model=display_name(s), base_model=s["model"], mode=s["mode"], size=s["size"][0],
+                   batch=s["batch"], error=res.get("error"))
         if "error" not in res:
             row.update(per_image_s=res["median_s"] / s["batch"], min_s=res["min_s"] / s["batch"],
                        max_s=res["max_s"] / s["batch"], peak_rss_mb=res["peak_rss_mb"], params=res["params"])
@@ -35,12 +38,10 @@ def model_rows(report: dict) -> list[dict]:
                 row["gflops_achieved"] = res["flops"] / res["median_s"] / 1e9
                 row["pct_of_peak"] = 100 * row["gflops_achieved"] / peak if peak else None
         out.append(row)
-        by_key[(s["pair"], s["model"], s["mode"], s["size"][0], s["batch"])] = row
-    from vrwkv.bench.runner import PAIRS
-
+        by_key[(s["pair"], row["model"], s["mode"], s["size"][0], s["batch"])] = row
     for row in out:
         ours, ref = PAIRS[row["pair"]]
-        if row["model"] == ours and "per_image_s" in row:
+        if row["base_model"] == ours and "per_image_s" in row:
             other = by_key.get((row["pair"], ref, row["mode"], row["size"], row["batch"]))
             if other and "per_image_s" in other:
                 row["speedup_vs_ref"] = other["per_image_s"] / row["per_image_s"]

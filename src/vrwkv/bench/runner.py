@@ -41,6 +41,7 @@ class BenchConfig:
     wkv_C: int = 192
     wkv_reference_max_T: int = 1024  # the O(T^2)/looped float64 reference is timed up to this T
     timeout_s: float = 3600.0
+    compile_backend: str | None = None  # also time our model under torch.compile (inference), e.g. "inductor"
 
 
 def run_spec(spec: dict, timeout_s: float) -> dict:
@@ -67,8 +68,11 @@ def plan(cfg: BenchConfig) -> list[dict]:
                 for batch in cfg.batch_sizes:
                     if batch > 1 and size > cfg.batch_max_size:
                         continue
-                    specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=batch,
-                                      mode="infer", repeats=cfg.repeats, warmup=cfg.warmup))
+                    spec = dict(kind="model", pair=pair, model=model, size=[size, size], batch=batch,
+                                mode="infer", repeats=cfg.repeats, warmup=cfg.warmup)
+                    specs.append(spec)
+                    if cfg.compile_backend and model == ours:
+                        specs.append(dict(spec, compile=cfg.compile_backend, warmup=max(cfg.warmup, 1)))
             for size in cfg.train_sizes:
                 specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
                                   mode="train", repeats=cfg.repeats, warmup=cfg.warmup))
@@ -113,10 +117,15 @@ def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -
 
 def describe(spec: dict) -> str:
     if spec["kind"] == "model":
-        return f"{spec['model']} {spec['mode']} {spec['size'][0]}x{spec['size'][1]} batch {spec['batch']}"
+        return (f"{display_name(spec)} {spec['mode']} {spec['size'][0]}x{spec['size'][1]} batch {spec['batch']}")
     if spec["kind"] == "wkv":
         return f"bi_wkv {spec['impl']}{' fwd+bwd' if spec['backward'] else ' fwd'} T={spec['T']} C={spec['C']}"
     return spec["kind"]
+
+
+def display_name(spec: dict) -> str:
+    """Model name, with ``+<backend>`` for a torch.compile measurement."""
+    return spec["model"] + (f"+{spec['compile']}" if spec.get("compile") else "")
 
 
 def summary(result: dict) -> str:

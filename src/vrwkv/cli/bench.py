@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
     p.add_argument("--wkv-T", type=int, nargs="*", default=[], help="token counts of the Bi-WKV micro-benchmark")
     p.add_argument("--wkv-C", type=int, default=192)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time our model compiled with torch.compile (default backend: inductor; falls back to "
+                        "eager with a warning when no C++ compiler is found)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--out", default=None, help="output directory (default: runs/bench-<date>)")
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
                       vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
-                      timeout_s=args.timeout)
+                      timeout_s=args.timeout, compile_backend=args.compile)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_bench(cfg, out)
     print((out / "results.md").read_text())

@@ -4,9 +4,9 @@ On CPU the inductor backend compiles C++ kernels and needs a C++ compiler (``g++
 ``torch.compile`` fails only at the first call, deep inside inductor; :func:`compile_model` checks up front and, if
 the model is on the CPU and no compiler is found, returns the model unchanged (eager) with a warning that says why.
 
-What to expect with our models (torch 2.14, CPU): outputs match eager to ~2e-7 relative. VRWKV graph-breaks once per
-Bi-WKV call (its block length is read from the decay values with ``.item()``), VRWKV6 compiles to one graph. The
-first call compiles (about a minute on 2 cores for the tiny test models; inductor caches the result on disk).
+What to expect with our models (torch 2.14, CPU): outputs match eager to ~2e-7 relative; VRWKV and VRWKV6 trace to
+one graph each (the Bi-WKV block length depends on T only). The first call compiles (about a minute on 2 cores for
+the tiny test models; inductor caches the result on disk). ``vrwkv bench --compile`` measures whether it helps.
 """
 from __future__ import annotations
 
