@@ -28,3 +28,13 @@ def golden():
         return cache[name]
 
     return load
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``): as fast
+    at tiny sizes, and no spinning against other processes sharing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,13 +8,7 @@ from vrwkv.cli import main
 from vrwkv.engine.classification import load_classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: as fast for these sizes, and no spinning against other processes sharing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

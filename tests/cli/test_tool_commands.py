@@ -11,13 +11,7 @@ from vrwkv.tools.erf import sample_photos
 from vrwkv.tools.features import eval_transform, load_features, pooled_features
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: as fast for these sizes, and no spinning against other processes sharing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_line_error(capsys, command):

@@ -9,13 +9,7 @@ from PIL import Image
 from vrwkv.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: as fast for these sizes, and no spinning against other processes sharing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--img-size", "16", "--batch-size", "32", "--epochs", "1", "--model", "test_vrwkv",
         "model.kwargs={patch_size: 4}", "run.max_steps=6", "run.progress=false", "run.threads=1",

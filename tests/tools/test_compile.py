@@ -2,10 +2,12 @@
 import pytest
 import torch
 from conftest import rel_err
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 import vrwkv
 from vrwkv.tools.compile import compile_model, cpp_compiler
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():

@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 import vrwkv
 from vrwkv.tools.erf import erf_area_ratios, erf_map, folder_images, normalize_images, plot_erf, sample_photos
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 P = 16  # patch size of the test models
 

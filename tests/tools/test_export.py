@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 import vrwkv
 from vrwkv.tools.export import TOLERANCE, export_onnx, export_torchscript, onnx_symbolics
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name, **kwargs):

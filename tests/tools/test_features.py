@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 import vrwkv
 from vrwkv.data import BadImageError, load_rgb
@@ -16,6 +15,9 @@ from vrwkv.tools.features import (
     pooled_features,
     save_features,
 )
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -2,7 +2,6 @@
 matmul part against torch's FlopCounterMode on small models."""
 import pytest
 import torch
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -11,6 +10,9 @@ from vrwkv.tools.flops import count_flops, format_report
 
 # (model, image side, exact parameter count computed from the official code (spec §3.4 / §4.5), README params (M),
 #  README "FLOPs" (G))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 OFFICIAL = [
     ("vrwkv_tiny", 224, 6_155_176, 6.2, 1.2),
     ("vrwkv_small", 224, 23_820_136, 23.8, 4.6),
