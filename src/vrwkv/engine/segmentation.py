@@ -23,7 +23,7 @@ from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
 from vrwkv.engine.classification import _new_run_dir, _seed_all, _set_deterministic, latest_run_dir
 from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
                                  list_presets, load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, cleanup_distributed, init_distributed
+from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
 from vrwkv.tasks.segmentation import SegmentationConfig, SegmentationTask, Segmentor
 
@@ -155,29 +155,28 @@ def build_segmentor(cfg: SegModelConfig, num_classes: int, load_weights: bool = 
 def train(cfg: SegmentationExperiment, *, preset: str = DEFAULT_PRESET, resume: str | Path | None = None,
           overrides_on_resume: list[str] | None = None) -> tuple[Path, dict[str, float]]:
     """Train ``cfg`` (or continue the run in folder ``resume``); returns the run folder and the final metrics."""
-    dist = init_distributed(cfg.run.device)
-    threads = torch.get_num_threads()
-    if cfg.run.threads is not None:
-        torch.set_num_threads(cfg.run.threads)
-    try:
-        return _train(cfg, dist, preset, resume, overrides_on_resume)
-    finally:
-        torch.set_num_threads(threads)
-        cleanup_distributed()
+    if resume is not None:
+        # the run continues with its saved config, device and thread count included (they change float rounding)
+        cfg = _saved_config(Path(resume), overrides_on_resume)
+    with process_setup(cfg.run.device, cfg.run.threads) as dist:
+        return _train(cfg, dist, preset, resume)
 
 
-def _train(cfg: SegmentationExperiment, dist: DistInfo, preset: str, resume: str | Path | None,
-           overrides_on_resume: list[str] | None) -> tuple[Path, dict[str, float]]:
+def _saved_config(run_dir: Path, overrides: list[str] | None) -> SegmentationExperiment:
+    """The config stored in ``run_dir/last.pt``, with ``overrides`` applied."""
+    ckpt = run_dir / LAST_CHECKPOINT
+    if not ckpt.is_file():
+        raise ValueError(f"cannot resume: {ckpt} does not exist")
+    data = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k != "classes"}
+    return from_dict(SegmentationExperiment, apply_overrides(data, overrides) if overrides else data)
+
+
+def _train(cfg: SegmentationExperiment, dist: DistInfo, preset: str,
+           resume: str | Path | None) -> tuple[Path, dict[str, float]]:
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)
         resume_ckpt = run_dir / LAST_CHECKPOINT
-        if not resume_ckpt.is_file():
-            raise ValueError(f"cannot resume: {resume_ckpt} does not exist")
-        data = {k: v for k, v in load_checkpoint(resume_ckpt)["config"].items() if k != "classes"}
-        if overrides_on_resume:
-            data = apply_overrides(data, overrides_on_resume)
-        cfg = from_dict(SegmentationExperiment, data)
     else:
         base = Path(cfg.run.output_dir or f"runs/seg-{Path(preset).stem}")
         run_dir = Path(all_gather_objects(str(_new_run_dir(base)) if dist.is_main else None)[0])
