@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "seg-train": ("vrwkv.cli.seg_train", "train UperNet on a VRWKV backbone (default: the bundled digit scenes)"),
     "seg-eval": ("vrwkv.cli.seg_eval", "mIoU / pixel accuracy of a segmentation checkpoint (optional sliding window)"),
     "seg-predict": ("vrwkv.cli.seg_predict", "segment an image: colour mask PNG and overlay"),
+    "det-train": ("vrwkv.cli.det_train", "train Mask R-CNN on a VRWKV backbone (default: the bundled digit scenes)"),
+    "det-eval": ("vrwkv.cli.det_eval", "COCO box / mask AP of a detection checkpoint"),
+    "det-predict": ("vrwkv.cli.det_predict", "detect objects in an image: boxes, labels, scores and masks drawn"),
 }
 
 
