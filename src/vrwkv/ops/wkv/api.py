@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from vrwkv.ops._dtype import check_floating_on_one_device, run_in_float32
+from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports
 from vrwkv.ops.wkv.chunked import chunked_bi_wkv
 
 SEMANTICS = ("paper", "official")
@@ -21,6 +22,9 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
     denominator); use it to reproduce official checkpoints. See ``ops/wkv/README.md``.
 
     Pure PyTorch, O(T·C) time and memory, any device, differentiable, numerically safe for any sign and size of w and k.
+    Two implementations (``ops/wkv/README.md``): block matrix products (``blocked.py``, float32/half inputs with
+    ``|w|·T <= 200`` and ``|u| <= 60``, i.e. every trained model; see ``blocked_supports``) and chunked rescaled scans (``chunked.py``: float64
+    inputs — the kernel's EPS term replicated exactly —, larger decays, and the causal ablation).
 
     Args:
         k (torch.Tensor): keys ``[B, T, C]``.
@@ -31,7 +35,9 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
             Default: ``"paper"``.
 
     Returns:
-        torch.Tensor: ``[B, T, C]`` in the dtype of ``k``. Half-precision inputs are computed in float32.
+        torch.Tensor: ``[B, T, C]`` in the dtype of ``k`` (possibly a transposed view of channel-major storage; pass
+        k and v as ``x.transpose(1, 2)`` views of ``[B, C, T]`` tensors to skip the op's own layout change).
+        Half-precision inputs are computed in float32.
 
     Examples::
 
@@ -55,7 +61,7 @@ def causal_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tenso
 
 
 def _run(k, v, w, u, semantics: str) -> torch.Tensor:
-    """Check the inputs, choose the compute dtype, and run the chunked fast path."""
+    """Check the inputs, choose the implementation and the compute dtype, and run it."""
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must both be [B, T, C]; got k {tuple(k.shape)} and v {tuple(v.shape)}")
     C = k.shape[-1]
@@ -64,4 +70,17 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
     if k.shape[1] == 0:
         raise ValueError("WKV needs at least one token (T >= 1)")
     check_floating_on_one_device("WKV", {"k": k, "v": v, "w": w, "u": u})
-    return run_in_float32(chunked_bi_wkv, (k, v, w, u), semantics=semantics)
+    impl = blocked_bi_wkv if _blocked_applies(k, w, u, semantics) else chunked_bi_wkv
+    return run_in_float32(impl, (k, v, w, u), semantics=semantics)
+
+
+def _blocked_applies(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str) -> bool:
+    """The block-matrix path: not float64 (the chunked path replicates the kernel's EPS exactly), not causal, and
+    decays within the range its block lengths are exact for. The range check reads two numbers from the parameters;
+    it is skipped while compiling/tracing (the graph then always takes the block path)."""
+    if semantics == "causal" or torch.float64 in (k.dtype, w.dtype, u.dtype):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    with torch.no_grad():
+        return blocked_supports(k.shape[1], semantics, float(w.abs().max()), float(u.abs().max()))

@@ -1,0 +1,125 @@
+"""The block-matrix Bi-WKV (``ops/wkv/blocked.py``) against the float64 references, in both of its layouts."""
+import pytest
+import torch
+
+from conftest import DEVICE, rel_err
+from vrwkv.ops import bi_wkv
+from vrwkv.ops.wkv import api
+from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports, plan_blocks
+from vrwkv.ops.wkv.reference import naive_official_bi_wkv, naive_paper_bi_wkv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the official kernel adds EPS·e^{m_t} (m_t its running max); the block path takes e^{m_t} ~ den_t + e^{k_t}, which
+# differs by about EPS = 1e-6 relative (module docstring); the paper formula has no EPS
+TOL64 = {"paper": 1e-12, "official": 3e-6}
+TOL32 = {"paper": 2e-6, "official": 4e-6}
+
+
+def reference(semantics, k, v, w, u, chunks=32):
+    if semantics == "paper":
+        return naive_paper_bi_wkv(k, v, w, u)
+    return naive_official_bi_wkv(k, v, w, u, chunks=chunks)
+
+
+def random_inputs(B, T, C, decay=3.0, first=3.0, k_scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * k_scale
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    w = torch.randn(C, generator=g, dtype=torch.float64) * decay / T  # both signs
+    u = torch.randn(C, generator=g, dtype=torch.float64) * first / T
+    return [x.to(DEVICE) for x in (k, v, w, u)]
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T", [1, 2, 5, 32, 33, 65, 197, 300])
+def test_blocked_matches_reference(semantics, T):
+    k, v, w, u = random_inputs(2, T, 5, seed=T)
+    ref = reference(semantics, k, v, w, u)
+    assert rel_err(blocked_bi_wkv(k, v, w, u, semantics), ref) < TOL64[semantics]
+    y32 = blocked_bi_wkv(*(x.float() for x in (k, v, w, u)), semantics=semantics)
+    assert y32.dtype == torch.float32 and y32.shape == k.shape
+    assert rel_err(y32, ref) < TOL32[semantics]
+
+
+@pytest.mark.parametrize("T, chunks", [(1100, 32), (40, 2), (23, 3)])
+def test_blocked_subdivided_kernel_chunks(T, chunks):
+    """Kernel chunks longer than a block are split into blocks (each chunk padded to whole blocks); the chunk-local
+    sums and the chunk start's exclusion from the own-chunk term then travel through the carries."""
+    assert plan_blocks(T, "official", chunks).per_chunk > 1
+    k, v, w, u = random_inputs(1, T, 4, seed=T)
+    ref = reference("official", k, v, w, u, chunks=chunks)
+    assert rel_err(blocked_bi_wkv(k, v, w, u, "official", chunks=chunks), ref) < TOL64["official"]
+    y32 = blocked_bi_wkv(*(x.float() for x in (k, v, w, u)), semantics="official", chunks=chunks)
+    assert rel_err(y32, ref) < TOL32["official"]
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T", [20, 64, 197])
+def test_blocked_extremes_in_its_range(semantics, T):
+    """|spatial_decay| = 200 (the guaranteed range), keys spread over ±60 (e^120: blocks and carries live at very
+    different scales), a monotone key ramp (the largest key at one end), |u| large."""
+    g = torch.Generator().manual_seed(T)
+    B, C = 2, 8
+    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * 60
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    decay = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 200
+    decay[:2] = torch.tensor([200.0, -200.0])
+    first = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 100
+    k[:, :, 4] = torch.linspace(-60, 60, T)
+    k[:, :, 5] = torch.linspace(60, -60, T)
+    # for w > 0 the official function's own-chunk term can cancel its denominator (ill-conditioned, whatever the
+    # implementation): its extremes are taken with w <= 0
+    w = (decay if semantics == "paper" else -decay.abs()) / T
+    u = first / T
+    assert blocked_supports(T, semantics, float(w.abs().max()), float(u.abs().max()))
+    ref = reference(semantics, k, v, w, u)
+    y = blocked_bi_wkv(*(x.float().to(DEVICE) for x in (k, v, w, u)), semantics=semantics)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_blocked_supports_small_sequences_only_for_moderate_decays():
+    # a block cannot be shorter than one token: at T = 3 a decay of 66 per token spans more than 15 in one block
+    assert not blocked_supports(3, "paper", 200 / 3, 0.0)
+    assert blocked_supports(3, "paper", 10 / 3, 0.0)
+    assert blocked_supports(196, "official", 200 / 196, 100 / 196)
+    assert not blocked_supports(196, "official", 0.1, 61.0)
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_channel_major_input_and_inference_path(semantics):
+    """A transposed view of [B, C, T] storage is read in place; the buffer-writing no-grad path equals the autograd
+    path; the output is a [B, T, C] view of channel-major storage."""
+    k, v, w, u = (x.float() for x in random_inputs(2, 61, 7, seed=3))
+    kT, vT = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, C, T]
+    with torch.no_grad():
+        y_inference = blocked_bi_wkv(kT.transpose(1, 2), vT.transpose(1, 2), w, u, semantics)
+    y_grad = blocked_bi_wkv(k, v, w.requires_grad_(), u, semantics)
+    assert y_grad.requires_grad
+    assert torch.equal(y_inference, y_grad.detach())
+    assert y_inference.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("semantics, T, chunks", [("paper", 2, 32), ("paper", 29, 32), ("official", 9, 32),
+                                                   ("official", 40, 32), ("official", 19, 3)])
+def test_blocked_gradcheck(semantics, T, chunks):
+    """Gradients of every input in float64 (T = 40: whole kernel chunks per block; chunks = 3: subdivided chunks)."""
+    k, v, w, u = (x.requires_grad_() for x in random_inputs(1, T, 3, decay=2.0, first=1.0, seed=T))
+    assert torch.autograd.gradcheck(lambda *a: blocked_bi_wkv(*a, semantics=semantics, chunks=chunks),
+                                    (k, v, w, u), fast_mode=T > 10)
+
+
+def test_bi_wkv_dispatch():
+    """float32 within range -> blocks; float64, huge decays or the causal ablation -> the chunked scan."""
+    k, v, w, u = (x.float() for x in random_inputs(1, 50, 4, seed=1))
+    assert api._blocked_applies(k, w, u, "official")
+    assert not api._blocked_applies(k.double(), w.double(), u.double(), "official")
+    assert not api._blocked_applies(k, w * 100, u, "paper")
+    assert not api._blocked_applies(k, w, u, "causal")
+    # outside its range the public op still computes the exact function, through the chunked scan: at T = 5 a block
+    # is one token, so |w| = 30 per token (|spatial_decay| = 150) is beyond the block path
+    k, v, w, u = (x.float() for x in random_inputs(1, 5, 4, seed=2))
+    w = torch.tensor([30.0, -30.0, 20.0, 1.0])
+    assert not api._blocked_applies(k, w, u, "paper")
+    assert rel_err(bi_wkv(k, v, w, u, "paper"), naive_paper_bi_wkv(k, v, w, u)) < 1e-5
