@@ -6,12 +6,10 @@ data pipeline (``vrwkv.data``), the task (``vrwkv.tasks.classification``) and th
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,8 +17,10 @@ from vrwkv.data import DataConfig, TransformedDataset, build_datasets, build_tra
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
 from vrwkv.engine.config import (ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
                                  load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
+from vrwkv.engine.distributed import DistInfo, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
+from vrwkv.engine.run_dir import latest_run_dir  # noqa: F401  (re-exported: vrwkv train --resume)
+from vrwkv.engine.run_dir import resolve_run_dir, saved_config, seed_all, set_deterministic
 from vrwkv.tasks.classification import ClassificationConfig, ClassificationTask
 
 logger = logging.getLogger("vrwkv")
@@ -131,36 +131,6 @@ def read_run_checkpoint(path: str | Path) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _set_deterministic(on: bool) -> None:
-    if on:
-        import os
-
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def _new_run_dir(base: Path) -> Path:
-    if not (base / LAST_CHECKPOINT).exists() and not (base / "config.yaml").exists():
-        return base
-    i = 1
-    while (base.parent / f"{base.name}-{i}").exists():
-        i += 1
-    return base.parent / f"{base.name}-{i}"
-
-
-def latest_run_dir(base: Path) -> Path | None:
-    """The most recently modified run folder ``base`` or ``base-N`` holding a ``last.pt``."""
-    candidates = [p for p in [base, *base.parent.glob(f"{base.name}-*")] if (p / LAST_CHECKPOINT).is_file()]
-    return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime) if candidates else None
-
-
 def train(cfg: ClassificationExperiment, *, preset: str = DEFAULT_PRESET, resume: str | Path | None = None,
           overrides_on_resume: list[str] | None = None) -> tuple[Path, dict[str, float]]:
     """Train ``cfg`` (or continue the run in folder ``resume``); returns the run folder and the final metrics.
@@ -170,35 +140,17 @@ def train(cfg: ClassificationExperiment, *, preset: str = DEFAULT_PRESET, resume
     """
     if resume is not None:
         # the run continues with its saved config, device and thread count included (they change float rounding)
-        cfg = _saved_config(Path(resume), overrides_on_resume)
+        cfg = saved_config(ClassificationExperiment, Path(resume), overrides_on_resume)
     with process_setup(cfg.run.device, cfg.run.threads) as dist:
         return _train(cfg, dist, preset, resume)
 
 
-def _saved_config(run_dir: Path, overrides: list[str] | None) -> ClassificationExperiment:
-    """The config stored in ``run_dir/last.pt``, with ``overrides`` applied."""
-    ckpt = run_dir / LAST_CHECKPOINT
-    if not ckpt.is_file():
-        raise ValueError(f"cannot resume: {ckpt} does not exist")
-    data = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k != "classes"}
-    return from_dict(ClassificationExperiment, apply_overrides(data, overrides) if overrides else data)
-
-
 def _train(cfg: ClassificationExperiment, dist: DistInfo, preset: str,
            resume: str | Path | None) -> tuple[Path, dict[str, float]]:
-    resume_ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        resume_ckpt = run_dir / LAST_CHECKPOINT
-    else:
-        base = Path(cfg.run.output_dir or f"runs/{Path(preset).stem}")
-        run_dir = Path(all_gather_objects(str(_new_run_dir(base)) if dist.is_main else None)[0])
-        if cfg.run.output_dir and (run_dir / LAST_CHECKPOINT).exists():
-            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
-                             f"another output folder")
+    run_dir, resume_ckpt = resolve_run_dir(cfg.run.output_dir, f"runs/{Path(preset).stem}", dist, resume)
     cfg.run.output_dir = str(run_dir)
-    _set_deterministic(cfg.run.deterministic)
-    _seed_all(cfg.run.seed)  # same initial weights on every process
+    set_deterministic(cfg.run.deterministic)
+    seed_all(cfg.run.seed)  # same initial weights on every process
 
     train_raw, val_raw, classes = build_datasets(cfg.data)
     train_set = TransformedDataset(train_raw, build_transform(cfg.data, True), seed=cfg.run.seed, replace_bad=True,
@@ -215,7 +167,7 @@ def _train(cfg: ClassificationExperiment, dist: DistInfo, preset: str,
         logger.info(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters | data {cfg.data.dataset}: "
                     f"{len(train_raw)} train / {len(val_raw)} val images, {len(classes)} classes | "
                     f"{dist.world_size} process(es) on {dist.device} | run dir {run_dir}")
-    _seed_all(cfg.run.seed + dist.rank)  # independent drop-path / mixup streams per process
+    seed_all(cfg.run.seed + dist.rank)  # independent drop-path / mixup streams per process
     trainer = Trainer(task, train_set, val_set, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
                       collate_fn=collate_samples, optim=cfg.optim, schedule=cfg.schedule, run=cfg.run,
                       run_dir=run_dir, config=config, metric="top1", on_bad_image=cfg.data.on_bad_image,

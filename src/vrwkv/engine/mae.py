@@ -17,11 +17,11 @@ from torch import nn
 
 from vrwkv.data import DataConfig, TransformedDataset, build_datasets, build_transform, collate_samples
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
-from vrwkv.engine.classification import _new_run_dir, _seed_all, _set_deterministic, latest_run_dir
 from vrwkv.engine.config import (PRESET_DIR, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides,
                                  from_dict, list_presets, load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
+from vrwkv.engine.distributed import DistInfo, process_setup
 from vrwkv.engine.loop import LAST_CHECKPOINT, Trainer, unwrap
+from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
 from vrwkv.tasks.mae import MAEConfig, MAETask
 
 logger = logging.getLogger("vrwkv")
@@ -203,7 +203,8 @@ def pretrain(cfg: MAEExperiment, *, preset: str = DEFAULT_PRESET, resume: str | 
     ``overrides_on_resume``), including its device and thread count: those change the float rounding.
     """
     if resume is not None:
-        cfg = _saved_config(Path(resume), overrides_on_resume)
+        cfg = saved_config(MAEExperiment, Path(resume), overrides_on_resume, extra_keys=("encoder",),
+                           required_key="encoder", wrong_kind="an MAE pre-training run (use vrwkv train)")
     with process_setup(cfg.run.device, cfg.run.threads) as dist:
         return _pretrain(cfg, dist, preset, resume)
 
@@ -212,35 +213,14 @@ def default_output_dir(preset: str) -> Path:
     return Path(f"runs/mae-{Path(preset).stem}")
 
 
-def _saved_config(run_dir: Path, overrides: list[str] | None) -> MAEExperiment:
-    """The config stored in ``run_dir/last.pt``, with ``overrides`` applied."""
-    ckpt = run_dir / LAST_CHECKPOINT
-    if not ckpt.is_file():
-        raise ValueError(f"cannot resume: {ckpt} does not exist")
-    saved = load_checkpoint(ckpt).get("config") or {}
-    if "encoder" not in saved:
-        raise ValueError(f"cannot resume: {ckpt} is not an MAE pre-training run (use vrwkv train)")
-    data = {k: v for k, v in saved.items() if k != "encoder"}
-    return from_dict(MAEExperiment, apply_overrides(data, overrides) if overrides else data)
-
-
 def _pretrain(cfg: MAEExperiment, dist: DistInfo, preset: str,
               resume: str | Path | None) -> tuple[Path, dict[str, float]]:
-    resume_ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        resume_ckpt = run_dir / LAST_CHECKPOINT
-    else:
-        base = Path(cfg.run.output_dir or default_output_dir(preset))
-        run_dir = Path(all_gather_objects(str(_new_run_dir(base)) if dist.is_main else None)[0])
-        if cfg.run.output_dir and (run_dir / LAST_CHECKPOINT).exists():
-            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
-                             f"another output folder")
+    run_dir, resume_ckpt = resolve_run_dir(cfg.run.output_dir, default_output_dir(preset), dist, resume)
     cfg.run.output_dir = str(run_dir)
     if cfg.visualize.num_images < 0:
         raise ValueError(f"visualize.num_images must be >= 0, got {cfg.visualize.num_images}")
-    _set_deterministic(cfg.run.deterministic)
-    _seed_all(cfg.run.seed)  # same initial weights on every process
+    set_deterministic(cfg.run.deterministic)
+    seed_all(cfg.run.seed)  # same initial weights on every process
 
     train_raw, val_raw, _ = build_datasets(cfg.data)
     train_set = TransformedDataset(train_raw, build_transform(cfg.data, True), seed=cfg.run.seed, replace_bad=True,
@@ -263,7 +243,7 @@ def _pretrain(cfg: MAEExperiment, dist: DistInfo, preset: str,
                     f"{dist.device} | run dir {run_dir}")
         if cfg.visualize.num_images:
             figure_images = _first_images(val_set, cfg.visualize.num_images)
-    _seed_all(cfg.run.seed + dist.rank)  # independent masking / drop-path streams per process
+    seed_all(cfg.run.seed + dist.rank)  # independent masking / drop-path streams per process
     figure_kwargs = dict(mask_ratio=cfg.task.mask_ratio, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
                          seed=cfg.visualize.seed)
     trainer = _PretrainTrainer(task, train_set, val_set, batch_size=cfg.data.batch_size, workers=cfg.data.workers,

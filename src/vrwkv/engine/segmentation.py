@@ -20,11 +20,11 @@ from torch import nn
 from vrwkv.data.segmentation import (ADE20KFolder, DigitScenes, SegmentationSamples, SegmentationTransform,
                                      collate_segmentation)
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
-from vrwkv.engine.classification import _new_run_dir, _seed_all, _set_deterministic, latest_run_dir
 from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
                                  list_presets, load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
+from vrwkv.engine.distributed import DistInfo, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
+from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
 from vrwkv.tasks.segmentation import SegmentationConfig, SegmentationTask, Segmentor
 
 logger = logging.getLogger("vrwkv")
@@ -157,34 +157,17 @@ def train(cfg: SegmentationExperiment, *, preset: str = DEFAULT_PRESET, resume: 
     """Train ``cfg`` (or continue the run in folder ``resume``); returns the run folder and the final metrics."""
     if resume is not None:
         # the run continues with its saved config, device and thread count included (they change float rounding)
-        cfg = _saved_config(Path(resume), overrides_on_resume)
+        cfg = saved_config(SegmentationExperiment, Path(resume), overrides_on_resume)
     with process_setup(cfg.run.device, cfg.run.threads) as dist:
         return _train(cfg, dist, preset, resume)
 
 
-def _saved_config(run_dir: Path, overrides: list[str] | None) -> SegmentationExperiment:
-    """The config stored in ``run_dir/last.pt``, with ``overrides`` applied."""
-    ckpt = run_dir / LAST_CHECKPOINT
-    if not ckpt.is_file():
-        raise ValueError(f"cannot resume: {ckpt} does not exist")
-    data = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k != "classes"}
-    return from_dict(SegmentationExperiment, apply_overrides(data, overrides) if overrides else data)
-
-
 def _train(cfg: SegmentationExperiment, dist: DistInfo, preset: str,
            resume: str | Path | None) -> tuple[Path, dict[str, float]]:
-    resume_ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        resume_ckpt = run_dir / LAST_CHECKPOINT
-    else:
-        base = Path(cfg.run.output_dir or f"runs/seg-{Path(preset).stem}")
-        run_dir = Path(all_gather_objects(str(_new_run_dir(base)) if dist.is_main else None)[0])
-        if cfg.run.output_dir and (run_dir / LAST_CHECKPOINT).exists():
-            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it")
+    run_dir, resume_ckpt = resolve_run_dir(cfg.run.output_dir, f"runs/seg-{Path(preset).stem}", dist, resume)
     cfg.run.output_dir = str(run_dir)
-    _set_deterministic(cfg.run.deterministic)
-    _seed_all(cfg.run.seed)
+    set_deterministic(cfg.run.deterministic)
+    seed_all(cfg.run.seed)
     train_raw, val_raw, classes = build_seg_datasets(cfg.data)
     train_set = SegmentationSamples(train_raw, _transform(cfg.data, True), seed=cfg.run.seed, replace_bad=True)
     val_set = SegmentationSamples(val_raw, _transform(cfg.data, False), seed=cfg.run.seed)
@@ -201,7 +184,7 @@ def _train(cfg: SegmentationExperiment, dist: DistInfo, preset: str,
         logger.info(f"UperNet + {cfg.model.backbone} ({cfg.model.neck}): {n_params / 1e6:.2f}M parameters | data "
                     f"{cfg.data.dataset}: {len(train_raw)} train / {len(val_raw)} val images, {len(classes)} "
                     f"classes | {dist.world_size} process(es) on {dist.device} | run dir {run_dir}")
-    _seed_all(cfg.run.seed + dist.rank)
+    seed_all(cfg.run.seed + dist.rank)
     trainer = Trainer(task, train_set, val_set, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
                       collate_fn=collate_segmentation, optim=cfg.optim, schedule=cfg.schedule, run=cfg.run,
                       run_dir=run_dir, config=config, metric="mIoU", on_bad_image=cfg.data.on_bad_image, dist=dist)
