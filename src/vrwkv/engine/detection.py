@@ -197,6 +197,15 @@ def evaluate_detection(task: DetectionTask, dataset: DetectionSamples, gt: dict[
     return metrics, {"images": float(metrics["count"]), "forward_s": forward_s, "total_s": total_s}
 
 
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm running statistics): without SyncBN (CPU) each
+    process updates its own copy during training, and evaluation must use the weights that are saved."""
+    import torch.distributed
+
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
+
+
 class _DetectionTrainer(Trainer):
     """The shared ``Trainer`` with COCO evaluation (detections gathered over processes, pycocotools)."""
 
@@ -205,6 +214,8 @@ class _DetectionTrainer(Trainer):
         self.gt, self.category_ids, self.eval_batch_size = gt, category_ids, eval_batch_size
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        if self.dist.enabled:
+            _broadcast_buffers(model if model is not None else self.model)
         metrics, _ = evaluate_detection(self.task, self.val_set, self.gt, self.category_ids, model=model,
                                         batch_size=max(1, self.eval_batch_size // self.dist.world_size),
                                         workers=self.workers, device=self.device, amp_dtype=self.amp_dtype,
@@ -246,8 +257,8 @@ def _train(cfg: DetectionExperiment, dist: DistInfo, preset: str,
     train_set = DetectionSamples(train_raw, train=True, hflip=cfg.data.hflip, seed=cfg.run.seed, replace_bad=True)
     val_set = DetectionSamples(val_raw, train=False, seed=cfg.run.seed)
     model = build_detector(cfg.model, len(classes) + 1, load_weights=resume is None)
-    if dist.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the official SyncBN in the adapter
+    if dist.enabled and dist.device.type == "cuda":  # the official SyncBN in the adapter (CUDA-only in torch)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
     task = DetectionTask(model).to(dist.device)
     config = {**to_dict(cfg), "classes": classes, "category_ids": category_ids}
