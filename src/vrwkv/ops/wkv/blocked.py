@@ -37,6 +37,7 @@ relative on y (~1e-8 on model outputs; the exact running max costs log2(T) passe
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -103,15 +104,20 @@ def blocked_supports(T: int, semantics: str, max_abs_w: float, max_abs_u: float,
     return max_abs_w * plan_blocks(T, semantics, chunks).L <= MAX_BLOCK_SPAN and max_abs_u <= MAX_ABS_FIRST
 
 
+def _pad_last(x: torch.Tensor, extra: int, fill: float) -> torch.Tensor:
+    """Append ``extra`` entries of ``fill`` to the last dim (no copy when there is nothing to append)."""
+    return F.pad(x, (0, extra), value=fill) if extra else x
+
+
 def _to_blocks(x: torch.Tensor, plan: BlockPlan, fill: float) -> torch.Tensor:
     """[B, C, T] -> [B, C, N, L], padding with ``fill`` (at the end, or at the end of every kernel chunk)."""
     B, C, T = x.shape
     if plan.per_chunk:
         n_chunks = plan.N // plan.per_chunk
-        x = F.pad(x, (0, n_chunks * plan.kc - T), value=fill).view(B, C, n_chunks, plan.kc)
-        x = F.pad(x, (0, plan.per_chunk * plan.L - plan.kc), value=fill)
+        x = _pad_last(x, n_chunks * plan.kc - T, fill).reshape(B, C, n_chunks, plan.kc)
+        x = _pad_last(x, plan.per_chunk * plan.L - plan.kc, fill)
     else:
-        x = F.pad(x, (0, plan.N * plan.L - T), value=fill)
+        x = _pad_last(x, plan.N * plan.L - T, fill)
     return x.reshape(B, C, plan.N, plan.L)
 
 
@@ -124,9 +130,9 @@ def _from_blocks(y: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return y.reshape(*lead, -1)[..., : plan.T]
 
 
-def _block_matrix(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
-    """``A_aug^T``: [C, L + 2, L]; column p is query p of a block, row q < L key q, rows L/L+1 the left/right carry
-    profiles. Built in the dtype of w (autograd through w and u)."""
+def _block_matrix(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A^T [C, L, L], profiles [C, 2, L])``: entry [q, p] of A^T weighs key q for query p inside a block; the
+    profiles weigh the left/right carries for query p. Built in the dtype of w (autograd through w and u)."""
     L = plan.L
     p = torch.arange(L, device=w.device, dtype=w.dtype)
     q = p[:, None]  # key index as rows: entries [q, p]
@@ -156,7 +162,7 @@ def _block_matrix(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan) -> torch.Te
         if not plan.per_chunk:
             own = own * (torch.arange(L, device=w.device) % plan.kc != 0)
         A = A + torch.diag_embed(own)
-    return torch.cat([A, left_profile[:, None], right_profile[:, None]], 1)
+    return A, torch.stack([left_profile, right_profile], 1)
 
 
 def _summary_matrix(w: torch.Tensor, L: int) -> torch.Tensor:
@@ -164,6 +170,44 @@ def _summary_matrix(w: torch.Tensor, L: int) -> torch.Tensor:
     and ``sum_q e^{-q w} X_q`` (seen by earlier blocks)."""
     q = torch.arange(L, device=w.device, dtype=w.dtype)[None, :, None]
     return torch.exp(torch.cat([q, -q], 2) * w[:, None, None])
+
+
+def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | None):
+    """The two right-hand sides of the op, stacked for (den, num):
+
+    * ``[C, 2, L, L + 2]``: the block matrix and the two block summaries (so one GEMM gives both);
+    * ``[C, 2, 2, L]``: the carry profiles.
+
+    ``eps`` (official semantics) folds the kernel's EPS term into the denominator: ``(1 + eps)·den + eps·e^{k_t}``.
+    """
+    A, profiles = _block_matrix(w, u, plan)
+    summaries = _summary_matrix(w, plan.L)
+    if eps is None:
+        A_den, profiles_den = A, profiles
+    else:
+        A_den = A * (1 + eps) + eps * torch.eye(plan.L, dtype=A.dtype, device=A.device)
+        profiles_den = profiles * (1 + eps)
+    rhs = torch.stack([torch.cat([A_den, summaries], 2), torch.cat([A, summaries], 2)], 1)
+    return rhs, torch.stack([profiles_den, profiles], 1)
+
+
+# Inference-time cache of the GEMM matrices: they depend on the parameters w, u only, which do not change between
+# the forward passes of a model in eval. Keyed on the tensors' identity and version counter (bumped by every in-place
+# update, e.g. an optimizer step or load_state_dict), holding weak references so a freed tensor never matches.
+_MATRIX_CACHE: dict = {}
+_MATRIX_CACHE_SIZE = 256
+
+
+def _cached_gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | None):
+    key = (id(w), w._version, id(u), u._version, w.dtype, w.device, plan, eps)
+    hit = _MATRIX_CACHE.get(key)
+    if hit is not None and hit[0]() is w and hit[1]() is u:
+        return hit[2]
+    matrices = _gemm_matrices(w, u, plan, eps)
+    if len(_MATRIX_CACHE) >= _MATRIX_CACHE_SIZE:
+        _MATRIX_CACHE.clear()
+    _MATRIX_CACHE[key] = (weakref.ref(w), weakref.ref(u), matrices)
+    return matrices
 
 
 def _excl_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
@@ -178,37 +222,36 @@ def _carries(sums, m, k_start, v_start, w, plan: BlockPlan):
     """Left/right carries entering every block, in float64, relative to ``e^{M}`` (M: the sequence's largest key).
 
     Args:
-        sums: [B, C, 2, N, 2] block summaries at each block's own max (stack: den/num; last: left/right sums).
-        m: [B, C, 1, N] block maxima minus M. k_start, v_start: [B, C, N] key (minus M) and value at each block's
+        sums: [C, 2, B, N, 2] block summaries at each block's own max (dim 1: den/num; last: left/right sums).
+        m: [C, 1, B, N] block maxima minus M. k_start, v_start: [C, 1, B, N] key (minus M) and value at each block's
             kernel-chunk start (only used when chunks are subdivided). w: [C].
     Returns:
-        (left, right, log_magnitude): [B, C, 2, N] each, and [B, C, N].
+        (left, right, log_magnitude): [C, 2, B, N], [C, 2, B, N], [C, 1, B, N].
     """
     f64 = torch.float64
     starts = torch.tensor(plan.block_starts(), dtype=f64, device=w.device)  # [N]
-    wd = w.to(f64)[None, :, None, None]  # [1, C, 1, 1]
-    centre = plan.T / 2  # keeps |position · w| <= |w| T / 2
-    pos = (starts - centre) * wd  # [1, C, 1, N]
-    scaled = sums.to(f64) * torch.exp(m.to(f64))[..., None]  # [B, C, 2, N, 2], relative to e^M
-    from_left = scaled[..., 0] * torch.exp(pos)  # e^{P w} sum_q e^{q w} X
-    from_right = scaled[..., 1] * torch.exp(-pos)
-    left = _excl_cumsum(from_left, 3) * torch.exp(-pos)
-    right = _excl_cumsum(from_right, 3, reverse=True) * torch.exp(pos)
-    if plan.kc is not None and plan.per_chunk:
+    wd = w.to(f64)[:, None, None, None]  # [C, 1, 1, 1]
+    pos = (starts - plan.T / 2) * wd  # [C, 1, 1, N]; centred: |position · w| <= |w| T / 2
+    e_pos, e_neg = torch.exp(pos), torch.exp(-pos)
+    scaled = sums.to(f64) * torch.exp(m.to(f64))[..., None]  # [C, 2, B, N, 2], relative to e^M
+    from_left = scaled[..., 0] * e_pos  # e^{P w} sum_q e^{q w} X
+    from_right = scaled[..., 1] * e_neg
+    left = _excl_cumsum(from_left, 3) * e_neg
+    right = _excl_cumsum(from_right, 3, reverse=True) * e_pos
+    if plan.per_chunk:
         r = plan.per_chunk
-        B, C, S, N = left.shape
-        by_chunk = (B, C, S, N // r, r)
+        by_chunk = (*left.shape[:3], plan.N // r, r)
         # chunk-local sums of the earlier blocks of the same kernel chunk: near-left (weight e^{w} more than the
         # distance rule) and the own-chunk term, which excludes the chunk start token
-        near = _excl_cumsum(from_left.view(by_chunk), 4).view(B, C, S, N) * torch.exp(-pos)
-        own = _excl_cumsum((scaled[..., 1] * torch.exp(-pos)).view(by_chunk), 4).view(B, C, S, N) * torch.exp(pos)
-        chunk_start = (torch.div(starts, plan.kc, rounding_mode="floor") * plan.kc)  # [N]
-        x_start = torch.exp(k_start.to(f64) + (starts - chunk_start) * w.to(f64)[:, None])  # [B, C, N]
-        start_term = torch.stack([x_start, x_start * v_start.to(f64)], 2)  # [B, C, 2, N]
+        near = _excl_cumsum(from_left.view(by_chunk), 4).view(left.shape) * e_neg
+        own = _excl_cumsum(from_right.view(by_chunk), 4).view(left.shape) * e_pos
+        chunk_start = torch.div(starts, plan.kc, rounding_mode="floor") * plan.kc  # [N]
+        x_start = torch.exp(k_start.to(f64) + (starts - chunk_start) * wd)  # [C, 1, B, N]
+        start_term = torch.cat([x_start, x_start * v_start.to(f64)], 1)  # [C, 2, B, N]
         left = left + torch.expm1(wd) * near
         right = right - torch.expm1(wd) * (own - start_term)
     with torch.no_grad():
-        magnitude = left[:, :, 0].abs() + right[:, :, 0].abs()
+        magnitude = left[:, :1].abs() + right[:, :1].abs()
         log_magnitude = torch.log(magnitude + torch.finfo(f64).tiny)
     return left, right, log_magnitude
 
@@ -216,56 +259,59 @@ def _carries(sums, m, k_start, v_start, w, plan: BlockPlan):
 def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper",
                    chunks: int = KERNEL_CHUNKS, eps: float = KERNEL_EPS) -> torch.Tensor:
     """Bi-WKV by block matrix products. k, v: [B, T, C] (any strides; a transposed view of channel-major [B, C, T]
-    storage is used without a copy); w, u: [C]. ``semantics``: "paper" or "official".
+    storage is read without a layout change); w, u: [C]. ``semantics``: "paper" or "official".
 
-    Returns a [B, T, C] view of channel-major storage (``.transpose(1, 2)`` of a contiguous [B, C, T] tensor).
-    Exact to float32 rounding for ``|w| T <= 200`` and ``|u| <= 60`` (see the module docstring).
+    Returns a [B, T, C] view of channel-major storage ([B, C, T] without gradients, [C, B, T] with): models that
+    consume it channel-major (e.g. a weight-first output projection) avoid a layout change. Exact to float32
+    rounding where :func:`blocked_supports`.
     """
     B, T, C = k.shape
     if T == 1:  # a single token averages itself; the kernel adds EPS·e^{max(k, u + k)} to e^{u + k}
         return v / (1 + eps * torch.exp((-u).clamp(min=0))) if semantics == "official" else v.clone()
     plan = plan_blocks(T, semantics, chunks)
-    kT, vT = k.transpose(1, 2), v.transpose(1, 2)  # [B, C, T]
-    kb = _to_blocks(kT, plan, float("-inf"))  # [B, C, N, L]
+    L, N = plan.L, plan.N
+    kT, vT = k.transpose(1, 2), v.transpose(1, 2)  # [B, C, T] views
+    kb, vb = _to_blocks(kT, plan, float("-inf")), _to_blocks(vT, plan, 0.0)  # [B, C, N, L]
     with torch.no_grad():  # frames only: y is invariant to them
         m = kb.amax(3, keepdim=True)  # [B, C, N, 1]
         m = torch.where(torch.isfinite(m), m, 0.0)  # all-padding blocks
         M = m.amax(2, keepdim=True)  # [B, C, 1, 1]
-    L, N = plan.L, plan.N
-    vb = _to_blocks(vT, plan, 0.0)
-    # autograd needs the stacked blocks intact after the summary GEMM: with gradients (or when tracing for export),
-    # build the operand by concatenation; without, write X, X v and the carries straight into one buffer
-    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u)) or torch.jit.is_tracing())
-    if in_place:
-        operand = kb.new_empty(B, C, 2, N, L + 2)  # [B, C, 2 (den, num), N, L + 2 (tokens, carries)]
-        x, xv = operand[:, :, 0, :, :L], operand[:, :, 1, :, :L]
+    # The GEMM operand [C, 2 (den, num), B, N, L]: per (channel, den/num) one contiguous [B·N, L] matrix, so the
+    # products are a bmm over 2C matrices with no broadcasting copies.
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u))
+    operand = kb.new_empty(C, 2, B, N, L)
+    as_bc = operand.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L] view
+    if grad or torch.jit.is_tracing():
+        x = torch.exp(kb - m)
+        as_bc[:, :, 0], as_bc[:, :, 1] = x, x * vb  # (autograd records the copies into the buffer)
+    else:  # straight into the buffer
+        x, xv = as_bc[:, :, 0], as_bc[:, :, 1]
         torch.sub(kb, m, out=x).exp_()
         torch.mul(x, vb, out=xv)
-        stacked = operand[..., :L]
-    else:
-        x = torch.exp(kb - m)
-        stacked = torch.stack([x, x * vb], 2)  # [B, C, 2, N, L]
-    sums = torch.matmul(stacked, _summary_matrix(w, L)[:, None])  # [B, C, 2, N, 2]
+    eps_den = eps if semantics == "official" else None
+    cache = not (grad or torch.jit.is_tracing() or torch.compiler.is_compiling())
+    rhs, profiles = (_cached_gemm_matrices if cache else _gemm_matrices)(w, u, plan, eps_den)
+    intra = torch.matmul(operand.view(C, 2, B * N, L), rhs)  # [C, 2, B·N, L + 2]: block results, summaries
+    m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
     if plan.per_chunk:
         starts = torch.tensor([(s // plan.kc) * plan.kc for s in plan.block_starts()], device=k.device)
         starts = starts.clamp(max=T - 1)  # all-padding blocks at the very end read any token (their sums are 0)
-        k_start, v_start = kT[..., starts] - M[..., 0], vT[..., starts]  # [B, C, N]
+        k_start = (kT[..., starts] - M[..., 0]).permute(1, 0, 2)[:, None]  # [C, 1, B, N]
+        v_start = vT[..., starts].permute(1, 0, 2)[:, None]
     else:
         k_start = v_start = None
-    left, right, log_mag = _carries(sums, (m - M).transpose(2, 3), k_start, v_start, w, plan)
+    left, right, log_mag = _carries(intra[..., L:].reshape(C, 2, B, N, 2), m_rel, k_start, v_start, w, plan)
     with torch.no_grad():
-        frame = torch.maximum((m - M)[..., 0].to(torch.float64), log_mag - _FRAME_MARGIN)  # [B, C, N]
-        to_frame = torch.exp(-frame)[:, :, None]  # [B, C, 1, N]
-    left, right = (left * to_frame).to(k.dtype), (right * to_frame).to(k.dtype)
-    if in_place:
-        operand[..., L], operand[..., L + 1] = left, right
-    else:
-        operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
-    A = _block_matrix(w, u, plan)  # [C, L + 2, L]
-    if semantics == "official":  # the kernel's EPS·e^{m_t}, with e^{m_t} ~ den_t + e^{k_t} (module docstring)
-        A_den = A * (1 + eps) + eps * torch.eye(L + 2, L, dtype=A.dtype, device=A.device)
-    else:
-        A_den = A
-    out = torch.matmul(operand, torch.stack([A_den, A], 1))  # [B, C, 2, N, L]
-    out = _from_blocks(out, plan)  # [B, C, 2, T]
-    return (out[:, :, 1] / out[:, :, 0]).transpose(1, 2)  # a [B, T, C] view of contiguous [B, C, T]
+        frame = torch.maximum(m_rel.to(torch.float64), log_mag - _FRAME_MARGIN)  # [C, 1, B, N]
+        to_frame = torch.exp(-frame)
+    carries = torch.stack([left * to_frame, right * to_frame], -1).to(k.dtype)  # [C, 2, B, N, 2]
+    # out = block results + carries x profiles (a rank-2 update: one baddbmm over the 2C matrices)
+    out = torch.baddbmm(intra[..., :L].reshape(2 * C, B * N, L), carries.view(2 * C, B * N, 2),
+                        profiles.reshape(2 * C, 2, L))
+    out = _from_blocks(out.view(C, 2, B, N, L), plan)  # [C, 2, B, T]
+    num, den = out[:, 1], out[:, 0]
+    if grad or torch.jit.is_tracing():
+        return (num / den).permute(1, 2, 0)  # [B, T, C] view of [C, B, T]
+    y = k.new_empty(B, C, T)
+    torch.div(num, den, out=y.permute(1, 0, 2))
+    return y.transpose(1, 2)  # [B, T, C] view of [B, C, T]
