@@ -123,3 +123,18 @@ def test_bi_wkv_dispatch():
     w = torch.tensor([30.0, -30.0, 20.0, 1.0])
     assert not api._blocked_applies(k, w, u, "paper")
     assert rel_err(bi_wkv(k, v, w, u, "paper"), naive_paper_bi_wkv(k, v, w, u)) < 1e-5
+
+
+def test_inference_matrix_cache_follows_parameter_updates():
+    """The no-grad path caches its GEMM matrices per (w, u); an in-place update (an optimizer step,
+    load_state_dict) must invalidate them."""
+    k, v, w, u = (x.float() for x in random_inputs(1, 40, 4, seed=5))
+    w, u = torch.nn.Parameter(w), torch.nn.Parameter(u)
+    with torch.no_grad():
+        first = blocked_bi_wkv(k, v, w, u, "official")
+        assert torch.equal(blocked_bi_wkv(k, v, w, u, "official"), first)  # served from the cache
+        w.mul_(1.5)
+        u.add_(0.1)
+        updated = blocked_bi_wkv(k, v, w, u, "official")
+    ref = naive_official_bi_wkv(k.double(), v.double(), w.detach().double(), u.detach().double())
+    assert rel_err(updated, ref) < TOL32["official"]
