@@ -126,8 +126,8 @@ def test_bi_wkv_dispatch():
 
 
 def test_inference_matrix_cache_follows_parameter_updates():
-    """The no-grad path caches its GEMM matrices per (w, u); an in-place update (an optimizer step,
-    load_state_dict) must invalidate them."""
+    """The no-grad path caches its GEMM matrices by the values of (w, u): new values (an optimizer step,
+    load_state_dict) must not be served stale matrices."""
     k, v, w, u = (x.float() for x in random_inputs(1, 40, 4, seed=5))
     w, u = torch.nn.Parameter(w), torch.nn.Parameter(u)
     with torch.no_grad():

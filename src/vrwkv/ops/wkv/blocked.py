@@ -37,7 +37,6 @@ relative on y (~1e-8 on model outputs; the exact running max costs log2(T) passe
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -191,22 +190,24 @@ def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float
     return rhs, torch.stack([profiles_den, profiles], 1)
 
 
-# Inference-time cache of the GEMM matrices: they depend on the parameters w, u only, which do not change between
-# the forward passes of a model in eval. Keyed on the tensors' identity and version counter (bumped by every in-place
-# update, e.g. an optimizer step or load_state_dict), holding weak references so a freed tensor never matches.
+# Inference-time cache of the GEMM matrices (CPU): they depend on w and u only, which do not change between the
+# forward passes of a model in eval. Keyed on their values (a model passes ``decay / T``, a fresh tensor each call):
+# comparing 2C numbers costs microseconds, rebuilding the matrices a few passes over [C, L, L].
 _MATRIX_CACHE: dict = {}
-_MATRIX_CACHE_SIZE = 256
+_MATRIX_CACHE_ENTRIES = 64  # per (plan, eps, dtype): several models x depth
 
 
 def _cached_gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | None):
-    key = (id(w), w._version, id(u), u._version, w.dtype, w.device, plan, eps)
-    hit = _MATRIX_CACHE.get(key)
-    if hit is not None and hit[0]() is w and hit[1]() is u:
-        return hit[2]
+    if w.device.type != "cpu":  # comparing values would synchronise an accelerator; rebuilding is cheap there
+        return _gemm_matrices(w, u, plan, eps)
+    entries = _MATRIX_CACHE.setdefault((plan, eps, w.dtype), [])
+    for cached_w, cached_u, matrices in entries:
+        if torch.equal(cached_w, w) and torch.equal(cached_u, u):
+            return matrices
     matrices = _gemm_matrices(w, u, plan, eps)
-    if len(_MATRIX_CACHE) >= _MATRIX_CACHE_SIZE:
-        _MATRIX_CACHE.clear()
-    _MATRIX_CACHE[key] = (weakref.ref(w), weakref.ref(u), matrices)
+    if len(entries) >= _MATRIX_CACHE_ENTRIES:
+        entries.pop(0)
+    entries.append((w.clone(), u.clone(), matrices))
     return matrices
 
 
