@@ -86,3 +86,21 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="shift_mode"):
         make_shift("double_shift")
     assert make_shift("none") is None and make_shift("q_shift", shift_pixel=0) is None
+
+
+@pytest.mark.parametrize("s,head_size", [(1, None), (2, None), (4, None), (1, 8)])
+def test_q_shift_gradcheck(s, head_size):
+    """The hand-written backward (the adjoint shift) against finite differences, first and second order, float64;
+    s = 4 exceeds the 3-row grid (all shifted quarters zero)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    f = lambda t: q_shift(t, (3, 4), shift_pixel=s, head_size=head_size)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_q_shift_same_with_and_without_autograd():
+    x = torch.randn(2, 20, 10)
+    with torch.inference_mode():
+        fast = q_shift(x, (4, 5), shift_pixel=2)
+    assert torch.equal(fast, q_shift(x.requires_grad_(), (4, 5), shift_pixel=2))

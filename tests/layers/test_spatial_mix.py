@@ -6,6 +6,7 @@ import torch
 
 from conftest import rel_err
 from vrwkv.layers import SpatialMix, q_shift
+from vrwkv.ops import bi_wkv
 from vrwkv.ops.wkv.reference import naive_official_bi_wkv
 
 
@@ -76,3 +77,34 @@ def test_causal_mode_with_token_shift_sees_only_the_past(wkv_mode):
     y, y2 = m(x, (3, 4)), m(x2, (3, 4))
     past_change = rel_err(y2[:, :8], y[:, :8])
     assert (past_change < 1e-12) if wkv_mode == "causal" else (past_change > 1e-3)
+
+
+def test_inference_path_channel_slices_and_gradients_match_the_formula():
+    """The no-autograd path (gate in place), the WKV of a channel slice, and the gradients of every input and
+    parameter against the plain formula (old implementation: three separate mixes and projections), float64."""
+    torch.manual_seed(2)
+    H, W, C = 3, 5, 8
+    m = SpatialMix(C, 1, 3, key_norm=True).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, H * W, C, dtype=torch.float64, requires_grad=True)
+    out = m(x, (H, W))
+    with torch.inference_mode():
+        assert rel_err(m(x.detach(), (H, W)), out) < 1e-14
+        k, v, _ = m.project(m.token_mix(x.detach(), (H, W)))
+        full = m.wkv(k, v, H * W)
+        part = m.wkv(k[..., 2:5].contiguous(), v[..., 2:5].contiguous(), H * W, slice(2, 5))
+        assert rel_err(part, full[..., 2:5]) < 1e-14
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+
+    def formula(x):
+        xx = q_shift(x, (H, W))
+        mix = lambda mu: x * mu + xx * (1 - mu)  # noqa: E731
+        k, v = m.key(mix(m.spatial_mix_k)), m.value(mix(m.spatial_mix_v))
+        y = bi_wkv(k, v, m.spatial_decay / (H * W), m.spatial_first / (H * W), semantics="official")
+        return m.output(torch.sigmoid(m.receptance(mix(m.spatial_mix_r))) * m.key_norm(y))
+
+    ref = torch.autograd.grad(formula(x), [x, *m.parameters()], g)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ref))

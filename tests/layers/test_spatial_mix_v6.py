@@ -120,3 +120,18 @@ def test_shifts_pass_the_trailing_cls_token_through():
     cls_out = torch.sigmoid(ffn.receptance(cls)) * ffn.value(torch.relu(ffn.key(cls)) ** 2)
     assert rel_err(out[:, -1], cls_out) < 1e-6
 
+
+
+def test_gradients_match_restatement():
+    """The fused mixes (baddbmm, addcmul) have the gradients of the step-by-step formula, for x and every
+    parameter, float64 (restatement with the differentiable reference WKV6)."""
+    torch.manual_seed(3)
+    m = perturbed(SpatialMixV6(64, 1, 3, num_heads=1))
+    hw = (3, 4)
+    x = torch.randn(1, 12, 64, dtype=torch.float64, requires_grad=True)
+    out = m(x, hw)
+    g = torch.randn_like(out)
+    params = [x, *m.parameters()]
+    grads = torch.autograd.grad(out, params, g)
+    ref = torch.autograd.grad(restated_forward(m, x, hw), params, g)
+    assert all(rel_err(a, b) < 1e-10 for a, b in zip(grads, ref))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
@@ -77,16 +78,53 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
-        if self.shift is not None:
-            xx = self.shift(x, hw)
-            xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
-            xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
-        else:
-            xk = xr = x
-        k = torch.square(torch.relu(self.key(xk)))  # [B, T, hidden]
+        return self.mlp(self.token_mix(x, hw))
+
+    # The forward in two stages, so that a caller can run the MLP on token chunks (low-memory inference).
+    def token_mix(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Shift and mix: ``[B, T, C]`` -> the inputs of key and receptance stacked, ``[2, B, T, C]``: one
+        ``torch.lerp(shift(x), x, mu)`` (= ``x * mu + shift(x) * (1 - mu)``) for both mu. Without a shift: ``x``
+        expanded (no copy)."""
+        if self.shift is None:
+            return x.expand(2, *x.shape)
+        mix = torch.stack([self.spatial_mix_k, self.spatial_mix_r])  # [2, 1, 1, C]
+        return torch.lerp(self.shift(x, hw), x, mix)  # [2, B, T, C]
+
+    def mlp(self, xkr: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(receptance(xr)) * value(key_norm(relu(key(xk))^2))`` for ``xkr = [xk, xr]`` ``[2, B, T, C]``.
+
+        Without autograd the activations run in place in the matmul outputs (no extra [B, T, hidden] buffer).
+        """
+        xk, xr = xkr.unbind(0)
+        k = self.key(xk)  # [B, T, hidden]
+        grad = torch.is_grad_enabled()
+        k = squared_relu(k) if grad else k.relu_().square_()
         if self.key_norm is not None:
             k = self.key_norm(k)
-        return torch.sigmoid(self.receptance(xr)) * self.value(k)
+        r = self.receptance(xr)
+        return torch.sigmoid(r) * self.value(k) if grad else self.value(k).mul_(r.sigmoid_())
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}"
+
+
+class _SquaredReLU(torch.autograd.Function):
+    """``relu(x)^2`` in two passes forward and two backward (``2 relu(x) g``), keeping one [*, hidden] tensor for
+    backward; autograd through ``square(relu(x))`` takes four passes backward (pow backward, threshold backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(x)
+        ctx.save_for_backward(s)
+        return s * s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (s,) = ctx.saved_tensors
+        return (s + s).mul_(grad)
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x) ** 2`` (the channel mix activation), differentiable, with a cheaper backward than autograd's."""
+    return _SquaredReLU.apply(x)

@@ -56,15 +56,63 @@ def q_shift(
             raise ValueError(f"q_shift: {C} channels are not a multiple of head_size {head_size}")
         grid = x.view(B, H, W, C // head_size, head_size)  # [B, H, W, heads, head_size]
     g = int(grid.shape[-1] * channel_gamma)
-    sh, sw = min(shift_pixel, H), min(shift_pixel, W)
-    out = torch.zeros_like(grid)
-    # one slice copy per direction into the zero-initialised output; the zeros left over are the missing neighbours
-    out[:, :, sw:, ..., 0:g] = grid[:, :, : W - sw, ..., 0:g]  # from the left neighbour (w - s)
-    out[:, :, : W - sw, ..., g : 2 * g] = grid[:, :, sw:, ..., g : 2 * g]  # from the right neighbour (w + s)
-    out[:, sh:, :, ..., 2 * g : 3 * g] = grid[:, : H - sh, :, ..., 2 * g : 3 * g]  # from above (h - s)
-    out[:, : H - sh, :, ..., 3 * g : 4 * g] = grid[:, sh:, :, ..., 3 * g : 4 * g]  # from below (h + s)
-    out[..., 4 * g :] = grid[..., 4 * g :]
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _QShift.apply(grid, g, shift_pixel)
+    else:
+        out = _shift_quarters(grid, g, shift_pixel)
     return out.view(B, T, C)
+
+
+#: Per quarter: the grid dim it shifts along and the sign of the shift (out[i] = in[i - sign * s]): left neighbour
+#: (along W), right neighbour, above (along H), below.
+_QUARTER_SHIFTS = ((2, 1), (2, -1), (1, 1), (1, -1))
+
+
+def _shift_quarters(grid: torch.Tensor, g: int, shift_pixel: int, adjoint: bool = False) -> torch.Tensor:
+    """Q-Shift of ``grid`` ``[B, H, W, (heads,) c]`` with ``g`` channels per quarter, or its adjoint (transpose: every
+    quarter shifted the opposite way, which is the gradient).
+
+    One slice copy per quarter into an uninitialised output (one pass over the data) and zeros only in the border
+    strips without a neighbour: no zero fill of the whole tensor, no pad/cat chain.
+    """
+    # the TorchScript-based ONNX exporter loses in-place writes to uninitialised memory: start from zeros there
+    tracing = torch.jit.is_tracing()
+    out = (torch.zeros_like if tracing else torch.empty_like)(grid, memory_format=torch.contiguous_format)
+    for q, (dim, sign) in enumerate(_QUARTER_SHIFTS):
+        channels = slice(q * g, (q + 1) * g)
+        n = grid.shape[dim]
+        s = max(-n, min(n, (-sign if adjoint else sign) * shift_pixel))  # out[i] = grid[i - s] along dim
+        if s >= 0:
+            out[_at(dim, slice(s, n), channels)] = grid[_at(dim, slice(0, n - s), channels)]
+            border = _at(dim, slice(0, s), channels)
+        else:
+            out[_at(dim, slice(0, n + s), channels)] = grid[_at(dim, slice(-s, n), channels)]
+            border = _at(dim, slice(n + s, n), channels)
+        if not tracing:
+            out[border] = 0
+    out[..., 4 * g :] = grid[..., 4 * g :]
+    return out
+
+
+def _at(dim: int, rows: slice, channels: slice) -> tuple:
+    """Index of ``rows`` along grid dim 1 (H) or 2 (W) and ``channels`` along the last dim."""
+    index = [slice(None)] * 3
+    index[dim] = rows
+    return (*index, ..., channels)
+
+
+class _QShift(torch.autograd.Function):
+    """Q-Shift (or its adjoint) with the other one as backward: one pass each way. (Autograd through the slice
+    copies would build a zero-filled full-size gradient per quarter and add them up: about 14 passes.)"""
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, g: int, shift_pixel: int, adjoint: bool = False) -> torch.Tensor:
+        ctx.args = (g, shift_pixel, not adjoint)
+        return _shift_quarters(grid, g, shift_pixel, adjoint)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        return _QShift.apply(grad, *ctx.args), None, None, None  # linear: double backward works the same way
 
 
 def token_shift(x: torch.Tensor, hw: tuple[int, int] | None = None, shift_pixel: int = 1) -> torch.Tensor:
@@ -85,8 +133,10 @@ def token_shift(x: torch.Tensor, hw: tuple[int, int] | None = None, shift_pixel:
         raise ValueError(f"token_shift: shift_pixel must be >= 0, got {shift_pixel}")
     T = x.shape[1]
     s = min(shift_pixel, T)
-    out = torch.zeros_like(x)
+    out = torch.zeros_like(x) if torch.jit.is_tracing() else torch.empty_like(x)  # (see _shift_quarters)
     out[:, s:] = x[:, : T - s]
+    if not torch.jit.is_tracing():
+        out[:, :s] = 0
     return out
 
 

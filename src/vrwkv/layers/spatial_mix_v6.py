@@ -115,14 +115,13 @@ class SpatialMixV6(nn.Module):
         """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
         B, T, C = x.shape
         delta = self.shift(x, hw) - x if self.shift is not None else torch.zeros_like(x)
-        lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1)  # [B, T, 5 * rank]
+        lora = torch.tanh(torch.addcmul(x, delta, self.time_maa_x) @ self.time_maa_w1)  # [B, T, 5 * rank]
         lora = lora.view(B * T, len(MIX_BRANCHES), -1).transpose(0, 1)  # [5, B*T, rank]
-        mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(len(MIX_BRANCHES), B, T, C).unbind(0)
-        xw = x + delta * (self.time_maa_w + mw)
-        xk = x + delta * (self.time_maa_k + mk)
-        xv = x + delta * (self.time_maa_v + mv)
-        xr = x + delta * (self.time_maa_r + mr)
-        xg = x + delta * (self.time_maa_g + mg)
+        # maa_b + m_b for the five branches: the static part added inside the LoRA matmul (baddbmm)
+        maa = torch.cat([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
+        mix = torch.baddbmm(maa, lora, self.time_maa_w2).view(len(MIX_BRANCHES), B, T, C)  # [5, B, T, C]
+        # x + delta * (maa_b + m_b), one addcmul per branch
+        xw, xk, xv, xr, xg = (torch.addcmul(x, delta, m) for m in mix.unbind(0))
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
