@@ -7,8 +7,10 @@ import torch
 from timm.models import group_parameters
 
 import vrwkv
-from conftest import DEVICE
+from conftest import DEVICE, rel_err
+from vrwkv.layers import q_shift
 from vrwkv.models import VRWKV
+from vrwkv.ops import bi_wkv
 
 # test_vrwkv: VRWKV-T options (pre-norm, Linear head); test_vrwkv2: VRWKV-L options (post-norm, layer scale,
 # key_norm, Tanh MLP head)
@@ -191,3 +193,58 @@ def test_timm_api_odds_and_ends():
     assert vrwkv.list_models("vrwkv_*") == ["vrwkv_base", "vrwkv_large", "vrwkv_small", "vrwkv_tiny"]
     assert set(vrwkv.list_models()) <= set(timm.list_models())
     assert timm.create_model("test_vrwkv", with_cp=True).grad_checkpointing
+
+
+def _reference_block(blk, x, hw):
+    """A block in the plain formulas of the spec (the implementation before the fused lerp / addcmul / in-place
+    paths): separate mixes ``x * mu + shift(x) * (1 - mu)``, ``square(relu(.))``, ``x + gamma * branch``."""
+    att, ffn = blk.att, blk.ffn
+
+    def mixes(m, t, names):
+        tt = q_shift(t, hw)
+        return [t * getattr(m, n) + tt * (1 - getattr(m, n)) for n in names]
+
+    def spatial(t):
+        xk, xv, xr = mixes(att, t, ["spatial_mix_k", "spatial_mix_v", "spatial_mix_r"])
+        T = t.shape[1]
+        y = bi_wkv(att.key(xk), att.value(xv), att.spatial_decay / T, att.spatial_first / T, att.wkv_semantics)
+        y = att.key_norm(y) if att.key_norm is not None else y
+        return att.output(torch.sigmoid(att.receptance(xr)) * y)
+
+    def channel(t):
+        xk, xr = mixes(ffn, t, ["spatial_mix_k", "spatial_mix_r"])
+        k = torch.square(torch.relu(ffn.key(xk)))
+        k = ffn.key_norm(k) if ffn.key_norm is not None else k
+        return torch.sigmoid(ffn.receptance(xr)) * ffn.value(k)
+
+    def scale(b, g):
+        return b if g is None else b * g
+
+    x = blk.ln0(x) if blk.ln0 is not None else x
+    if blk.post_norm:
+        x = x + scale(blk.ln1(spatial(x)), blk.gamma1)
+        return x + scale(blk.ln2(channel(x)), blk.gamma2)
+    x = x + scale(spatial(blk.ln1(x)), blk.gamma1)
+    return x + scale(channel(blk.ln2(x)), blk.gamma2)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_fast_paths_match_the_plain_formulas(name):
+    """Logits and every parameter gradient against the plain-formula blocks in float64, and the no-autograd path
+    (in-place activations, gates and residuals) against the autograd path."""
+    model = _perturbed(name, num_classes=5).double().eval()
+    x = torch.randn(2, 3, 48, 64, device=DEVICE, dtype=torch.float64)
+    out = model(x)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(model.parameters()), g)
+    tokens, hw = model._embed(x)
+    for blk in model.layers:
+        tokens = _reference_block(blk, tokens, hw)
+    ref = model.forward_head(model.ln1(tokens))
+    assert rel_err(out, ref) < 1e-12
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), g)
+    assert all(rel_err(a, b) < 1e-11 for a, b in zip(grads, ref_grads))
+    with torch.inference_mode():
+        assert rel_err(model(x), out) < 1e-13
+    with torch.no_grad():
+        assert rel_err(model(x), out) < 1e-13

@@ -26,6 +26,7 @@ from torch import nn
 from vrwkv.layers import ChannelMix, PatchEmbed, SpatialMix, resize_pos_embed
 from vrwkv.models._checkpoint import convert_state_dict, pos_embed_grid, read_checkpoint
 from vrwkv.models._registry import register_model
+from vrwkv.models.low_memory import check_low_memory_support, low_memory_forward_features
 
 __all__ = ["Block", "VRWKV", "checkpoint_filter_fn"]
 
@@ -84,12 +85,22 @@ class Block(nn.Module):
         if self.ln0 is not None:
             x = self.ln0(x)
         if self.post_norm:
-            x = x + self.drop_path(_scale(self.ln1(self.att(x, hw)), self.gamma1))
-            x = x + self.drop_path(_scale(self.ln2(self.ffn(x, hw)), self.gamma2))
-        else:
-            x = x + self.drop_path(_scale(self.att(self.ln1(x), hw), self.gamma1))
-            x = x + self.drop_path(_scale(self.ffn(self.ln2(x), hw), self.gamma2))
-        return x
+            x = self.residual(x, self.ln1(self.att(x, hw)), self.gamma1)
+            return self.residual(x, self.ln2(self.ffn(x, hw)), self.gamma2, own_x=True)
+        x = self.residual(x, self.att(self.ln1(x), hw), self.gamma1)
+        return self.residual(x, self.ffn(self.ln2(x), hw), self.gamma2, own_x=True)
+
+    def residual(
+        self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None, own_x: bool = False
+    ) -> torch.Tensor:
+        """``x + drop_path(gamma * branch)`` in one pass (``torch.addcmul``); without autograd and with ``own_x``
+        (``x`` is a tensor of this block, not its input) the sum is written into ``x``."""
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            return x + self.drop_path(_scale(branch, gamma))
+        in_place_ok = not torch.is_grad_enabled() and not torch.jit.is_tracing()  # (ONNX export drops such writes)
+        if own_x and in_place_ok and x.dtype == torch.result_type(x, branch):
+            return x.add_(branch) if gamma is None else x.addcmul_(branch, gamma)
+        return x + branch if gamma is None else torch.addcmul(x, branch, gamma)
 
 
 def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
@@ -213,6 +224,7 @@ class VRWKV(nn.Module):
         self.grid_size = (img_hw[0] // patch_size, img_hw[1] // patch_size)
         self.interpolate_mode = interpolate_mode
         self.grad_checkpointing = with_cp
+        self.low_memory_chunk_tokens: int | None = None  # see set_low_memory
         out_indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
         self.out_indices = feature_take_indices(depth, out_indices)[0]  # non-negative block indices
 
@@ -298,8 +310,41 @@ class VRWKV(nn.Module):
             return torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
         return blk(x, hw)
 
+    def set_low_memory(self, enable: bool = True, chunk_tokens: int = 65536) -> None:
+        """Low-memory exact inference for very large images (see :mod:`vrwkv.models.low_memory`).
+
+        When enabled, :meth:`forward_features` and :meth:`forward` *without autograd* (``torch.no_grad()`` /
+        ``torch.inference_mode()``, model in eval mode) keep only four ``[B, T, C]`` tensors through the blocks:
+        per-token work runs on chunks of about ``chunk_tokens`` tokens (whole patch rows), the Bi-WKV on channel
+        groups of about the same size, blocks update the token stream in place. Results equal the normal path up to
+        float rounding. With autograd enabled the normal path runs (training is unaffected). VRWKV-T at 16384² px
+        (1,048,576 tokens) peaks at a few GiB this way; see benchmarks/NOTES.md for measured figures.
+
+        Args:
+            enable: turn the mode on or off.
+            chunk_tokens: tokens per chunk (>= 1); smaller means less memory and more, smaller matmuls.
+
+        Raises:
+            ValueError: for a bad ``chunk_tokens`` or a model whose mixers/tokens the low-memory path does not
+                implement (VRWKV6, a cls token, custom mixers).
+
+        Example::
+
+            model = vrwkv.create_model("vrwkv_tiny", pretrained=True).eval()
+            model.set_low_memory(chunk_tokens=65536)
+            with torch.inference_mode():
+                tokens = model.forward_features(images)  # [B, T, C]
+        """
+        if enable:
+            if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+                raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+            check_low_memory_support(self)
+        self.low_memory_chunk_tokens = chunk_tokens if enable else None
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, in_chans, h, w]`` -> final-normed tokens ``[B, T, C]`` (raster order, ``T = h/p * w/p``)."""
+        if self.low_memory_chunk_tokens is not None and not torch.is_grad_enabled():
+            return low_memory_forward_features(self, x, self.low_memory_chunk_tokens)
         x, hw = self._embed(x)
         for blk in self.layers:
             x = self._block(blk, x, hw)
