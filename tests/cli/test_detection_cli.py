@@ -60,13 +60,14 @@ def test_det_predict_draws_on_the_image(run_dir, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "drawn.png"
     assert main(["det-predict", str(img), "--checkpoint", str(run_dir / "last.pt"), "--out", str(out),
-                 "--score-thresh", "0"]) == 0
-    drawn = Image.open(out)
-    assert drawn.size == (72, 40) and drawn.mode == "RGB"
+                 "--score-thresh", "0", "--scale", "2", "--threads", "1"]) == 0
+    drawn = np.asarray(Image.open(out))
+    assert drawn.shape == (80, 144, 3)  # enlarged twice
     text = capsys.readouterr().out
-    assert "detection(s) with score >= 0.0" in text
-    if "box [" in text:  # something was drawn: the picture changed
-        assert not np.array_equal(np.asarray(drawn), np.asarray(Image.open(img)))
+    n = int(text.split(": ")[1].split(" detection")[0])
+    assert n == text.count(" box [") and "written" in text
+    enlarged = np.asarray(Image.open(img)).repeat(2, 0).repeat(2, 1)
+    assert np.array_equal(drawn, enlarged) == (n == 0)  # drawn on exactly when something was detected
 
 
 def test_det_cli_errors_are_one_line(run_dir, tmp_path, capsys):

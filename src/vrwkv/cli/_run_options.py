@@ -65,3 +65,14 @@ def resume_dir(args: argparse.Namespace, output_dir: str | None, default_output:
     if found is None:
         raise CLIError(f"no run to resume under {base}[-N] (no last.pt); give the run folder")
     return found
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads`` of the inference subcommands: torch's CPU thread count (unchanged if None)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -343,10 +343,12 @@ def _colours(n: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def predict(det: LoadedDetector, image_path: str | Path, out: str | Path, *, score_thresh: float = 0.5,
-            mask_alpha: float = 0.5) -> list[dict[str, Any]]:
-    """Detect objects in one image file and write it with masks, boxes, labels and scores drawn (PNG ``out``).
+            mask_alpha: float = 0.5, scale: int = 1) -> list[dict[str, Any]]:
+    """Detect objects in one image file and write it with masks, boxes, labels and scores drawn (PNG ``out``),
+    enlarged ``scale`` times (pixel replication) so that labels stay legible on small images.
 
-    Returns the kept detections: ``[{"label": name, "score", "box": [x1, y1, x2, y2]}, ...]`` by decreasing score.
+    Returns the kept detections: ``[{"label": name, "score", "box": [x1, y1, x2, y2]}, ...]`` by decreasing score,
+    boxes in the original image's pixels.
     """
     import numpy as np
     from PIL import Image
@@ -356,6 +358,8 @@ def predict(det: LoadedDetector, image_path: str | Path, out: str | Path, *, sco
 
     if not 0 <= score_thresh <= 1:
         raise ValueError(f"score threshold must be in [0, 1], got {score_thresh}")
+    if scale < 1:
+        raise ValueError(f"drawing scale must be >= 1, got {scale}")
     image = load_rgb(image_path)
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, h, w] uint8
     device = next(det.model.parameters()).device
@@ -363,12 +367,14 @@ def predict(det: LoadedDetector, image_path: str | Path, out: str | Path, *, sco
     keep = output["scores"] >= score_thresh
     boxes, labels, scores = output["boxes"][keep].cpu(), output["labels"][keep].cpu(), output["scores"][keep].cpu()
     colours = _colours(len(det.classes))
-    drawn = pixels
+    drawn = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # [3, h * scale, w * scale]
     if keep.any():
         masks = output["masks"][keep][:, 0].cpu() > 0.5  # [N, h, w]
+        masks = masks.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         drawn = draw_segmentation_masks(drawn, masks, alpha=mask_alpha, colors=[colours[i - 1] for i in labels])
         names = [f"{det.classes[i - 1]} {s:.2f}" for i, s in zip(labels.tolist(), scores.tolist())]
-        drawn = draw_bounding_boxes(drawn, boxes, labels=names, colors=[colours[i - 1] for i in labels], width=1)
+        drawn = draw_bounding_boxes(drawn, boxes * scale, labels=names, colors=[colours[i - 1] for i in labels],
+                                    width=max(1, scale // 2))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)
