@@ -103,6 +103,8 @@ def test_config_errors():
     body = _tiny_model().backbone
     with pytest.raises(ValueError, match="anchor_sizes"):
         VRWKVMaskRCNN(body, 3, MaskRCNNConfig(anchor_sizes=[8, 16]))
+    with pytest.raises(ValueError, match="min_size must be a list"):
+        VRWKVMaskRCNN(body, 3, MaskRCNNConfig(min_size=128))
     with pytest.raises(ValueError, match="num_classes"):
         VRWKVMaskRCNN(body, 1, TINY_RCNN)
 
@@ -158,3 +160,22 @@ def test_coco_ap_crowd_regions_are_ignored():
     assert coco_evaluate(gt, results)["box_AP"] == pytest.approx(100.0)
     gt["annotations"][1]["iscrowd"] = 0
     assert coco_evaluate(gt, [r for r in results if r["category_id"] == 4])["box_AP"] == pytest.approx(50.0)
+
+
+def test_official_dense_checkpoint_initialises_the_adapter(tmp_path):
+    """An mmdet-style file (``backbone.*`` adapter keys plus mmdet neck/head keys) loads into the detector's
+    adapter; the mmdet heads are left out (torchvision's heads have other names)."""
+    from vrwkv.engine.detection import DetModelConfig, build_detector
+    from vrwkv.models.adapter import create_vrwkv_adapter
+
+    torch.manual_seed(1)
+    source = create_vrwkv_adapter("test_vrwkv", add_rwkv_feature="detection")
+    state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    state["neck.fpn_convs.0.conv.weight"] = torch.zeros(256, 256, 3, 3)
+    state["rpn_head.rpn_cls.weight"] = torch.zeros(3, 256, 1, 1)
+    torch.save({"state_dict": state, "meta": {}}, tmp_path / "mask_rcnn_official.pth")
+    cfg = DetModelConfig(backbone="test_vrwkv", checkpoint=str(tmp_path / "mask_rcnn_official.pth"), rcnn=TINY_RCNN)
+    model = build_detector(cfg, num_classes=81)
+    own = model.backbone.body.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in source.state_dict().items())
+    assert model.roi_heads.box_predictor.cls_score.out_features == 81

@@ -92,6 +92,10 @@ class VRWKVMaskRCNN(MaskRCNN):
         cfg = cfg or MaskRCNNConfig()
         if num_classes < 2:
             raise ValueError(f"num_classes (categories + background) must be >= 2, got {num_classes}")
+        for name in ("min_size", "anchor_sizes", "aspect_ratios", "image_mean", "image_std"):
+            value = getattr(cfg, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+                raise ValueError(f"rcnn.{name} must be a list of numbers, got {value!r}")
         if len(cfg.anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {cfg.anchor_sizes}")
         if not cfg.min_size or min(cfg.min_size) < 32:
