@@ -274,7 +274,10 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     kT, vT = k.transpose(1, 2), v.transpose(1, 2)  # [B, C, T] views
     kb, vb = _to_blocks(kT, plan, float("-inf")), _to_blocks(vT, plan, 0.0)  # [B, C, N, L]
     with torch.no_grad():  # frames only: y is invariant to them
-        m = kb.amax(3, keepdim=True)  # [B, C, N, 1]
+        if kb.stride(3) == 1:
+            m = kb.amax(3, keepdim=True)  # [B, C, N, 1]
+        else:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than across strides
+            m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]
         m = torch.where(torch.isfinite(m), m, 0.0)  # all-padding blocks
         M = m.amax(2, keepdim=True)  # [B, C, 1, 1]
     # The GEMM operand [C, 2 (den, num), B, N, L + 2 (tokens, carries)]: per (channel, den/num) one contiguous
@@ -302,8 +305,9 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     if plan.per_chunk:
         starts = torch.tensor([(s // plan.kc) * plan.kc for s in plan.block_starts()], device=k.device)
         starts = starts.clamp(max=T - 1)  # all-padding blocks at the very end read any token (their sums are 0)
-        k_start = (kT[..., starts] - M[..., 0]).permute(1, 0, 2)[:, None]  # [C, 1, B, N]
-        v_start = vT[..., starts].permute(1, 0, 2)[:, None]
+        # gathered along dim 1 of the [B, T, C] tensors (whole rows when C is innermost)
+        k_start = (k[:, starts] - M[:, None, :, 0, 0]).permute(2, 0, 1)[:, None]  # [C, 1, B, N]
+        v_start = v[:, starts].permute(2, 0, 1)[:, None]
     else:
         k_start = v_start = None
     left, right, log_mag = _carries(sums, m_rel, k_start, v_start, w, plan)
