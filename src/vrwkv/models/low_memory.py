@@ -11,8 +11,9 @@ token chunk or per channel group and freed at once:
   result over k;
 * the patch embedding runs on strips of image rows (patches do not overlap).
 
-Every value is computed by the same layer code as the normal forward (``SpatialMix.token_mix/project/wkv/
-gate_output``, ``ChannelMix.token_mix/mlp``), so results agree up to float rounding of differently blocked matmuls.
+Every value is computed by the same layer code as the normal forward (``SpatialMix.token_mix/wkv/gate_output`` and
+its key/value/receptance Linears, ``ChannelMix.token_mix/mlp``), so results agree up to float rounding of differently
+blocked matmuls.
 """
 from __future__ import annotations
 
@@ -115,9 +116,9 @@ def _block(
         a, b = max(0, h0 - halo), min(H, h1 + halo)
         t = x[:, a * W : b * W]
         xkvr = att.token_mix(pre_norm(t) if pre_norm is not None else t, (b - a, W))
-        inner = slice((h0 - a) * W, (h1 - a) * W)
-        for buf, proj in zip((k, v, r), att.project(xkvr[:, :, inner])):
-            buf[:, h0 * W : h1 * W] = proj
+        inputs = xkvr[:, :, (h0 - a) * W : (h1 - a) * W].unbind(0)  # xk, xv, xr of the chunk's own rows
+        for buf, linear, inp in zip((k, v, r), (att.key, att.value, att.receptance), inputs):
+            _linear_into(buf[:, h0 * W : h1 * W], linear, inp)
     # 2/3: the WKV of every token, a group of channels at a time, written over k
     for c0 in range(0, C, group):
         cs = slice(c0, min(C, c0 + group))
@@ -139,6 +140,14 @@ def _block(
         branch = ffn.mlp(xkr[:, :, (h0 - a) * W : (h1 - a) * W])
         v[:, h0 * W : h1 * W] = blk.ln2(branch) if blk.post_norm else branch
     _add_residual(x, v, blk.gamma2)
+
+
+def _linear_into(out: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> None:
+    """``out[...] = linear(x)``, computed straight into ``out`` (no temporary) when that is possible (batch 1)."""
+    if x.shape[0] == 1 and linear.bias is None and out.is_contiguous():
+        torch.mm(x[0], linear.weight.t(), out=out[0])
+    else:
+        out.copy_(linear(x))
 
 
 def _add_residual(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None) -> None:

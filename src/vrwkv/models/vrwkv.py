@@ -310,7 +310,7 @@ class VRWKV(nn.Module):
             return torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
         return blk(x, hw)
 
-    def set_low_memory(self, enable: bool = True, chunk_tokens: int = 65536) -> None:
+    def set_low_memory(self, enable: bool = True, chunk_tokens: int = 16384) -> None:
         """Low-memory exact inference for very large images (see :mod:`vrwkv.models.low_memory`).
 
         When enabled, :meth:`forward_features` and :meth:`forward` *without autograd* (``torch.no_grad()`` /
@@ -331,7 +331,7 @@ class VRWKV(nn.Module):
         Example::
 
             model = vrwkv.create_model("vrwkv_tiny", pretrained=True).eval()
-            model.set_low_memory(chunk_tokens=65536)
+            model.set_low_memory()  # chunks of 16384 tokens
             with torch.inference_mode():
                 tokens = model.forward_features(images)  # [B, T, C]
         """
