@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["model.backbone=test_vrwkv", "model.kwargs={}", "model.rcnn.fpn_channels=16",
         "model.rcnn.representation_size=32", "model.rcnn.mask_channels=8", "model.rcnn.rpn_post_nms_top_n_train=20",
-        "model.rcnn.rpn_post_nms_top_n_test=20", "model.rcnn.box_batch_size_per_image=16",
+        "model.rcnn.rpn_post_nms_top_n_test=20", "model.rcnn.box_batch_size_per_image=16", "model.rcnn.min_size=[64]",
         "data.scenes_val=4", "data.batch_size=4", "data.eval_batch_size=4", "schedule.epochs=1",
         "schedule.warmup_epochs=0", "run.progress=false", "run.seed=1"]
 
