@@ -54,6 +54,10 @@ def test_training_losses_and_gradients(neck, batch):
     assert all(torch.isfinite(v) for v in out.values())
     assert torch.allclose(out["loss"], sum(v for k, v in out.items() if k != "loss"))
     out["loss"].backward()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}  # an image with only crowd regions
+    negative = task({**batch, "targets": [batch["targets"][0], empty]})
+    assert torch.isfinite(negative["loss"])
     first_block = next(p for n, p in model.named_parameters() if ".layers.0." in n)
     for part in (first_block, model.roi_heads.mask_predictor.mask_fcn_logits.weight,
                  model.rpn.head.cls_logits.weight, model.backbone.fpn.inner_blocks[0][0].weight):
