@@ -19,12 +19,15 @@ def test_plan_pairs_models_and_skips_large_batches():
     wkv = [(s["impl"], s["T"]) for s in specs if s["kind"] == "wkv"]
     assert ("reference", 196) in wkv and ("reference", 4096) not in wkv and ("fast", 4096) in wkv
     assert specs[0]["kind"] == "matmul_peak"
+    assert all("threads" not in s for s in specs)
+    assert {s["threads"] for s in plan(BenchConfig(pairs=["tiny"], threads=1))} == {1}  # --threads reaches every one
 
 
 def test_each_measurement_runs_in_its_own_process():
     spec = dict(kind="model", pair="test", model="test_vrwkv", size=[32, 32], batch=1, mode="infer", repeats=1)
     result = run_spec(spec, timeout_s=600)
     assert result["median_s"] > 0 and result["flops"] > 0 and result["peak_rss_mb"] > 50  # a whole interpreter
+    assert 0 < result["cpu_min_s"] <= result["cpu_median_s"]  # CPU time of the process, next to wall time
     assert "error" in run_spec(dict(spec, model="no_such_model"), timeout_s=600)
 
 
@@ -44,7 +47,7 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path):
              if not r["spec"].get("compile")}
     assert flops[("test_vrwkv", 64, 1)] > 3 * flops[("test_vrwkv", 32, 1)]
     md = (tmp_path / "results.md").read_text()
-    assert "test_vrwkv" in md and "speed-up vs ViT" in md and "× floor" in md
+    assert "test_vrwkv" in md and "speed-up vs ViT (CPU)" in md and "× floor" in md
     for png in ("time_vs_resolution.png", "memory_vs_resolution.png"):
         with Image.open(tmp_path / png) as im:
             assert im.size[0] > 100
@@ -63,3 +66,5 @@ def test_compiled_model_is_planned_and_measured():
 def test_bench_cli_rejects_bad_arguments(capsys):
     assert main(["bench", "--pairs", "huge"]) == 2
     assert "unknown pair" in capsys.readouterr().err
+    assert main(["bench", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err

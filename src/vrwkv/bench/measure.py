@@ -1,9 +1,10 @@
 """One measurement in this process, described by a JSON spec; prints one JSON line with the result.
 
 Kinds:
-  * ``model``: inference (``mode="infer"``, optionally ``compile="inductor"``) or a training step (``mode="train"``: forward, cross-entropy, backward,
-    AdamW step) of a registered model at one resolution and batch size: seconds per call (median, min, max of
-    ``repeats`` runs after ``warmup``), real FLOPs (``torch.utils.flop_counter``), peak RSS of this process.
+  * ``model``: inference (``mode="infer"``, optionally ``compile="inductor"``) or a training step (``mode="train"``:
+    forward, cross-entropy, backward, AdamW step) of a registered model at one resolution and batch size: seconds per
+    call (median, min, max of ``repeats`` runs after ``warmup``; wall and process CPU time), real FLOPs
+    (``torch.utils.flop_counter``), peak RSS of this process.
   * ``matmul_peak``: achieved fp32 GFLOP/s of a large square matmul (the machine's practical peak).
   * ``copy_bandwidth``: achieved bytes/s of a large tensor copy (read + write).
   * ``wkv``: the Bi-WKV op (fast path or float64 reference) forward or forward+backward at one (B, T, C).
@@ -25,12 +26,16 @@ import torch
 def _timeit(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+        cpu.append(time.process_time() - c0)
+    # CPU time (all threads of this process) next to wall time: on a shared machine, wall time also counts the
+    # time other processes held the cores; with one thread, CPU time is the work itself
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "cpu_median_s": statistics.median(cpu), "cpu_min_s": min(cpu)}
 
 
 def _peak_rss_mb() -> float:

@@ -33,6 +33,8 @@ def model_rows(report: dict) -> list[dict]:
         if "error" not in res:
             row.update(per_image_s=res["median_s"] / s["batch"], min_s=res["min_s"] / s["batch"],
                        max_s=res["max_s"] / s["batch"], peak_rss_mb=res["peak_rss_mb"], params=res["params"])
+            if "cpu_median_s" in res:
+                row["cpu_per_image_s"] = res["cpu_median_s"] / s["batch"]
             if res.get("flops"):
                 row["gflop_per_image"] = res["flops"] / s["batch"] / 1e9
                 row["gflops_achieved"] = res["flops"] / res["median_s"] / 1e9
@@ -45,6 +47,8 @@ def model_rows(report: dict) -> list[dict]:
             other = by_key.get((row["pair"], ref, row["mode"], row["size"], row["batch"]))
             if other and "per_image_s" in other:
                 row["speedup_vs_ref"] = other["per_image_s"] / row["per_image_s"]
+                if "cpu_per_image_s" in row and "cpu_per_image_s" in other:
+                    row["cpu_speedup_vs_ref"] = other["cpu_per_image_s"] / row["cpu_per_image_s"]
                 row["memory_vs_ref"] = row["peak_rss_mb"] / other["peak_rss_mb"]
     return out
 
@@ -79,19 +83,20 @@ def write_markdown(report: dict) -> str:
         f"fp32 matmul peak measured in this run: {_fmt(peak, '.0f')} GFLOP/s; copy bandwidth: "
         f"{_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
         "",
-        "| model | mode | size | batch | s/image (median) | min–max | GFLOP/image | GFLOP/s | % of peak | peak RSS (MB) "
-        "| speed-up vs ViT | memory vs ViT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | size | batch | s/image (median) | min–max | CPU s/image | GFLOP/image | GFLOP/s | % of peak "
+        "| peak RSS (MB) | speed-up vs ViT (wall) | speed-up vs ViT (CPU) | memory vs ViT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in model_rows(report):
         if r["error"]:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} |||||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | {r['per_image_s']:.4g} | "
-            f"{r['min_s']:.3g}–{r['max_s']:.3g} | {_fmt(r.get('gflop_per_image'))} | {_fmt(r.get('gflops_achieved'), '.0f')} | "
+            f"{r['min_s']:.3g}–{r['max_s']:.3g} | {_fmt(r.get('cpu_per_image_s'), '.4g')} | "
+            f"{_fmt(r.get('gflop_per_image'))} | {_fmt(r.get('gflops_achieved'), '.0f')} | "
             f"{_fmt(r.get('pct_of_peak'), '.0f')} | {r['peak_rss_mb']:.0f} | {_fmt(r.get('speedup_vs_ref'), '.2f')} | "
-            f"{_fmt(r.get('memory_vs_ref'), '.2f')} |"
+            f"{_fmt(r.get('cpu_speedup_vs_ref'), '.2f')} | {_fmt(r.get('memory_vs_ref'), '.2f')} |"
         )
     wr = wkv_rows(report)
     if wr:

@@ -42,6 +42,7 @@ class BenchConfig:
     wkv_reference_max_T: int = 1024  # the O(T^2)/looped float64 reference is timed up to this T
     timeout_s: float = 3600.0
     compile_backend: str | None = None  # also time our model under torch.compile (inference), e.g. "inductor"
+    threads: int | None = None  # torch threads in every measurement (None: torch's default)
 
 
 def run_spec(spec: dict, timeout_s: float) -> dict:
@@ -82,6 +83,8 @@ def plan(cfg: BenchConfig) -> list[dict]:
                 continue
             specs.append(dict(kind="wkv", impl=impl, backward=backward, B=1, T=T, C=cfg.wkv_C,
                               repeats=cfg.repeats if impl == "fast" else 1, warmup=1 if impl == "fast" else 0))
+    if cfg.threads:
+        specs = [dict(spec, threads=cfg.threads) for spec in specs]
     return specs
 
 

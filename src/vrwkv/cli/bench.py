@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="also time our model compiled with torch.compile (default backend: inductor; falls back to "
                         "eager with a warning when no C++ compiler is found)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every measurement (default: torch's default, one per core)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--out", default=None, help="output directory (default: runs/bench-<date>)")
 
@@ -35,10 +37,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown pair(s) {unknown}; choose from {sorted(PAIRS)}")
     if args.repeats < 1 or any(s < 16 for s in args.sizes + args.vrwkv_only_sizes + args.train_sizes):
         raise CLIError("--repeats must be >= 1 and every size >= 16")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError("--threads must be >= 1")
     cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
                       vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
-                      timeout_s=args.timeout, compile_backend=args.compile)
+                      timeout_s=args.timeout, compile_backend=args.compile, threads=args.threads)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_bench(cfg, out)
     print((out / "results.md").read_text())
