@@ -26,6 +26,24 @@ def test_digit_scenes_are_deterministic_with_exact_masks():
         DigitScenes("test")
 
 
+def test_digit_scenes_are_dark_ink_on_light_paper_in_disjoint_squares():
+    scenes = DigitScenes("train", 64, num_images=40)
+    several = 0
+    for (image, mask), boxes in zip(scenes, scenes.boxes):
+        img, m = np.asarray(image, dtype=np.float64), np.asarray(mask)
+        # one contrast polarity: the ink is darker than the paper in every colour channel
+        assert (img[m > 0].mean(0) < img[m == 0].mean(0) - 20).all()
+        inside = np.zeros(m.shape, dtype=bool)
+        for x, y, side, cls in boxes:
+            assert 16 <= side <= 32 and 1 <= cls <= 10
+            assert not inside[y:y + side, x:x + side].any()  # digits never overlap: every labelled digit is whole
+            inside[y:y + side, x:x + side] = True
+            assert set(np.unique(m[y:y + side, x:x + side])) == {0, cls}  # exactly its own label in its square
+        assert (m[~inside] == 0).all()
+        several += len(boxes) > 1
+    assert several >= 10  # most scenes hold more than one digit
+
+
 def test_ade20k_folder_reduces_zero_label(tmp_path):
     for split in ("training", "validation"):
         (tmp_path / "images" / split).mkdir(parents=True)

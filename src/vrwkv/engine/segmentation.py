@@ -50,6 +50,7 @@ class SegModelConfig:
     aux_channels: int = 256  # auxiliary FCN width, 0 = none
     fpn_channels: int = 256  # simple pyramid output channels
     dropout: float = 0.1
+    cls_init_std: float = 0.01  # classifiers' initial weight std (mmseg 0.01; see Segmentor)
 
 
 @dataclass
@@ -138,7 +139,8 @@ def build_segmentor(cfg: SegModelConfig, num_classes: int, load_weights: bool = 
         backbone = SimpleFeaturePyramid(vrwkv.create_model(cfg.backbone, **kwargs), cfg.fpn_channels)
     else:
         raise ValueError(f"model.neck must be 'adapter' or 'simple', got {cfg.neck!r}")
-    model = Segmentor(backbone, num_classes, cfg.channels, cfg.aux_channels, dropout=cfg.dropout)
+    model = Segmentor(backbone, num_classes, cfg.channels, cfg.aux_channels, dropout=cfg.dropout,
+                      cls_init_std=cfg.cls_init_std)
     heads = {k: v for k, v in rest.items() if k.startswith(("decode_head.", "auxiliary_head."))}
     if heads:
         own = model.state_dict()
