@@ -317,8 +317,9 @@ class VRWKV(nn.Module):
         ``torch.inference_mode()``, model in eval mode) keep only four ``[B, T, C]`` tensors through the blocks:
         per-token work runs on chunks of about ``chunk_tokens`` tokens (whole patch rows), the Bi-WKV on channel
         groups of about the same size, blocks update the token stream in place. Results equal the normal path up to
-        float rounding. With autograd enabled the normal path runs (training is unaffected). VRWKV-T at 16384² px
-        (1,048,576 tokens) peaks at a few GiB this way; see benchmarks/NOTES.md for measured figures.
+        float rounding. With autograd enabled the normal path runs (training is unaffected). Measured for VRWKV-T
+        (benchmarks/NOTES.md): the forward adds 1.0 GiB to the process at 8192² px (normal path: 2.7 GiB) and
+        about 3.9 GiB at 16384² px (1,048,576 tokens; the image itself is 3 GiB).
 
         Args:
             enable: turn the mode on or off.
