@@ -24,8 +24,8 @@ def _perturbed(name, **kwargs):
     [
         ("test_vrwkv", {}, (112, 80), 1),  # pre-norm; 7 x 5 grid; batch 1: projections written into the buffers
         ("test_vrwkv2", {}, (80, 64), 2),  # post-norm, layer scale, key_norm
-        ("test_vrwkv", dict(shift_mode="token_shift", shift_pixel=2, dynamic_img_pad=True), (107, 80), 2),
-        ("test_vrwkv", dict(shift_pixel=2, wkv_semantics="paper"), (112, 80), 1),
+        ("test_vrwkv", {"shift_mode": "token_shift", "shift_pixel": 2, "dynamic_img_pad": True}, (107, 80), 2),
+        ("test_vrwkv", {"shift_pixel": 2, "wkv_semantics": "paper"}, (112, 80), 1),
     ],
 )
 def test_low_memory_features_equal_the_normal_path(name, kwargs, size, batch):
