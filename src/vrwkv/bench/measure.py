@@ -46,7 +46,7 @@ def _count_flops(fn: Callable[[], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, torch.no_grad():  # an inference forward: no autograd graph inflating this process's peak memory
         fn()
     return counter.get_total_flops()
 
