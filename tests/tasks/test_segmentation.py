@@ -184,3 +184,18 @@ def test_default_preset_learns_which_digit(one_thread):
     iou = _iou_after_training(cfg, DigitScenes("train", cfg.data.img_size, num_images=16), steps=90)
     digit_miou = float(np.nanmean(iou[1:]))
     assert iou[0] > 90 and digit_miou > 25, (iou, digit_miou)
+
+
+def test_poly_schedule_is_mmseg_poly_power_one():
+    """``schedule.sched=poly`` is the official segmentation schedule: lr * (1 - t / T) after a linear warm-up."""
+    from vrwkv.engine.config import ScheduleConfig
+    from vrwkv.engine.optim import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cfg = ScheduleConfig(sched="poly", epochs=10, warmup_epochs=1, warmup_lr_ratio=0.0, min_lr_ratio=0.0)
+    scheduler = build_scheduler(optimizer, cfg, lr=0.1, updates_per_epoch=10)  # T = 100 updates, 10 of warm-up
+    for t in (10, 25, 50, 99):
+        scheduler.step_update(t)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - t / 100)), t
+    scheduler.step_update(5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 5 / 10)  # warm-up from warmup_lr_ratio * lr

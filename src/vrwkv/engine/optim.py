@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule, assembled from timm (param groups, layer decay, cosine + warm-up)."""
+"""Optimiser and learning-rate schedule, assembled from timm (param groups, layer decay, cosine or poly + warm-up)."""
 from __future__ import annotations
 
 import torch
@@ -55,18 +55,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, lr: float, updates_per_epoch: int):
-    """A timm scheduler stepped per optimizer update (``scheduler.step_update(num_updates)``)."""
+    """A timm scheduler stepped per optimizer update (``scheduler.step_update(num_updates)``); ``poly`` decays
+    linearly to ``min_lr`` (mmseg's poly with power 1.0)."""
     from timm.scheduler import create_scheduler_v2
 
     if cfg.epochs < 1:
         raise ValueError(f"schedule.epochs must be >= 1, got {cfg.epochs}")
     if updates_per_epoch < 1:
         raise ValueError("an epoch has no optimizer step: the data set is smaller than one (accumulated) batch")
+    # "poly" is mmseg's poly(power 1.0), the official segmentation schedule; timm reads the power from decay_rate
+    extra = {"decay_rate": 1.0} if cfg.sched == "poly" else {}
     try:
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
             warmup_lr=lr * cfg.warmup_lr_ratio, min_lr=lr * cfg.min_lr_ratio, step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch)
+            updates_per_epoch=updates_per_epoch, **extra)
     except (ValueError, AssertionError) as e:
         raise ValueError(f"cannot create lr schedule {cfg.sched!r}: {e}") from None
     if scheduler is None:
