@@ -80,8 +80,8 @@ class SegDataConfig:
 @dataclass
 class SegmentationExperiment:
     """Everything that defines a segmentation run; saved as ``config.yaml`` next to its checkpoints. Defaults
-    follow the official UperNet recipe (spec §6.3) where it applies; the schedule is cosine to 0 instead of the
-    official poly(1.0), which the engine's scheduler options do not express."""
+    follow the official UperNet recipe (spec §6.3) where it applies; the schedule is cosine to 0 (the official
+    poly(1.0) is ``schedule.sched=poly``)."""
 
     model: SegModelConfig = field(default_factory=SegModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
