@@ -58,3 +58,24 @@ def test_seg_cli_errors_are_one_line(tmp_path, capsys):
     torch.save({"w": torch.zeros(1)}, ckpt)
     assert main(["seg-eval", str(ckpt)]) == 2
     assert "preset" in capsys.readouterr().err
+
+
+def test_two_process_training_on_cpu(tmp_path):
+    """torchrun (gloo, CPU): no SyncBN off CUDA (torch's is CUDA-only), and the validation mIoU logged by two
+    processes equals a single-process seg-eval of the saved weights (BatchNorm statistics taken from rank 0)."""
+    import os
+    import subprocess
+    import sys
+
+    from vrwkv.engine import segmentation
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vrwkv.cli",
+           "seg-train", "--output", str(out), *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    logged = torch.load(out / "last.pt", weights_only=True)["metrics"]
+    single = segmentation.evaluate(segmentation.load_segmentor(out / "last.pt"))
+    assert single["mIoU"] == pytest.approx(logged["val_mIoU"], abs=1e-6)

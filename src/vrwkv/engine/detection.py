@@ -26,7 +26,7 @@ from vrwkv.data.sampler import ShardedSampler
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
 from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
                                  list_presets, load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, all_gather_objects, process_setup
+from vrwkv.engine.distributed import DistInfo, all_gather_objects, broadcast_buffers, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, make_loader, move_to, resolve_amp
 from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
 from vrwkv.tasks.detection import DetectionTask, MaskRCNNConfig, VRWKVBackboneWithFPN, VRWKVMaskRCNN, coco_evaluate
@@ -197,15 +197,6 @@ def evaluate_detection(task: DetectionTask, dataset: DetectionSamples, gt: dict[
     return metrics, {"images": float(metrics["count"]), "forward_s": forward_s, "total_s": total_s}
 
 
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Give every process the main process's buffers (BatchNorm running statistics): without SyncBN (CPU) each
-    process updates its own copy during training, and evaluation must use the weights that are saved."""
-    import torch.distributed
-
-    for buffer in model.buffers():
-        torch.distributed.broadcast(buffer.data, src=0)
-
-
 class _DetectionTrainer(Trainer):
     """The shared ``Trainer`` with COCO evaluation (detections gathered over processes, pycocotools)."""
 
@@ -215,7 +206,7 @@ class _DetectionTrainer(Trainer):
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         if self.dist.enabled:
-            _broadcast_buffers(model if model is not None else self.model)
+            broadcast_buffers(model if model is not None else self.model)
         metrics, _ = evaluate_detection(self.task, self.val_set, self.gt, self.category_ids, model=model,
                                         batch_size=max(1, self.eval_batch_size // self.dist.world_size),
                                         workers=self.workers, device=self.device, amp_dtype=self.amp_dtype,

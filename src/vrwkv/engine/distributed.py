@@ -106,3 +106,11 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm running statistics). Without SyncBN (torch's is
+    CUDA-only, so CPU runs go without) each process updates its own copy during training; evaluation must use the
+    statistics that are saved, i.e. rank 0's."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)

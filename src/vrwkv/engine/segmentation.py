@@ -22,7 +22,7 @@ from vrwkv.data.segmentation import (ADE20KFolder, DigitScenes, SegmentationSamp
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
 from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
                                  list_presets, load_preset, save_yaml, to_dict)
-from vrwkv.engine.distributed import DistInfo, process_setup
+from vrwkv.engine.distributed import DistInfo, broadcast_buffers, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
 from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
 from vrwkv.tasks.segmentation import SegmentationConfig, SegmentationTask, Segmentor
@@ -174,7 +174,7 @@ def _train(cfg: SegmentationExperiment, dist: DistInfo, preset: str,
     train_set = SegmentationSamples(train_raw, _transform(cfg.data, True), seed=cfg.run.seed, replace_bad=True)
     val_set = SegmentationSamples(val_raw, _transform(cfg.data, False), seed=cfg.run.seed)
     model = build_segmentor(cfg.model, len(classes), load_weights=resume is None)
-    if dist.enabled:  # the official SyncBN
+    if dist.enabled and dist.device.type == "cuda":  # the official SyncBN (CUDA-only in torch)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
     task = SegmentationTask(model, cfg.task).to(dist.device)
@@ -201,6 +201,8 @@ def _train(cfg: SegmentationExperiment, dist: DistInfo, preset: str,
 def _eval_with_batch(trainer: Trainer, eval_batch_size: int):
     """The trainer's evaluation with the segmentation eval batch size (images of different sizes need 1)."""
     def evaluate(model: nn.Module | None = None) -> dict[str, float]:
+        if trainer.dist.enabled:  # without SyncBN every process has its own BatchNorm statistics: use the saved ones
+            broadcast_buffers(model if model is not None else trainer.model)
         metrics, _ = evaluate_dataset(trainer.task, trainer.val_set, model=model,
                                       batch_size=max(1, eval_batch_size // trainer.dist.world_size),
                                       workers=trainer.workers, collate_fn=trainer.collate_fn, device=trainer.device,
