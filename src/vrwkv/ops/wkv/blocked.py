@@ -293,10 +293,12 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
         x = torch.sub(kb, m, out=kb.new_empty(B, C, N, L)).exp_()
         as_bc[:, :, 0, :, :L] = x
         torch.mul(x, vb, out=as_bc[:, :, 1, :, :L])
+        del x, as_bc  # free the copy before the GEMM's output exists (peak memory)
         stacked = operand[..., :L]
     else:
         x = torch.exp(kb - m)
         stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
+    del kb, vb  # padded copies when T is not a whole number of blocks
     eps_den = eps if semantics == "official" else None
     cache = in_place and not torch.compiler.is_compiling()
     rhs, summaries_t = (_cached_gemm_matrices if cache else _gemm_matrices)(w, u, plan, eps_den)
@@ -321,6 +323,7 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     else:
         operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
+    del operand, stacked  # (without autograd nothing else holds them: freed before y is allocated)
     out = _from_blocks(out.view(C, 2, B, N, L), plan)  # [C, 2, B, T]
     num, den = out[:, 1], out[:, 0]
     if not in_place:
