@@ -59,7 +59,9 @@ def _losses(run_dir):
 
 def test_ctrl_c_ends_with_a_resume_hint_not_a_traceback(tmp_path):
     run_dir = tmp_path / "interrupted"
-    proc = _cli(COMMON + [f"run.output_dir={run_dir}"])
+    # the child gets the default SIGINT disposition even when pytest itself runs in the background (where the
+    # shell sets SIGINT to "ignore" and children inherit it)
+    proc = _cli(COMMON + [f"run.output_dir={run_dir}"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (run_dir / "last.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
