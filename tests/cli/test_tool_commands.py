@@ -102,3 +102,10 @@ def test_features_command_with_checkpoint(photo_dir, tmp_path, capsys):
     with torch.no_grad():
         expected = pooled_features(model, torch.stack([transform(load_rgb(photo_dir / f)) for f in files]))
     assert torch.allclose(feats, expected, atol=1e-5) and meta["checkpoint"] == weights
+    # the exact low-memory mode gives the same embeddings; models without one are a one-line error
+    low = tmp_path / "low.safetensors"
+    assert main(argv[:2] + [str(low)] + argv[3:] + ["--low-memory"]) == 0
+    assert torch.allclose(load_features(low)[0], expected, atol=1e-5)
+    capsys.readouterr()
+    assert main(["features", str(photo_dir), str(low), "--model", "test_vrwkv6", "--low-memory", "--no-progress"]) == 2
+    assert "low-memory" in _one_line_error(capsys, "features")

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: 0)")
     p.add_argument("--device", help="torch device (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--low-memory", action="store_true",
+                   help="exact low-memory inference for very large images (VRWKV: token chunks, Bi-WKV on channel "
+                        "groups; see model.set_low_memory)")
     from vrwkv.cli._model_options import add_model_options
 
     add_model_options(p)
@@ -41,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     model = build_model(args.model, args.checkpoint, parse_kwargs(args.model_kwargs), device=args.device)
+    if args.low_memory:
+        if not hasattr(model, "set_low_memory"):
+            raise CLIError(f"--low-memory: {args.model} has no low-memory mode (VRWKV models do)")
+        try:
+            model.set_low_memory()
+        except ValueError as e:
+            raise CLIError(f"--low-memory: {e}") from None
     transform = features.eval_transform(model, args.img_size)
     try:
         result = features.extract_features(model, files, transform, batch_size=args.batch_size,
