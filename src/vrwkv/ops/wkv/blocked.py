@@ -121,12 +121,16 @@ def _to_blocks(x: torch.Tensor, plan: BlockPlan, fill: float) -> torch.Tensor:
 
 
 def _from_blocks(y: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
-    """[..., N, L] -> [..., T] (drops the padding; a view)."""
+    """[..., N, L] -> [..., T] (drops the padding; a view). Slices only where there is padding: autograd's backward
+    of a slice zero-fills the whole input even when the slice is all of it."""
     lead = y.shape[:-2]
     if plan.per_chunk:
         n_chunks = plan.N // plan.per_chunk
-        y = y.reshape(*lead, n_chunks, plan.per_chunk * plan.L)[..., : plan.kc]
-    return y.reshape(*lead, -1)[..., : plan.T]
+        y = y.reshape(*lead, n_chunks, plan.per_chunk * plan.L)
+        if plan.per_chunk * plan.L != plan.kc:
+            y = y[..., : plan.kc]
+    y = y.reshape(*lead, -1)
+    return y[..., : plan.T] if y.shape[-1] != plan.T else y
 
 
 def _block_matrix(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +329,7 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
     del operand, stacked  # (without autograd nothing else holds them: freed before y is allocated)
     out = _from_blocks(out.view(C, 2, B, N, L), plan)  # [C, 2, B, T]
-    num, den = out[:, 1], out[:, 0]
+    den, num = out.unbind(1)  # (unbind's backward is one stack; two selects would zero-fill `out` twice)
     if not in_place:
         return (num / den).permute(1, 2, 0)  # [B, T, C] view of [C, B, T]
     y = k.new_empty(B, C, T)
