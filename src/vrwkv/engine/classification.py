@@ -15,8 +15,8 @@ from torch import nn
 
 from vrwkv.data import DataConfig, TransformedDataset, build_datasets, build_transform, collate_samples, load_rgb
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
-from vrwkv.engine.config import (ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
-                                 load_preset, save_yaml, to_dict)
+from vrwkv.engine.config import (ModelConfig, OptimConfig, RunConfig, ScheduleConfig, config_from_preset, from_dict,
+                                 save_yaml, to_dict)
 from vrwkv.engine.distributed import DistInfo, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
 from vrwkv.engine.run_dir import latest_run_dir  # noqa: F401  (re-exported: vrwkv train --resume)
@@ -42,10 +42,7 @@ class ClassificationExperiment:
 
 def make_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> ClassificationExperiment:
     """Preset (bundled name or YAML path) + ``key=value`` overrides (``["optim.lr=3e-4", ...]``)."""
-    data = load_preset(preset)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(ClassificationExperiment, data)
+    return config_from_preset(ClassificationExperiment, preset, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -243,6 +243,16 @@ def load_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> dict[str, A
     return merge(load_preset(base, preset_dir), data) if base else data
 
 
+def config_from_preset(cls: type[T], preset: str, overrides: list[str] | None = None,
+                       preset_dir: Path = PRESET_DIR) -> T:
+    """An experiment config of type ``cls``: a preset (bundled name in ``preset_dir`` or a YAML path) plus
+    ``key=value`` overrides (``["optim.lr=3e-4", ...]``), checked field by field."""
+    data = load_preset(preset, preset_dir)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)

@@ -24,8 +24,8 @@ from torch import nn
 from vrwkv.data.detection import COCODetection, DetectionSamples, DigitDetectionScenes, collate_detection
 from vrwkv.data.sampler import ShardedSampler
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
-from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
-                                 list_presets, load_preset, save_yaml, to_dict)
+from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, config_from_preset, from_dict,
+                                 list_presets, save_yaml, to_dict)
 from vrwkv.engine.distributed import DistInfo, all_gather_objects, broadcast_buffers, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, make_loader, move_to, resolve_amp
 from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
@@ -100,10 +100,7 @@ def list_det_presets() -> list[str]:
 
 def make_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> DetectionExperiment:
     """Preset (bundled name or YAML path) + ``key=value`` overrides."""
-    data = load_preset(preset, DET_PRESET_DIR)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(DetectionExperiment, data)
+    return config_from_preset(DetectionExperiment, preset, overrides, DET_PRESET_DIR)
 
 
 def default_output_dir(preset: str) -> Path:

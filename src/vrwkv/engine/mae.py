@@ -17,8 +17,8 @@ from torch import nn
 
 from vrwkv.data import DataConfig, TransformedDataset, build_datasets, build_transform, collate_samples
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
-from vrwkv.engine.config import (PRESET_DIR, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, apply_overrides,
-                                 from_dict, list_presets, load_preset, save_yaml, to_dict)
+from vrwkv.engine.config import (PRESET_DIR, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, config_from_preset,
+                                 from_dict, list_presets, save_yaml, to_dict)
 from vrwkv.engine.distributed import DistInfo, process_setup
 from vrwkv.engine.loop import LAST_CHECKPOINT, Trainer, unwrap
 from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
@@ -69,10 +69,7 @@ def list_mae_presets() -> list[str]:
 
 def make_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> MAEExperiment:
     """Preset (bundled name or YAML path) + ``key=value`` overrides (``["task.mask_ratio=0.6", ...]``)."""
-    data = load_preset(preset, MAE_PRESET_DIR)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(MAEExperiment, data)
+    return config_from_preset(MAEExperiment, preset, overrides, MAE_PRESET_DIR)
 
 
 def build_mae_model(cfg: ModelConfig, img_size: int) -> nn.Module:

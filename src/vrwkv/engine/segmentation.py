@@ -20,8 +20,8 @@ from torch import nn
 from vrwkv.data.segmentation import (ADE20KFolder, DigitScenes, SegmentationSamples, SegmentationTransform,
                                      collate_segmentation)
 from vrwkv.engine.checkpoint import is_run_checkpoint, load_checkpoint
-from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, apply_overrides, from_dict,
-                                 list_presets, load_preset, save_yaml, to_dict)
+from vrwkv.engine.config import (PRESET_DIR, OptimConfig, RunConfig, ScheduleConfig, config_from_preset, from_dict,
+                                 list_presets, save_yaml, to_dict)
 from vrwkv.engine.distributed import DistInfo, broadcast_buffers, process_setup
 from vrwkv.engine.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, evaluate_dataset, resolve_amp
 from vrwkv.engine.run_dir import latest_run_dir, resolve_run_dir, saved_config, seed_all, set_deterministic
@@ -99,10 +99,7 @@ def list_seg_presets() -> list[str]:
 
 def make_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> SegmentationExperiment:
     """Preset (bundled name or YAML path) + ``key=value`` overrides."""
-    data = load_preset(preset, SEG_PRESET_DIR)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(SegmentationExperiment, data)
+    return config_from_preset(SegmentationExperiment, preset, overrides, SEG_PRESET_DIR)
 
 
 # ------------------------------------------------------------------------------------------------ data / model
