@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from vrwkv.data.image_folder import BadImageError, load_rgb
-from vrwkv.data.pipeline import sample_rng
+from vrwkv.data.pipeline import read_replacing_bad, sample_rng
 
 DIGIT_CATEGORIES = [str(i) for i in range(10)]
 _SCENES_SEED = 20240611
@@ -372,20 +372,12 @@ class DetectionSamples(torch.utils.data.Dataset):
         return img, target
 
     def __getitem__(self, index: int) -> tuple[Any, Any, list, list]:
-        bad: list[tuple[str, str]] = []
-        for attempt in range(min(64, len(self.base))):
-            j = (index + attempt) % len(self.base)
-            try:
-                image, target = self.base[j]
-            except BadImageError as e:
-                bad.append((e.path, e.reason))
-                if not self.replace_bad:
-                    return None, None, bad, []
-                continue
-            with sample_rng(self.seed, self.epoch, index):
-                img, target = self._transform(image, target)
-            return img, target, bad, []
-        raise RuntimeError(f"64 consecutive unreadable samples from index {index}; is the data set corrupt?")
+        _, sample, bad = read_replacing_bad(self.base, index, self.replace_bad)
+        if sample is None:
+            return None, None, bad, []
+        with sample_rng(self.seed, self.epoch, index):
+            img, target = self._transform(*sample)
+        return img, target, bad, []
 
 
 def collate_detection(items: list[tuple]) -> dict[str, Any]:

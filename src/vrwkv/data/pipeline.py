@@ -23,6 +23,28 @@ from vrwkv.data.image_folder import BadImageError
 _MAX_CONSECUTIVE_BAD = 64
 
 
+def read_replacing_bad(base: Any, index: int, replace_bad: bool,
+                       describe: Callable[[int], str] | None = None) -> tuple[int, Any, list[tuple[str, str]]]:
+    """``base[index]``, or, if it cannot be read and ``replace_bad``, the next readable sample.
+
+    Returns ``(j, sample, bad)``: the index read, the sample (None if unreadable and not replaced) and the
+    ``(path, reason)`` of every unreadable file met. Raises after 64 consecutive unreadable samples.
+    """
+    bad: list[tuple[str, str]] = []
+    n = len(base)
+    for attempt in range(_MAX_CONSECUTIVE_BAD):
+        j = (index + attempt) % n
+        try:
+            return j, base[j], bad
+        except BadImageError as e:
+            bad.append((e.path, e.reason))
+            if not replace_bad:
+                return j, None, bad
+    where = describe(index) if describe else f"sample {index}"
+    raise RuntimeError(f"{_MAX_CONSECUTIVE_BAD} consecutive unreadable samples starting at {where}; "
+                       "is the data set corrupt?")
+
+
 @contextmanager
 def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
     """Seed python, numpy and torch RNGs from ``(seed, epoch, index)``; restore the previous states afterwards."""
@@ -69,22 +91,13 @@ class TransformedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, list[tuple[str, str]], list[str]]:
-        bad: list[tuple[str, str]] = []
-        n = len(self.base)
-        for attempt in range(_MAX_CONSECUTIVE_BAD):
-            j = (index + attempt) % n
-            try:
-                img, target = self.base[j]
-            except BadImageError as e:
-                bad.append((e.path, e.reason))
-                if not self.replace_bad:
-                    return None, -1, bad, []
-                continue
-            small = [self._describe(j)] if min(img.size) < self.min_size else []
-            with sample_rng(self.seed, self.epoch, index):
-                return self.transform(img), int(target), bad, small
-        raise RuntimeError(f"{_MAX_CONSECUTIVE_BAD} consecutive unreadable images starting at "
-                           f"{self._describe(index)}; is the data set corrupt?")
+        j, sample, bad = read_replacing_bad(self.base, index, self.replace_bad, self._describe)
+        if sample is None:
+            return None, -1, bad, []
+        img, target = sample
+        small = [self._describe(j)] if min(img.size) < self.min_size else []
+        with sample_rng(self.seed, self.epoch, index):
+            return self.transform(img), int(target), bad, small
 
     def _describe(self, index: int) -> str:
         describe = getattr(self.base, "describe", None)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vrwkv.data.image_folder import BadImageError, load_rgb
-from vrwkv.data.pipeline import sample_rng
+from vrwkv.data.pipeline import read_replacing_bad, sample_rng
 
 IGNORE_INDEX = 255
 DIGIT_SCENE_CLASSES = ["background"] + [f"digit {i}" for i in range(10)]
@@ -214,19 +214,12 @@ class SegmentationSamples(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list]:
-        bad: list[tuple[str, str]] = []
-        for attempt in range(min(64, len(self.base))):
-            try:
-                image, mask = self.base[(index + attempt) % len(self.base)]
-            except BadImageError as e:
-                bad.append((e.path, e.reason))
-                if not self.replace_bad:
-                    return None, None, bad, []
-                continue
-            with sample_rng(self.seed, self.epoch, index):
-                img, lbl = self.transform(image, mask)
-            return img, lbl, bad, []
-        raise RuntimeError(f"64 consecutive unreadable samples from index {index}; is the data set corrupt?")
+        _, sample, bad = read_replacing_bad(self.base, index, self.replace_bad)
+        if sample is None:
+            return None, None, bad, []
+        with sample_rng(self.seed, self.epoch, index):
+            img, lbl = self.transform(*sample)
+        return img, lbl, bad, []
 
 
 def collate_segmentation(items: list[tuple]) -> dict[str, Any]:
