@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import rel_err
 from vrwkv.layers import SpatialMix, q_shift
@@ -108,3 +109,105 @@ def test_inference_path_channel_slices_and_gradients_match_the_formula():
 
     ref = torch.autograd.grad(formula(x), [x, *m.parameters()], g)
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ref))
+
+
+def _perturbed(m: SpatialMix) -> SpatialMix:
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def _token_major_formula(m: SpatialMix, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The spatial mix written plainly token-major (Linears on [B, T, C], contiguous k, v for the op)."""
+    xx = q_shift(x, hw)
+    mix = lambda mu: x * mu + xx * (1 - mu)  # noqa: E731
+    k, v = m.key(mix(m.spatial_mix_k)), m.value(mix(m.spatial_mix_v))
+    T = x.shape[1]
+    y = bi_wkv(k, v, m.spatial_decay / T, m.spatial_first / T, semantics=m.wkv_semantics)
+    if m.key_norm is not None:
+        y = m.key_norm(y)
+    return m.output(torch.sigmoid(m.receptance(mix(m.spatial_mix_r))) * y)
+
+
+@pytest.mark.parametrize("semantics", ["official", "paper"])
+@pytest.mark.parametrize("key_norm", [False, True])
+def test_forward_and_gradients_match_the_token_major_formula(key_norm, semantics):
+    """The channel-major forward (no key_norm) and the token-major one (key_norm): outputs with and without
+    autograd and the gradients of the input and of every parameter against the plain formula, float64, an odd grid
+    of more than 32 tokens (the official semantics' chunks), batch 3."""
+    torch.manual_seed(3)
+    H, W, C = 5, 7, 6
+    m = _perturbed(SpatialMix(C, 1, 3, key_norm=key_norm, wkv_semantics=semantics).double())
+    assert m.channel_major is not key_norm
+    x = torch.randn(3, H * W, C, dtype=torch.float64, requires_grad=True)
+    out, ref = m(x, (H, W)), _token_major_formula(m, x, (H, W))
+    assert out.shape == (3, H * W, C) and out.is_contiguous()
+    assert rel_err(out, ref) < 1e-12
+    with torch.no_grad():
+        assert rel_err(m(x, (H, W)), ref) < 1e-12
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+    expected = torch.autograd.grad(ref, [x, *m.parameters()], g)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, expected))
+
+
+def test_channel_major_float32_block_path_matches_token_major():
+    """float32 runs the block-matrix op, which reads channel-major k, v through other strides (and at T = 4095 the
+    official kernel chunks span several blocks): same result as token-major inputs, with and without autograd."""
+    torch.manual_seed(4)
+    H, W, C = 63, 65, 8
+    m = _perturbed(SpatialMix(C, 2, 4))
+    x = torch.randn(2, H * W, C, requires_grad=True)
+    ref = _token_major_formula(m, x, (H, W))
+    assert rel_err(m(x, (H, W)), ref) < 1e-5
+    with torch.inference_mode():
+        assert rel_err(m(x.detach(), (H, W)), ref) < 1e-5
+
+
+def test_token_major_where_channel_major_does_not_apply():
+    assert not SpatialMix(8, 0, 2, key_norm=True).channel_major
+    assert not SpatialMix(8, 0, 2, wkv_mode="causal").channel_major
+    assert SpatialMix(8, 0, 2, shift_mode="none").channel_major
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every aten op with its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("y_storage", ["bct", "cbt"])
+def test_channel_major_stages_never_copy(grad, y_storage):
+    """The channel-major gate and output projection run without a layout copy whatever the channel-major storage
+    of the WKV result ([B, C, T] or [C, B, T]); in the backward, the input gradients reach the stack of the
+    token-mix gradients token-major (the mm backward keeps the input layout: no transposing copies)."""
+    torch.manual_seed(5)
+    B, T, C = 3, 10, 8
+    m = _perturbed(SpatialMix(C, 1, 3))
+    xkvr = torch.randn(3, B, T, C, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        k, v, r = m.project_channel_major(xkvr)
+        assert k.shape == (B, C, T) and k.stride() == (T, B * T, 1)
+        y = torch.randn(B, C, T) if y_storage == "bct" else torch.randn(C, B, T).transpose(0, 1)
+        y = y + 0 * (k + v)  # k, v feed it, as they feed the WKV
+        ref = ((torch.sigmoid(r) * y).transpose(1, 2) @ m.output.weight.t()).detach()
+        with _OpLog() as log:
+            out = m.gate_output_channel_major(r, y)
+        assert rel_err(out, ref) < 1e-6
+        copies = [f for f, _ in log.calls if f in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default,
+                                                      torch.ops.aten._to_copy.default)]
+        assert not copies
+        if grad:
+            with _OpLog() as log:
+                out.backward(torch.randn_like(out))
+            stacked = [a for f, a in log.calls if f in (torch.ops.aten.stack.default, torch.ops.aten.cat.default)]
+            assert stacked and all(t.is_contiguous() for a in stacked for t in a[0])
+            assert xkvr.grad.shape == xkvr.shape
