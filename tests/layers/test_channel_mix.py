@@ -1,9 +1,11 @@
 """ChannelMix: fancy init, parameter layout and the forward formula (spec §1.5)."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import rel_err
 from vrwkv.layers import ChannelMix, q_shift
-from vrwkv.layers.channel_mix import squared_relu
+from vrwkv.layers.channel_mix import squared_relu, squared_relu_linear
 
 
 def test_fancy_init_and_layout():
@@ -76,3 +78,109 @@ def test_inference_path_and_gradients_match_the_formula():
 
     ref = torch.autograd.grad(formula(x), [x, *m.parameters()], g)
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ref))
+
+
+def test_squared_relu_linear_matches_the_formula():
+    """``F.linear(relu(x) ** 2, w)`` through autograd: values and both gradients (incl. exact zeros and 1e60-sized
+    inputs, odd sizes), float64; gradcheck; frozen weight."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, 11, dtype=torch.float64)
+    x[0, 0, :6] = torch.tensor([-1e60, -1e-300, 0.0, 1e-300, 1e60, -3.0], dtype=torch.float64)
+    x.requires_grad_()
+    w = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    out, ref = squared_relu_linear(x, w), F.linear(torch.relu(x) ** 2, w)
+    assert rel_err(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    ref_grads = torch.autograd.grad(ref, (x, w), g)
+    for a, b in zip(torch.autograd.grad(out, (x, w), g), ref_grads):
+        assert rel_err(a, b) < 1e-12
+    (gx,) = torch.autograd.grad(squared_relu_linear(x, w.detach()), x, g)
+    assert rel_err(gx, ref_grads[0]) < 1e-12
+    small = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(squared_relu_linear, (small, w[:, :6].detach().clone().requires_grad_()))
+    with pytest.raises(ValueError, match="weight must be"):
+        squared_relu_linear(x, w.t())
+
+
+def _perturbed(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("shift_mode,suffix,key_norm", [("q_shift", 0, False), ("q_shift_multihead", 1, False),
+                                                        ("token_shift", 0, False), ("none", 0, False),
+                                                        ("none", 0, True)])
+def test_training_path_matches_the_formula(shift_mode, suffix, key_norm):
+    """The autograd path (shift_mix_linear, squared_relu_linear) for every shift (VRWKV6's per-head Q-Shift with a
+    trailing cls token, none: x used directly) against the plain formula: values and all gradients, float64; and the
+    same values as the inference path."""
+    torch.manual_seed(3)
+    H, W, C = 3, 5, 16
+    m = _perturbed(ChannelMix(C, 1, 3, shift_mode=shift_mode, key_norm=key_norm, shift_head_size=8,
+                              num_suffix_tokens=suffix)).double()
+    x = torch.randn(2, H * W + suffix, C, dtype=torch.float64, requires_grad=True)
+    out = m(x, (H, W))
+    with torch.inference_mode():
+        assert rel_err(m(x.detach(), (H, W)), out) < 1e-14
+
+    def formula(x):
+        if m.shift is None:
+            xk = xr = x
+        else:
+            xx = m.shift(x, (H, W))
+            xk = x * m.spatial_mix_k + xx * (1 - m.spatial_mix_k)
+            xr = x * m.spatial_mix_r + xx * (1 - m.spatial_mix_r)
+        k = torch.square(torch.relu(xk @ m.key.weight.T))
+        if key_norm:
+            k = m.key_norm(k)
+        return torch.sigmoid(xr @ m.receptance.weight.T) * (k @ m.value.weight.T)
+
+    ref = formula(x)
+    assert rel_err(out, ref) < 1e-13
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *m.parameters()], g)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ref_grads))
+
+
+def test_training_graph_keeps_seven_token_tensors():
+    """With a shift and no key_norm, autograd keeps x, relu(k) (hidden = 4 C: 4 units), sigmoid(r) and value(.)
+    (+ the [2, 1, 1, C] mix weights): 7 [B, T, C] units; autograd through the plain formula keeps 14."""
+    torch.manual_seed(4)
+    H, W, C = 3, 5, 16
+    m = ChannelMix(C, 1, 3)
+    x = torch.randn(2, H * W, C, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x, (H, W))
+    assert sum(seen.values()) == 7 * x.numel() * 4 + 2 * C * 4
+
+
+def test_training_path_under_autocast():
+    """CPU bfloat16 autocast: the same output as the formula through autocast, float32 gradients that agree with
+    autograd's up to bfloat16 rounding."""
+    torch.manual_seed(5)
+    H, W, C = 3, 5, 16
+    m = _perturbed(ChannelMix(C, 1, 3))
+    x = torch.randn(2, H * W, C, requires_grad=True)
+
+    def formula(x):
+        xkr = torch.lerp(m.shift(x, (H, W)), x, torch.stack([m.spatial_mix_k, m.spatial_mix_r]))
+        return torch.sigmoid(m.receptance(xkr[1])) * m.value(torch.relu(m.key(xkr[0])) ** 2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = m(x, (H, W)), formula(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *m.parameters()], g)
+    assert all(a.dtype == torch.float32 and rel_err(a, b) < 2e-2 for a, b in zip(grads, ref_grads))

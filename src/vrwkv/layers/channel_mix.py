@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
+from vrwkv.layers.shift_mix import shift_mix_linear
 
 
 class ChannelMix(nn.Module):
@@ -77,8 +79,24 @@ class ChannelMix(nn.Module):
             self.spatial_mix_r.fill_(value)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
-        return self.mlp(self.token_mix(x, hw))
+        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``.
+
+        With autograd on, the graph keeps 7 token tensors' worth for the backward instead of 14 (in units of
+        ``[B, T, C]``; hidden tensors count ``hidden_rate``): ``x`` (the mixes are recomputed from it), ``relu(k)``
+        (``relu(k)^2`` is recomputed from it) and the gate's ``sigmoid(r)`` and ``value(.)``.
+        """
+        if not torch.is_grad_enabled():
+            return self.mlp(self.token_mix(x, hw))
+        if self.shift is None:
+            k, r = self.key(x), self.receptance(x)  # both keep the same x
+        else:
+            mix = torch.stack([self.spatial_mix_k, self.spatial_mix_r])  # [2, 1, 1, C]
+            k, r = shift_mix_linear(x, hw, self.shift, mix, (self.key.weight, self.receptance.weight))
+        if self.key_norm is None:
+            v = squared_relu_linear(k, self.value.weight)
+        else:
+            v = self.value(self.key_norm(squared_relu(k)))
+        return torch.sigmoid(r) * v
 
     # The forward in two stages, so that a caller can run the MLP on token chunks (low-memory inference).
     def token_mix(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -128,3 +146,49 @@ class _SquaredReLU(torch.autograd.Function):
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
     """``relu(x) ** 2`` (the channel mix activation), differentiable, with a cheaper backward than autograd's."""
     return _SquaredReLU.apply(x)
+
+
+class _SquaredReLULinear(torch.autograd.Function):
+    """``F.linear(relu(x)^2, weight)`` keeping ``relu(x)`` (and the weight) for the backward: ``relu(x)^2`` is
+    recomputed from it (one pass) for the weight gradient, so the [*, hidden] input of the matmul is not kept too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(x)
+        ctx.save_for_backward(s, weight)
+        return F.linear(s * s, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        s, weight = ctx.saved_tensors
+        # the forward's matmul precision (autocast's, if it was on) is the output's dtype
+        dtype, hidden = grad.dtype, s.shape[-1]
+        grad = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            squared = torch.square(s.view(-1, hidden)).to(dtype)  # [N, hidden], as in the forward
+            grad_w = torch.mm(grad.t(), squared).to(weight.dtype)  # [out, hidden]
+            del squared
+        if ctx.needs_input_grad[0]:
+            # d relu(x)^2 / dx = 2 relu(x): the factor 2 goes into the (small) weight, exactly (a power of two)
+            grad_x = torch.mm(grad, (weight * 2).to(dtype)).view(s.shape).to(s.dtype).mul_(s)
+        return grad_x, grad_w
+
+
+def squared_relu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(relu(x) ** 2, weight)`` (the channel mix value projection of its activation), keeping only
+    ``relu(x)`` for the backward where autograd keeps ``relu(x)`` and ``relu(x)^2``.
+
+    Args:
+        x: key outputs ``[*, hidden]``.
+        weight: ``[out, hidden]``.
+
+    Returns:
+        ``[*, out]``.
+    """
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"squared_relu_linear: weight must be [out, {x.shape[-1]}], got {list(weight.shape)}")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _SquaredReLULinear.apply(x, weight)
+    return F.linear(torch.relu(x).square_(), weight)

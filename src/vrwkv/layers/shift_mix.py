@@ -1,0 +1,161 @@
+"""Shift-and-mix of the RWKV mixers, ``lerp(shift(x), x, mu)`` for several ``mu``, with a lean training graph.
+
+``x * mu + shift(x) * (1 - mu)`` (spec §1.4-1.5) through autograd keeps ``shift(x)`` and ``x`` for the lerp's backward
+and, when Linears consume the mixes, the stacked mixes ``[n, B, T, C]`` for their weight gradients: ``n + 2`` token
+tensors. The mixes are one pass from ``x``, so the functions here keep only ``x`` and recompute ``shift(x)`` (and the
+mixes) in the backward; matmuls are never recomputed. Without autograd they are the plain formula.
+
+The shift can be any differentiable function of ``x`` (the Q-Shift, the 1-D token shift, MAE's shift of the visible
+tokens, ...): its transpose in the backward is autograd's vector-Jacobian product of the recomputed shift.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+#: ``shift(x [B, T, C], hw) -> [B, T, C]``; ``hw`` is passed through (the patch grid, or whatever the shift takes)
+ShiftFn = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+def shift_mix(x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mix: torch.Tensor) -> torch.Tensor:
+    """``torch.lerp(shift(x, hw), x, mix)``: the mixes ``[n, B, T, C]`` for ``mix`` ``[n, 1, 1, C]``.
+
+    When autograd records, only ``x`` is kept for the backward (``shift(x)`` is recomputed there): one ``[B, T, C]``
+    tensor less than autograd through the lerp.
+
+    Args:
+        x: tokens ``[B, T, C]``.
+        hw: the patch grid ``(H, W)``.
+        shift: the token shift, ``shift(x, hw) -> [B, T, C]`` (e.g. from :func:`vrwkv.layers.make_shift`).
+        mix: the mix weights ``mu``, ``[n, 1, 1, C]``.
+
+    Returns:
+        ``[n, B, T, C]``.
+    """
+    _check(x, mix)
+    if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
+        return _ShiftMix.apply(x, mix, hw, shift)
+    return torch.lerp(shift(x, hw), x, mix)
+
+
+def shift_mix_linear(
+    x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mix: torch.Tensor, weights: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``.
+
+    When autograd records, only ``x`` (and the weights) are kept for the backward: the mixes are recomputed there for
+    the weight gradients. Autograd through :func:`shift_mix` and the Linears keeps ``x`` and the ``n`` mixes.
+
+    Args:
+        x: tokens ``[B, T, C]``.
+        hw: the patch grid ``(H, W)``.
+        shift: the token shift, ``shift(x, hw) -> [B, T, C]`` (e.g. from :func:`vrwkv.layers.make_shift`).
+        mix: the mix weights ``mu``, ``[n, 1, 1, C]``.
+        weights: ``n`` Linear weights ``[out_i, C]``.
+
+    Returns:
+        ``n`` tensors ``[B, T, out_i]``.
+    """
+    _check(x, mix)
+    if len(weights) != mix.shape[0]:
+        raise ValueError(f"shift_mix_linear: {mix.shape[0]} mixes but {len(weights)} weights")
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"shift_mix_linear: weights must be [out, {x.shape[-1]}], got {list(w.shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, mix, *weights)):
+        return _ShiftMixLinear.apply(x, mix, hw, shift, *weights)
+    mixes = torch.lerp(shift(x, hw), x, mix)  # [n, B, T, C]
+    return tuple(F.linear(m, w) for m, w in zip(mixes.unbind(0), weights))
+
+
+def _check(x: torch.Tensor, mix: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"shift_mix: x must be [B, T, C], got {list(x.shape)}")
+    if mix.dim() != 4 or mix.shape[1:3] != (1, 1) or mix.shape[3] != x.shape[2]:
+        raise ValueError(f"shift_mix: mix must be [n, 1, 1, {x.shape[2]}], got {list(mix.shape)}")
+
+
+def _shift_with_transpose(
+    shift: ShiftFn, x: torch.Tensor, hw: tuple[int, int]
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``shift(x, hw)`` recomputed, and its transpose applied to a gradient (the vector-Jacobian product)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        shifted = shift(leaf, hw)
+    return shifted.detach(), lambda grad: torch.autograd.grad(shifted, leaf, grad)[0]
+
+
+def _mix_backward(
+    x: torch.Tensor, mix: torch.Tensor, grad: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, needs_x: bool,
+    needs_mix: bool, shifted_and_transpose: tuple | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``lerp(shift(x), x, mix)`` ``[n, B, T, C]`` for the output gradient ``grad``: ``x`` gets
+    ``sum_i mu_i g_i`` directly and ``shift^T(sum_i (1 - mu_i) g_i)`` through the shift, ``mu_i`` gets
+    ``sum_{B, T} (x - shift(x)) g_i``."""
+    shifted, transpose = shifted_and_transpose or _shift_with_transpose(shift, x, hw)
+    grad_x = grad_mix = None
+    if needs_mix:
+        grad_mix = (grad * (x - shifted)).sum((1, 2), keepdim=True)  # [n, 1, 1, C]
+    if needs_x:
+        direct = (grad * mix).sum(0)  # [B, T, C]
+        grad_x = transpose(grad.sum(0).sub_(direct)).add_(direct)
+    return grad_x, grad_mix
+
+
+class _ShiftMix(torch.autograd.Function):
+    """:func:`shift_mix`, keeping ``x`` only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mix: torch.Tensor, hw: tuple[int, int], shift: ShiftFn) -> torch.Tensor:
+        ctx.save_for_backward(x, mix)
+        ctx.hw, ctx.shift = hw, shift
+        return torch.lerp(shift(x, hw), x, mix)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mix = ctx.saved_tensors
+        needs_x, needs_mix = ctx.needs_input_grad[:2]
+        return (*_mix_backward(x, mix, grad, ctx.hw, ctx.shift, needs_x, needs_mix), None, None)
+
+
+class _ShiftMixLinear(torch.autograd.Function):
+    """:func:`shift_mix_linear`, keeping ``x`` and the weights only; the backward recomputes the mixes (one shift and
+    one lerp pass) for the weight gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mix: torch.Tensor, hw: tuple[int, int], shift: ShiftFn,
+                *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(x, mix, *weights)
+        ctx.hw, ctx.shift = hw, shift
+        mixes = torch.lerp(shift(x, hw), x, mix)  # [n, B, T, C]
+        return tuple(F.linear(m, w) for m, w in zip(mixes.unbind(0), weights))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mix, *weights = ctx.saved_tensors
+        needs_x, needs_mix, _, _, *needs_w = ctx.needs_input_grad
+        # The outputs' dtype is the forward's matmul precision (autocast's, if it was on): the backward matmuls run
+        # in it, as autograd through autocast's casts and F.linear would.
+        dtype, C = grads[0].dtype, x.shape[-1]
+        grads = [g.reshape(-1, g.shape[-1]) for g in grads]  # [B * T, out_i]
+        shifted, transpose = _shift_with_transpose(ctx.shift, x, ctx.hw)
+        grad_w = [None] * len(weights)
+        if any(needs_w):
+            mixes = torch.lerp(shifted, x, mix).to(dtype)  # [n, B, T, C], as in the forward
+            for i, (g, needed) in enumerate(zip(grads, needs_w)):
+                if needed:  # sum over tokens of g_i^T m_i
+                    grad_w[i] = torch.mm(g.t(), mixes[i].view(-1, C)).to(weights[i].dtype)  # [out_i, C]
+            del mixes
+        grad_x = grad_mix = None
+        if needs_x or needs_mix:
+            grad_mixes = x.new_empty((len(weights), *x.shape), dtype=dtype)  # [n, B, T, C]
+            for i, (g, w) in enumerate(zip(grads, weights)):
+                torch.mm(g, w.to(dtype), out=grad_mixes[i].view(-1, C))
+            grad_x, grad_mix = _mix_backward(x, mix, grad_mixes.to(x.dtype), ctx.hw, ctx.shift, needs_x, needs_mix,
+                                             (shifted, transpose))
+        return (grad_x, grad_mix, None, None, *grad_w)

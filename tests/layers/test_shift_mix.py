@@ -1,0 +1,147 @@
+"""shift_mix / shift_mix_linear: the plain formula's values and gradients with a leaner autograd graph."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from vrwkv.layers import make_shift
+from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (mode, suffix tokens): Q-Shift, VRWKV6's per-head Q-Shift with a trailing cls token, the 1-D token shift
+SHIFTS = [("q_shift", 0), ("q_shift_multihead", 1), ("token_shift", 0)]
+H, W = 3, 5  # odd grid
+
+
+def _inputs(C: int, suffix: int, n: int, outs: tuple[int, ...] = (), scale: float = 1.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(2, H * W + suffix, C, dtype=torch.float64, generator=g)
+    mix = torch.rand(n, 1, 1, C, dtype=torch.float64, generator=g) * 1.6 - 0.3  # also outside [0, 1]
+    weights = [torch.randn(o, C, dtype=torch.float64, generator=g) for o in outs]
+    return [t.requires_grad_() for t in (x, mix, *weights)]
+
+
+def _reference(x, mix, shift, weights=()):
+    """The plain formula through autograd: ``x * mu + shift(x) * (1 - mu)`` per mix, then the Linears."""
+    xx = shift(x, (H, W))
+    mixes = [x * m + xx * (1 - m) for m in mix.unbind(0)]
+    return [F.linear(m, w) for m, w in zip(mixes, weights)] if weights else torch.stack(mixes)
+
+
+def _saved_bytes(fn, params=()):
+    """Bytes autograd keeps for the backward of ``fn()``, deduplicated by storage, parameters excluded."""
+    seen, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("mode,suffix", SHIFTS)
+@pytest.mark.parametrize("scale", [1.0, 1e30])
+def test_shift_mix_matches_the_formula(mode, suffix, scale):
+    """Values and all gradients (x, mu) against autograd through the formula, float64 (also with 1e30-sized x)."""
+    shift = make_shift(mode, head_size=8, num_suffix_tokens=suffix)
+    x, mix = _inputs(16, suffix, 3, scale=scale)
+    out, ref = shift_mix(x, (H, W), shift, mix), _reference(x, mix, shift)
+    assert out.shape == (3, 2, H * W + suffix, 16) and rel_err(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, mix), g), torch.autograd.grad(ref, (x, mix), g)):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("mode,suffix", SHIFTS)
+def test_shift_mix_linear_matches_the_formula(mode, suffix):
+    """Projections of two mixes of different widths (odd C = 13, outputs 29 and 13): values and the gradients of x,
+    mu and both weights against autograd through the formula, float64."""
+    shift = make_shift(mode, head_size=13, num_suffix_tokens=suffix)
+    x, mix, *weights = _inputs(13, suffix, 2, outs=(29, 13), seed=1)
+    outs, refs = shift_mix_linear(x, (H, W), shift, mix, weights), _reference(x, mix, shift, weights)
+    assert [o.shape[-1] for o in outs] == [29, 13]
+    assert all(rel_err(o, r) < 1e-12 for o, r in zip(outs, refs))
+    gs = [torch.randn_like(o) for o in outs]
+    inputs = (x, mix, *weights)
+    for a, b in zip(torch.autograd.grad(outs, inputs, gs), torch.autograd.grad(refs, inputs, gs)):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_any_differentiable_shift():
+    """A shift that is not one of the library's (here not even linear): gradients through its vector-Jacobian
+    product, equal to autograd through the formula, float64."""
+    shift = lambda x, hw: torch.roll(x, 2, 1).tanh() * hw[0]  # noqa: E731
+    x, mix, w = _inputs(8, 0, 1, outs=(4,), seed=6)
+    for out, ref in [(shift_mix(x, (H, W), shift, mix), _reference(x, mix, shift)),
+                     (shift_mix_linear(x, (H, W), shift, mix, (w,))[0], _reference(x, mix, shift, (w,))[0])]:
+        assert rel_err(out, ref) < 1e-12
+        inputs = (x, mix, w) if out.shape[-1] == 4 else (x, mix)
+        for a, b in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+            assert rel_err(a, b) < 1e-12
+
+
+def test_gradcheck():
+    shift = make_shift("q_shift", shift_pixel=1)
+    x, mix, w1, w2 = _inputs(8, 0, 2, outs=(5, 3), seed=2)
+    assert torch.autograd.gradcheck(lambda x, m: shift_mix(x, (H, W), shift, m), (x, mix))
+    assert torch.autograd.gradcheck(lambda x, m, a, b: shift_mix_linear(x, (H, W), shift, m, (a, b)), (x, mix, w1, w2))
+
+
+def test_partial_requires_grad():
+    """Frozen weights, or a constant x: only the gradients asked for, equal to the formula's."""
+    shift = make_shift("q_shift")
+    x, mix, w = _inputs(8, 0, 1, outs=(6,), seed=3)
+    (out,) = shift_mix_linear(x, (H, W), shift, mix, (w.detach(),))
+    (ref,) = _reference(x, mix, shift, (w.detach(),))
+    for a, b in zip(torch.autograd.grad(out.sum(), (x, mix)), torch.autograd.grad(ref.sum(), (x, mix))):
+        assert rel_err(a, b) < 1e-12
+    (out,) = shift_mix_linear(x.detach(), (H, W), shift, mix, (w,))
+    (ref,) = _reference(x.detach(), mix, shift, (w,))
+    for a, b in zip(torch.autograd.grad(out.sum(), (mix, w)), torch.autograd.grad(ref.sum(), (mix, w))):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_keeps_only_x_for_the_backward():
+    """The point of the functions: autograd keeps x (and the tiny mu) only; through the formula it keeps shift(x), x
+    and the mixes."""
+    shift = make_shift("q_shift")
+    x, mix, w1, w2 = (t.float() for t in _inputs(16, 0, 2, outs=(64, 16), seed=4))
+    unit, small = x.numel() * 4, mix.numel() * 4
+    saved, _ = _saved_bytes(lambda: shift_mix(x, (H, W), shift, mix))
+    assert saved == unit + small
+    saved, _ = _saved_bytes(lambda: shift_mix_linear(x, (H, W), shift, mix, (w1, w2)), (w1, w2))
+    assert saved == unit + small
+    plain, _ = _saved_bytes(lambda: [F.linear(m, w) for m, w in zip(torch.lerp(shift(x, (H, W)), x, mix), (w1, w2))],
+                            (w1, w2))
+    assert plain >= 4 * unit  # shift(x), x, the two mixes
+
+
+def test_autocast_matches_autograd_through_autocast():
+    """Under CPU bfloat16 autocast the projections come out in bfloat16 as F.linear's do, and the gradients (in the
+    inputs' float32) agree with autograd through autocast's casts up to bfloat16 rounding."""
+    shift = make_shift("q_shift")
+    x, mix, w1, w2 = (t.detach().float().requires_grad_() for t in _inputs(16, 0, 2, outs=(64, 16), seed=5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = shift_mix_linear(x, (H, W), shift, mix, (w1, w2))
+        refs = [F.linear(m, w) for m, w in zip(torch.lerp(shift(x, (H, W)), x, mix), (w1, w2))]
+    assert all(o.dtype == torch.bfloat16 and torch.equal(o, r) for o, r in zip(outs, refs))
+    gs = [torch.randn_like(o) for o in outs]
+    inputs = (x, mix, w1, w2)
+    grads, ref_grads = torch.autograd.grad(outs, inputs, gs), torch.autograd.grad(refs, inputs, gs)
+    assert all(a.dtype == torch.float32 and rel_err(a, b) < 2e-2 for a, b in zip(grads, ref_grads))
+
+
+def test_bad_arguments_raise():
+    shift = make_shift("q_shift")
+    x, mix, w = _inputs(8, 0, 2, outs=(4,))
+    with pytest.raises(ValueError, match="mix must be"):
+        shift_mix(x, (H, W), shift, mix[:, 0])
+    with pytest.raises(ValueError, match="2 mixes but 1 weights"):
+        shift_mix_linear(x, (H, W), shift, mix, (w,))
+    with pytest.raises(ValueError, match="weights must be"):
+        shift_mix_linear(x, (H, W), shift, mix, (w, w.t()))
