@@ -58,12 +58,18 @@ def test_shift_mix_matches_the_formula(mode, suffix, scale):
 
 
 @pytest.mark.parametrize("mode,suffix", SHIFTS)
-def test_shift_mix_linear_matches_the_formula(mode, suffix):
-    """Projections of two mixes of different widths (odd C = 13, outputs 29 and 13): values and the gradients of x,
-    mu and both weights against autograd through the formula, float64."""
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_shift_mix_linear_matches_the_formula(mode, suffix, channel_major):
+    """Projections of two mixes of different widths (odd C = 13, outputs 29 and 13), token-major or channel-major
+    (consumed through a transposed view, as the spatial mix does, so their gradients arrive non-contiguous): values
+    and the gradients of x, mu and both weights against autograd through the formula, float64."""
     shift = make_shift(mode, head_size=13, num_suffix_tokens=suffix)
     x, mix, *weights = _inputs(13, suffix, 2, outs=(29, 13), seed=1)
-    outs, refs = shift_mix_linear(x, (H, W), shift, mix, weights), _reference(x, mix, shift, weights)
+    outs = shift_mix_linear(x, (H, W), shift, mix, weights, channel_major=channel_major)
+    refs = _reference(x, mix, shift, weights)
+    if channel_major:
+        assert [o.shape for o in outs] == [(29, 2, H * W + suffix), (13, 2, H * W + suffix)]
+        outs = [o.permute(1, 2, 0) for o in outs]  # [B, T, out] views
     assert [o.shape[-1] for o in outs] == [29, 13]
     assert all(rel_err(o, r) < 1e-12 for o, r in zip(outs, refs))
     gs = [torch.randn_like(o) for o in outs]
@@ -89,7 +95,9 @@ def test_gradcheck():
     shift = make_shift("q_shift", shift_pixel=1)
     x, mix, w1, w2 = _inputs(8, 0, 2, outs=(5, 3), seed=2)
     assert torch.autograd.gradcheck(lambda x, m: shift_mix(x, (H, W), shift, m), (x, mix))
-    assert torch.autograd.gradcheck(lambda x, m, a, b: shift_mix_linear(x, (H, W), shift, m, (a, b)), (x, mix, w1, w2))
+    for channel_major in (False, True):
+        f = lambda x, m, a, b: shift_mix_linear(x, (H, W), shift, m, (a, b), channel_major)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, mix, w1, w2))
 
 
 def test_partial_requires_grad():
@@ -121,15 +129,19 @@ def test_keeps_only_x_for_the_backward():
     assert plain >= 4 * unit  # shift(x), x, the two mixes
 
 
-def test_autocast_matches_autograd_through_autocast():
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_autocast_matches_autograd_through_autocast(channel_major):
     """Under CPU bfloat16 autocast the projections come out in bfloat16 as F.linear's do, and the gradients (in the
     inputs' float32) agree with autograd through autocast's casts up to bfloat16 rounding."""
     shift = make_shift("q_shift")
     x, mix, w1, w2 = (t.detach().float().requires_grad_() for t in _inputs(16, 0, 2, outs=(64, 16), seed=5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = shift_mix_linear(x, (H, W), shift, mix, (w1, w2))
+        outs = shift_mix_linear(x, (H, W), shift, mix, (w1, w2), channel_major)
         refs = [F.linear(m, w) for m, w in zip(torch.lerp(shift(x, (H, W)), x, mix), (w1, w2))]
-    assert all(o.dtype == torch.bfloat16 and torch.equal(o, r) for o, r in zip(outs, refs))
+        refs = [r.permute(2, 0, 1) for r in refs] if channel_major else refs
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    # token-major: the very ops of the formula; channel-major: the same products, summed in another order
+    assert all(rel_err(o, r) < 1e-2 if channel_major else torch.equal(o, r) for o, r in zip(outs, refs))
     gs = [torch.randn_like(o) for o in outs]
     inputs = (x, mix, w1, w2)
     grads, ref_grads = torch.autograd.grad(outs, inputs, gs), torch.autograd.grad(refs, inputs, gs)

@@ -42,7 +42,12 @@ def shift_mix(x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mix: torch.T
 
 
 def shift_mix_linear(
-    x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mix: torch.Tensor, weights: Sequence[torch.Tensor]
+    x: torch.Tensor,
+    hw: tuple[int, int],
+    shift: ShiftFn,
+    mix: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    channel_major: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``.
 
@@ -55,9 +60,11 @@ def shift_mix_linear(
         shift: the token shift, ``shift(x, hw) -> [B, T, C]`` (e.g. from :func:`vrwkv.layers.make_shift`).
         mix: the mix weights ``mu``, ``[n, 1, 1, C]``.
         weights: ``n`` Linear weights ``[out_i, C]``.
+        channel_major: return ``weights[i] @ m_i^T`` over all ``B * T`` tokens, ``[out_i, B, T]`` (for consumers that
+            work channel-major, such as the Bi-WKV), instead of token-major.
 
     Returns:
-        ``n`` tensors ``[B, T, out_i]``.
+        ``n`` tensors ``[B, T, out_i]`` (``[out_i, B, T]`` if ``channel_major``).
     """
     _check(x, mix)
     if len(weights) != mix.shape[0]:
@@ -66,9 +73,16 @@ def shift_mix_linear(
         if w.dim() != 2 or w.shape[1] != x.shape[-1]:
             raise ValueError(f"shift_mix_linear: weights must be [out, {x.shape[-1]}], got {list(w.shape)}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, mix, *weights)):
-        return _ShiftMixLinear.apply(x, mix, hw, shift, *weights)
-    mixes = torch.lerp(shift(x, hw), x, mix)  # [n, B, T, C]
-    return tuple(F.linear(m, w) for m, w in zip(mixes.unbind(0), weights))
+        return _ShiftMixLinear.apply(x, mix, hw, shift, channel_major, *weights)
+    return _project(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
+
+
+def _project(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_major: bool) -> tuple[torch.Tensor, ...]:
+    """``F.linear(m_i, w_i)`` ``[B, T, out_i]``, or ``w_i @ m_i^T`` ``[out_i, B, T]``, for the mixes ``[n, B, T, C]``."""
+    if not channel_major:
+        return tuple(F.linear(m, w) for m, w in zip(mixes.unbind(0), weights))
+    _, B, T, C = mixes.shape
+    return tuple(torch.mm(w, m.view(B * T, C).t()).view(-1, B, T) for m, w in zip(mixes.unbind(0), weights))
 
 
 def _check(x: torch.Tensor, mix: torch.Tensor) -> None:
@@ -127,22 +141,22 @@ class _ShiftMixLinear(torch.autograd.Function):
     one lerp pass) for the weight gradients."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mix: torch.Tensor, hw: tuple[int, int], shift: ShiftFn,
+    def forward(ctx, x: torch.Tensor, mix: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, channel_major: bool,
                 *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(x, mix, *weights)
-        ctx.hw, ctx.shift = hw, shift
-        mixes = torch.lerp(shift(x, hw), x, mix)  # [n, B, T, C]
-        return tuple(F.linear(m, w) for m, w in zip(mixes.unbind(0), weights))
+        ctx.hw, ctx.shift, ctx.channel_major = hw, shift, channel_major
+        return _project(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, mix, *weights = ctx.saved_tensors
-        needs_x, needs_mix, _, _, *needs_w = ctx.needs_input_grad
+        needs_x, needs_mix, _, _, _, *needs_w = ctx.needs_input_grad
         # The outputs' dtype is the forward's matmul precision (autocast's, if it was on): the backward matmuls run
         # in it, as autograd through autocast's casts and F.linear would.
         dtype, C = grads[0].dtype, x.shape[-1]
-        grads = [g.reshape(-1, g.shape[-1]) for g in grads]  # [B * T, out_i]
+        # token-major [B * T, out_i] (a transposed view of the channel-major [out_i, B * T])
+        grads = [g.reshape(g.shape[0], -1).t() if ctx.channel_major else g.reshape(-1, g.shape[-1]) for g in grads]
         shifted, transpose = _shift_with_transpose(ctx.shift, x, ctx.hw)
         grad_w = [None] * len(weights)
         if any(needs_w):
@@ -158,4 +172,4 @@ class _ShiftMixLinear(torch.autograd.Function):
                 torch.mm(g, w.to(dtype), out=grad_mixes[i].view(-1, C))
             grad_x, grad_mix = _mix_backward(x, mix, grad_mixes.to(x.dtype), ctx.hw, ctx.shift, needs_x, needs_mix,
                                              (shifted, transpose))
-        return (grad_x, grad_mix, None, None, *grad_w)
+        return (grad_x, grad_mix, None, None, None, *grad_w)
