@@ -9,6 +9,7 @@ from torch import nn
 
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
+from vrwkv.layers.shift_mix import shift_mix
 from vrwkv.ops import bi_wkv, causal_wkv
 
 WkvMode = Literal["bidirectional", "causal"]
@@ -133,7 +134,7 @@ class SpatialMix(nn.Module):
         if self.shift is None:
             return x.expand(3, *x.shape)
         mix = torch.stack([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])  # [3, 1, 1, C]
-        return torch.lerp(self.shift(x, hw), x, mix)  # [3, B, T, C]
+        return shift_mix(x, hw, self.shift, mix)  # [3, B, T, C]; autograd keeps x only, not shift(x) too
 
     def project(self, xkvr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[3, B, T, C]`` -> key, value, receptance projections ``[B, T, C]`` each.
