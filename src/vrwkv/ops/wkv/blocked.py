@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 
@@ -133,50 +134,57 @@ def _from_blocks(y: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return y[..., : plan.T] if y.shape[-1] != plan.T else y
 
 
-def _block_matrix(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A^T [C, L, L], profiles [C, 2, L])``: entry [q, p] of A^T weighs key q for query p inside a block; the
-    profiles weigh the left/right carries for query p. Built in the dtype of w (autograd through w and u)."""
-    L = plan.L
-    p = torch.arange(L, device=w.device, dtype=w.dtype)
+_INDEX_CACHE: dict = {}
+
+
+def _matrix_indices(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_build_matrix_indices`, cached per (plan, device) (traced afresh under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return _build_matrix_indices(plan, device)
+    key = (plan, device)
+    if key not in _INDEX_CACHE:
+        with torch.inference_mode(False):  # normal tensors: a later differentiable call saves them for backward
+            _INDEX_CACHE[key] = _build_matrix_indices(plan, device)
+    return _INDEX_CACHE[key]
+
+
+def _build_matrix_indices(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every entry of the op's small matrices comes from: column indices into the per-channel table of
+    :func:`_gemm_matrices`. Returns ``(main [(L + 2)·L], summaries [2·L])`` (flattened).
+
+    Entry [q, p] of the main matrix weighs key q for query p inside a block; rows L, L + 1 weigh the left/right
+    carries for query p. Table columns: ``e^{d w}`` for ``d = -R..R`` at ``d + R``; then ``e^u``; then (official)
+    ``e^u + (1 - e^w)``; then (official) ``e^{-(t-j-1) w} + (1 - e^w) e^{(t-j) w}`` for ``t - j = 1..L``.
+    """
+    L, R = plan.L, plan.L + 1
+    exp_u, own_diag, own_left = 2 * R + 1, 2 * R + 2, 2 * R + 2  # own_left + (t - j) for t - j >= 1
+    p = torch.arange(L)
     q = p[:, None]  # key index as rows: entries [q, p]
     dist = p[None, :] - q  # t - j: > 0 when the key is to the left
-    wc = w[:, None, None]
-    left = torch.exp(-(dist - 1) * wc)  # e^{-(t-j-1) w}
-    right = torch.exp((dist + 1) * wc)  # e^{-(j-t-1) w}
-    if plan.kc is None:  # paper
-        A = torch.where(dist > 0, left, right)
-        left_profile, right_profile = torch.exp(-(p - 1) * w[:, None]), torch.exp((p + 1) * w[:, None])
-    else:
-        dist_across = torch.exp(-dist.abs() * wc)  # e^{-|t-j| w} across kernel chunks
-        spurious = -torch.expm1(wc) * torch.exp(dist * wc)  # (1 - e^w) e^{(t-j) w}
+    if plan.kc is None:  # paper: e^{-(|t-j| - 1) w}, e^u on the diagonal
+        main = torch.where(dist == 0, exp_u, 1 - dist.abs() + R)
+        profiles = torch.stack([1 - p, p + 1])  # e^{-(p-1) w} from the left, e^{(p+1) w} from the right
+    else:  # official: e^{-(t-j-1) w} to the left inside a kernel chunk, e^{-|t-j| w} elsewhere, and the own-chunk
+        # term (1 - e^w) e^{(t-j) w} for chunk start < j <= t
         if plan.per_chunk:  # the block lies inside one chunk, not at its start: the start is fixed in the carries
-            same_chunk = torch.ones(L, L, dtype=torch.bool, device=w.device)
-            after_start = torch.ones(L, 1, dtype=torch.bool, device=w.device)  # key j > chunk start
+            same_chunk = torch.ones(L, L, dtype=torch.bool)
+            after_start = torch.ones(L, 1, dtype=torch.bool)  # key j > chunk start
         else:
-            chunk = torch.div(torch.arange(L, device=w.device), plan.kc, rounding_mode="floor")
+            chunk = torch.div(p, plan.kc, rounding_mode="floor")
             same_chunk = chunk[:, None] == chunk[None, :]
-            after_start = (torch.arange(L, device=w.device) % plan.kc != 0)[:, None]
-        A = torch.where(same_chunk & (dist > 0), left, dist_across)
-        A = A + torch.where(same_chunk & (dist >= 0) & after_start, spurious, 0.0)
-        left_profile, right_profile = torch.exp(-p * w[:, None]), torch.exp(p * w[:, None])
-    A = torch.where(dist == 0, torch.exp(u)[:, None, None], 0.0) + torch.where(dist == 0, 0.0, A)
-    if plan.kc is not None:  # the own-chunk term includes j = t (after the chunk start)
-        own = -torch.expm1(w)[:, None] * torch.ones(L, device=w.device, dtype=w.dtype)
-        if not plan.per_chunk:
-            own = own * (torch.arange(L, device=w.device) % plan.kc != 0)
-        A = A + torch.diag_embed(own)
-    return A, torch.stack([left_profile, right_profile], 1)
-
-
-def _summary_matrix(w: torch.Tensor, L: int) -> torch.Tensor:
-    """[C, L, 2]: a block's sums ``sum_q e^{q w} X_q`` (seen from its left edge by later blocks, up to the distance)
-    and ``sum_q e^{-q w} X_q`` (seen by earlier blocks)."""
-    q = torch.arange(L, device=w.device, dtype=w.dtype)[None, :, None]
-    return torch.exp(torch.cat([q, -q], 2) * w[:, None, None])
+            after_start = (p % plan.kc != 0)[:, None]
+        main = torch.where(same_chunk & (dist > 0), torch.where(after_start, own_left + dist, 1 - dist + R),
+                           -dist.abs() + R)
+        main = torch.where(dist == 0, torch.where(after_start, own_diag, exp_u), main)
+        profiles = torch.stack([-p, p])
+    main = torch.cat([main, profiles + R])
+    summaries = torch.stack([p, -p]) + R  # sum_q e^{q w} X_q (seen by later blocks), sum_q e^{-q w} X_q
+    return main.flatten().to(device), summaries.flatten().to(device)
 
 
 def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | None):
-    """The right-hand sides of the op's two products, stacked for (den, num):
+    """The right-hand sides of the op's two products, stacked for (den, num), built in the dtype of w (autograd
+    through w and u) by one gather from a small per-channel table of weights (:func:`_matrix_indices`):
 
     * ``[C, 2, L + 2, L]``: the block matrix with the two carry profiles as extra rows (the main GEMM);
     * ``[C, 2, 2, L]``: the two block summaries, transposed (the summary GEMM runs as ``S^T X^T``, which BLAS does
@@ -184,14 +192,27 @@ def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float
 
     ``eps`` (official semantics) folds the kernel's EPS term into the denominator: ``(1 + eps)·den + eps·e^{k_t}``.
     """
-    A, profiles = _block_matrix(w, u, plan)
-    rhs = torch.cat([A, profiles], 1)  # [C, L + 2, L]
-    if eps is None:
-        rhs_den = rhs
+    C, L, R = w.shape[0], plan.L, plan.L + 1
+    main, summaries = _matrix_indices(plan, w.device)
+    d = torch.arange(-R, R + 1, device=w.device, dtype=w.dtype)
+    powers = torch.exp(d * w[:, None])  # [C, 2R + 1]: e^{d w}
+    exp_u = torch.exp(u)[:, None]
+    if plan.kc is None:
+        table = torch.cat([powers, exp_u], 1)
     else:
-        rhs_den = rhs * (1 + eps) + eps * torch.eye(plan.L + 2, plan.L, dtype=A.dtype, device=A.device)
-    summaries_t = _summary_matrix(w, plan.L).transpose(1, 2)  # [C, 2, L]
-    return torch.stack([rhs_den, rhs], 1), torch.stack([summaries_t, summaries_t], 1)
+        own = -torch.expm1(w)[:, None]  # 1 - e^w
+        dist = torch.arange(1, L + 1, device=w.device)
+        own_left = powers[:, R + 1 - dist] + own * powers[:, R + dist]  # e^{-(t-j-1) w} + (1 - e^w) e^{(t-j) w}
+        table = torch.cat([powers, exp_u, exp_u + own, own_left], 1)
+    if eps is None:
+        table2 = table[:, None].expand(C, 2, table.shape[1])
+    else:  # den: (1 + eps) times every weight, plus eps on the diagonal (the e^u columns)
+        on_diagonal = torch.zeros(table.shape[1], device=w.device, dtype=w.dtype)
+        on_diagonal[2 * R + 1: 2 * R + (2 if plan.kc is None else 3)] = eps  # the e^u columns
+        table2 = torch.stack([table * (1 + eps) + on_diagonal, table], 1)  # [C, 2, columns]
+    rhs = torch.gather(table2, 2, main.expand(C, 2, -1)).view(C, 2, L + 2, L)
+    summaries_t = powers[:, summaries].view(C, 1, 2, L).expand(C, 2, 2, L)
+    return rhs, summaries_t.contiguous()
 
 
 # Inference-time cache of the GEMM matrices (CPU): they depend on w and u only, which do not change between the
@@ -231,7 +252,7 @@ def _carries(sums, m, k_start, v_start, w, plan: BlockPlan):
         m: [C, 1, B, N] block maxima minus M. k_start, v_start: [C, 1, B, N] key (minus M) and value at each block's
             kernel-chunk start (only used when chunks are subdivided). w: [C].
     Returns:
-        (left, right, log_magnitude): [C, 2, B, N], [C, 2, B, N], [C, 1, B, N].
+        (left, right): [C, 2, B, N] each.
     """
     f64 = torch.float64
     starts = torch.tensor(plan.block_starts(), dtype=f64, device=w.device)  # [N]
@@ -255,10 +276,7 @@ def _carries(sums, m, k_start, v_start, w, plan: BlockPlan):
         start_term = torch.cat([x_start, x_start * v_start.to(f64)], 1)  # [C, 2, B, N]
         left = left + torch.expm1(wd) * near
         right = right - torch.expm1(wd) * (own - start_term)
-    with torch.no_grad():
-        magnitude = left[:, :1].abs() + right[:, :1].abs()
-        log_magnitude = torch.log(magnitude + torch.finfo(f64).tiny)
-    return left, right, log_magnitude
+    return left, right
 
 
 def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper",
@@ -266,72 +284,215 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     """Bi-WKV by block matrix products. k, v: [B, T, C] (any strides; a transposed view of channel-major [B, C, T]
     storage is read without a layout change); w, u: [C]. ``semantics``: "paper" or "official".
 
-    Returns a [B, T, C] view of channel-major storage ([B, C, T] without gradients, [C, B, T] with): models that
-    consume it channel-major (e.g. a weight-first output projection) avoid a layout change. Exact to float32
-    rounding where :func:`blocked_supports`.
+    Returns a [B, T, C] view of channel-major [B, C, T] storage (traced for export: of [C, B, T]): models that consume
+    it channel-major (e.g. a weight-first output projection) avoid a layout change. Exact to float32 rounding where
+    :func:`blocked_supports`. Differentiable: a hand-written backward (:class:`_BlockedBiWKV`) made of the same
+    block products; under torch.compile or tracing, autograd through the forward's operations instead.
     """
     B, T, C = k.shape
     if T == 1:  # a single token averages itself; the kernel adds EPS·e^{max(k, u + k)} to e^{u + k}
         return v / (1 + eps * torch.exp((-u).clamp(min=0))) if semantics == "official" else v.clone()
     plan = plan_blocks(T, semantics, chunks)
-    L, N = plan.L, plan.N
-    kT, vT = k.transpose(1, 2), v.transpose(1, 2)  # [B, C, T] views
-    kb, vb = _to_blocks(kT, plan, float("-inf")), _to_blocks(vT, plan, 0.0)  # [B, C, N, L]
-    with torch.no_grad():  # frames only: y is invariant to them
+    eps_den = eps if semantics == "official" else None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u))
+    if torch.jit.is_tracing() or (grad and torch.compiler.is_compiling()):
+        return _traceable_forward(k, v, w, u, plan, eps_den)
+    if grad:
+        return _BlockedBiWKV.apply(k, v, w, u, plan, eps_den)
+    return _forward(k, v, w, u, plan, eps_den, use_cache=not torch.compiler.is_compiling())[0]
+
+
+def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block maxima ``m`` [B, C, N, 1] of the blocked keys [B, C, N, L] (0 for all-padding blocks) and their maximum
+    ``M`` [B, C, 1, 1]. Frames only: y is invariant to them (no gradient flows through them)."""
+    with torch.no_grad():
         if kb.stride(3) == 1:
             m = kb.amax(3, keepdim=True)  # [B, C, N, 1]
         else:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than across strides
             m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]
         m = torch.where(torch.isfinite(m), m, 0.0)  # all-padding blocks
-        M = m.amax(2, keepdim=True)  # [B, C, 1, 1]
+        return m, m.amax(2, keepdim=True)
+
+
+def _chunk_start_inputs(k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, plan: BlockPlan):
+    """Key (minus M) and value at the kernel-chunk start of every block, [C, 1, B, N] each (None unless kernel
+    chunks are subdivided), and the token index of each block's chunk start [N]."""
+    if not plan.per_chunk:
+        return None, None, None
+    T = k.shape[1]
+    starts = torch.tensor([(s // plan.kc) * plan.kc for s in plan.block_starts()], device=k.device)
+    starts = starts.clamp(max=T - 1)  # all-padding blocks at the very end read any token (their sums are 0)
+    # gathered along dim 1 of the [B, T, C] tensors (whole rows when C is innermost)
+    k_start = (k[:, starts] - M[:, None, :, 0, 0]).permute(2, 0, 1)[:, None]  # [C, 1, B, N]
+    v_start = v[:, starts].permute(2, 0, 1)[:, None]
+    return k_start, v_start, starts
+
+
+def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype, to_frame=None):
+    """The carries of :func:`_carries` in every block's frame (cast to the op's dtype) and the frame factors
+    ``e^{-frame}`` [C, 1, B, N] (float64, computed unless given: frames carry no gradient)."""
+    left, right = _carries(sums, m_rel, k_start, v_start, w, plan)
+    if to_frame is None:
+        with torch.no_grad():  # e^{-frame}, frame = max(m_rel, log(magnitude of the den carries) - margin)
+            magnitude = left[:, :1].abs() + right[:, :1].abs()  # [C, 1, B, N]
+            frame_scale = torch.maximum(torch.exp(m_rel.to(torch.float64)), magnitude * math.exp(-_FRAME_MARGIN))
+            to_frame = frame_scale.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
+    return (left * to_frame).to(dtype), (right * to_frame).to(dtype), to_frame
+
+
+def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool, keep: bool = False):
+    """The op without autograd, writing X, X v and the carries straight into one GEMM operand buffer.
+
+    Returns ``(y, saved)``: y a [B, T, C] view of [B, C, T]; ``saved`` (when ``keep``) what the backward needs:
+    ``1 / den'`` [C, B, T], the block maxima, the block summaries and the frame factors (small).
+    """
+    B, T, C = k.shape
+    L, N = plan.L, plan.N
+    kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
+    vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
+    m, M = _frames(kb)
     # The GEMM operand [C, 2 (den, num), B, N, L + 2 (tokens, carries)]: per (channel, den/num) one contiguous
-    # [B·N, L + 2] matrix, so the products are bmm over 2C matrices with no broadcasting copies. Autograd needs the
-    # stacked blocks intact after the summary GEMM: with gradients (or when tracing for export) the operand is
-    # built by concatenation; without, X, X v and the carries are written straight into one buffer.
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u))
-    in_place = not (grad or torch.jit.is_tracing())
-    if in_place:
-        operand = kb.new_empty(C, 2, B, N, L + 2)
-        as_bc = operand.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L + 2] view
-        # exp on a contiguous copy: on the operand's rows of L within L + 2 it vectorises poorly (4x slower at L = 14)
-        x = torch.sub(kb, m, out=kb.new_empty(B, C, N, L)).exp_()
-        as_bc[:, :, 0, :, :L] = x
-        torch.mul(x, vb, out=as_bc[:, :, 1, :, :L])
-        del x, as_bc  # free the copy before the GEMM's output exists (peak memory)
-        stacked = operand[..., :L]
-    else:
-        x = torch.exp(kb - m)
-        stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
-    del kb, vb  # padded copies when T is not a whole number of blocks
-    eps_den = eps if semantics == "official" else None
-    cache = in_place and not torch.compiler.is_compiling()
-    rhs, summaries_t = (_cached_gemm_matrices if cache else _gemm_matrices)(w, u, plan, eps_den)
+    # [B·N, L + 2] matrix, so the products are bmm over 2C matrices with no broadcasting copies.
+    operand = kb.new_empty(C, 2, B, N, L + 2)
+    as_bc = operand.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L + 2] view
+    # exp on a contiguous copy: on the operand's rows of L within L + 2 it vectorises poorly (4x slower at L = 14)
+    x = torch.sub(kb, m, out=kb.new_empty(B, C, N, L)).exp_()
+    as_bc[:, :, 0, :, :L] = x
+    torch.mul(x, vb, out=as_bc[:, :, 1, :, :L])
+    del x, as_bc, kb, vb  # free the copies before the GEMM's output exists (peak memory)
+    stacked = operand[..., :L]
+    rhs, summaries_t = (_cached_gemm_matrices if use_cache else _gemm_matrices)(w, u, plan, eps_den)
     sums = torch.matmul(summaries_t, stacked.reshape(C, 2, B * N, L).transpose(2, 3))  # [C, 2, 2, B·N]
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
-    if plan.per_chunk:
-        starts = torch.tensor([(s // plan.kc) * plan.kc for s in plan.block_starts()], device=k.device)
-        starts = starts.clamp(max=T - 1)  # all-padding blocks at the very end read any token (their sums are 0)
-        # gathered along dim 1 of the [B, T, C] tensors (whole rows when C is innermost)
-        k_start = (k[:, starts] - M[:, None, :, 0, 0]).permute(2, 0, 1)[:, None]  # [C, 1, B, N]
-        v_start = v[:, starts].permute(2, 0, 1)[:, None]
-    else:
-        k_start = v_start = None
-    left, right, log_mag = _carries(sums, m_rel, k_start, v_start, w, plan)
-    with torch.no_grad():
-        frame = torch.maximum(m_rel.to(torch.float64), log_mag - _FRAME_MARGIN)  # [C, 1, B, N]
-        to_frame = torch.exp(-frame)
-    left, right = (left * to_frame).to(k.dtype), (right * to_frame).to(k.dtype)
-    if in_place:
-        operand[..., L], operand[..., L + 1] = left, right
-    else:
-        operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
+    k_start, v_start, _ = _chunk_start_inputs(k, v, M, plan)
+    left, right, to_frame = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
+    operand[..., L], operand[..., L + 1] = left, right
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
-    del operand, stacked  # (without autograd nothing else holds them: freed before y is allocated)
-    out = _from_blocks(out.view(C, 2, B, N, L), plan)  # [C, 2, B, T]
-    den, num = out.unbind(1)  # (unbind's backward is one stack; two selects would zero-fill `out` twice)
-    if not in_place:
-        return (num / den).permute(1, 2, 0)  # [B, T, C] view of [C, B, T]
+    del operand, stacked, left, right  # (nothing else holds them: freed before y is allocated)
+    den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] each
     y = k.new_empty(B, C, T)
-    torch.div(num, den, out=y.permute(1, 0, 2))
-    return y.transpose(1, 2)  # [B, T, C] view of [B, C, T]
+    if not keep:
+        torch.div(num, den, out=y.permute(1, 0, 2))
+        return y.transpose(1, 2), None  # [B, T, C] view of [B, C, T]
+    rden = torch.reciprocal(den)  # [C, B, T]
+    torch.mul(num, rden, out=y.permute(1, 0, 2))
+    return y.transpose(1, 2), (rden, m, M, sums, m_rel, to_frame)
+
+
+class _BlockedBiWKV(torch.autograd.Function):
+    """Bi-WKV with a backward made of the forward's own block products, run in reverse by hand.
+
+    The forward is ``out = [X | X v | carries] @ rhs`` per (channel, den/num) with ``X = e^{k - m}`` (frames fixed),
+    ``y = num / den'``. Backward, with ``a = g / den'``:
+
+    * ``d out = (-a y, a)``; ``d [X, X v] = d out @ A^T`` plus, through the block summaries that the carries are
+      made of, ``d sums @ summaries`` (one more GEMM with 2 columns); ``d k = X (d X + v d(X v))``, ``d v = X d(X v)``;
+    * ``d rhs = [X, X v, carries]^T @ d out`` and ``d summaries = d sums^T [X, X v]``, then autograd through the small
+      matrices of w, u (:func:`_gemm_matrices`) and through the float64 carry scan (``[C, 2, B, N]``, 2/L of the data).
+
+    Saved: k, v, y (the output, which the gate keeps anyway) and ``1 / den'`` (one [B, T, C]), plus per-block values;
+    X and X v are recomputed (two passes) instead of kept. Autograd through the forward saves ~10 [B, T, C] tensors
+    and its backward costs ~5x the forward; this one ~2-3x.
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, w, u, plan: BlockPlan, eps_den: float | None):
+        y, (rden, m, M, sums, m_rel, to_frame) = _forward(k, v, w, u, plan, eps_den, use_cache=False, keep=True)
+        ctx.plan, ctx.eps_den = plan, eps_den
+        ctx.save_for_backward(k, v, w, u, y, rden, m, M, sums, m_rel, to_frame)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        k, v, w, u, y, rden, m, M, sums, m_rel, to_frame = ctx.saved_tensors
+        plan, eps_den = ctx.plan, ctx.eps_den
+        B, T, C = k.shape
+        L, N = plan.L, plan.N
+        # d out [C, 2, B, N, L] in the layout of the forward's GEMM output, zero at padding positions. Its den' half
+        # holds +a y (= -d den'): the sign is put into the small matrices it meets (sign below).
+        padded = N * L != T
+        d_out = k.new_empty(C, 2, B, T) if padded else k.new_empty(C, 2, B, N, L)
+        d_view = d_out if padded else _from_blocks(d_out, plan)  # [C, 2, B, T] (a view when there is no padding)
+        torch.mul(grad_y.permute(2, 0, 1), rden, out=d_view[:, 1])  # a = g / den'
+        torch.mul(d_view[:, 1], y.permute(2, 0, 1), out=d_view[:, 0])  # a y
+        if padded:  # (_from_blocks of padded blocks is a copy: pad afterwards instead)
+            d_out = _to_blocks(d_out.view(C * 2, B, T), plan, 0.0)  # [C·2, B, N, L]
+        d_flat = d_out.view(C, 2, B * N, L)
+        sign = torch.tensor([-1.0, 1.0], dtype=k.dtype, device=k.device)[None, :, None, None]  # [1, 2, 1, 1]
+
+        with torch.enable_grad():  # the small parts: autograd through w, u, the summaries and the carry scan
+            w_, u_ = w.detach().requires_grad_(), u.detach().requires_grad_()
+            sums_ = sums.detach().requires_grad_()
+            k_start, v_start, starts = _chunk_start_inputs(k.detach(), v.detach(), M, plan)
+            if k_start is not None:
+                k_start.requires_grad_()
+                v_start.requires_grad_()
+            rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
+            left, right, _ = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype, to_frame)
+        rhs_d = rhs.detach()
+        # d carries: profiles @ d out^T (the transposed product is several times faster, see _gemm_matrices)
+        d_carries = torch.matmul(rhs_d[:, :, L:], d_flat.transpose(2, 3))  # [C, 2, 2, B·N]
+        d_carries[:, 0].neg_()
+        d_left, d_right = d_carries.view(C, 2, 2, B, N).unbind(2)  # [C, 2, B, N]
+        carry_inputs = [t for t in (sums_, w_, k_start, v_start) if t is not None]
+        d_small = torch.autograd.grad((left, right), carry_inputs, (d_left, d_right), allow_unused=True)
+        d_sums = d_small[0]  # [C, 2, B, N, 2]
+        d_w = d_small[1] if d_small[1] is not None else torch.zeros_like(w)
+
+        # d [X, X v] = d out @ A^T + d sums @ summaries  ([C, 2, B·N, L])
+        d_stacked = torch.matmul(d_flat, (rhs_d[:, :, :L] * sign).transpose(2, 3).contiguous())
+        d_sums_rows = d_sums.reshape(C * 2, B * N, 2)
+        d_stacked.view(C * 2, B * N, L).baddbmm_(d_sums_rows, summaries_t.detach().reshape(C * 2, 2, L))
+
+        # X and X v again (two passes), in the GEMM operand's layout [C, 2, B, N, L]
+        kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
+        vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
+        xs = k.new_empty(C, 2, B, N, L)
+        as_bc = xs.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L]
+        torch.sub(kb, m, out=as_bc[:, :, 0]).exp_()
+        torch.mul(as_bc[:, :, 0], vb, out=as_bc[:, :, 1])
+        xs_flat = xs.view(C, 2, B * N, L)
+
+        d_w_u = (None, None)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            carries = torch.stack([left.detach(), right.detach()], -1).view(C, 2, B * N, 2)
+            d_rhs = torch.cat([xs_flat.transpose(2, 3) @ d_flat, carries.transpose(2, 3) @ d_flat], 2)
+            d_rhs[:, 0].neg_()
+            d_summaries = d_sums.permute(0, 1, 4, 2, 3).reshape(C, 2, 2, B * N) @ xs_flat  # [C, 2, 2, L]
+            d_w_u = torch.autograd.grad((rhs, summaries_t), (w_, u_), (d_rhs, d_summaries))
+
+        # d k = X (d X + v d(X v)), d v = X d(X v): in place in d_stacked ([C, 2, B, N, L] -> [dk, dv])
+        d_blocks = d_stacked.view(C, 2, B, N, L)
+        x_c = xs[:, 0]  # [C, B, N, L]
+        d_blocks.mul_(x_c[:, None])
+        d_blocks[:, 0].addcmul_(vb.transpose(0, 1), d_blocks[:, 1])
+        d_kv = _from_blocks(d_blocks, plan)  # [C, 2, B, T]
+        d_k, d_v = d_kv[:, 0].permute(1, 2, 0), d_kv[:, 1].permute(1, 2, 0)  # [B, T, C] views
+        if k_start is not None:  # the chunk-start inputs of the carries
+            d_k.index_add_(1, starts, d_small[2][:, 0].permute(1, 2, 0))
+            d_v.index_add_(1, starts, d_small[3][:, 0].permute(1, 2, 0))
+        return d_k, d_v, (d_w + d_w_u[0]) if d_w_u[0] is not None else d_w, d_w_u[1], None, None
+
+
+def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> torch.Tensor:
+    """The op as plain differentiable operations without buffer writes (torch.compile with autograd, and tracing
+    for export, which loses writes into buffers). Same arithmetic as :func:`_forward`."""
+    B, T, C = k.shape
+    L, N = plan.L, plan.N
+    kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
+    vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
+    m, M = _frames(kb)
+    x = torch.exp(kb - m)
+    stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
+    rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
+    sums = torch.matmul(summaries_t, stacked.reshape(C, 2, B * N, L).transpose(2, 3))  # [C, 2, 2, B·N]
+    sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
+    m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
+    k_start, v_start, _ = _chunk_start_inputs(k, v, M, plan)
+    left, right, _ = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
+    operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
+    out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
+    den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] (unbind's backward: one stack)
+    return (num / den).permute(1, 2, 0)  # [B, T, C] view of [C, B, T]
