@@ -91,7 +91,7 @@ def test_blocked_supports_small_sequences_only_for_moderate_decays():
 def test_channel_major_input_and_inference_path(semantics):
     """A transposed view of [B, C, T] storage is read in place; the no-grad path equals the differentiable one (which
     multiplies by 1 / den', kept for its backward, instead of dividing); the output is a [B, T, C] view of
-    channel-major storage either way."""
+    channel-major [C, B, T] storage either way."""
     k, v, w, u = (x.float() for x in random_inputs(2, 61, 7, seed=3))
     kT, vT = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, C, T]
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_channel_major_input_and_inference_path(semantics):
     y_grad = blocked_bi_wkv(k, v, w.requires_grad_(), u, semantics)
     assert y_grad.requires_grad
     assert rel_err(y_grad.detach(), y_inference) < 1e-6
-    assert y_inference.transpose(1, 2).is_contiguous() and y_grad.transpose(1, 2).is_contiguous()
+    assert y_inference.permute(2, 0, 1).is_contiguous() and y_grad.permute(2, 0, 1).is_contiguous()  # [C, B, T]
 
 
 @pytest.mark.parametrize("semantics, T, chunks", [("paper", 2, 32), ("paper", 29, 32), ("official", 9, 32),

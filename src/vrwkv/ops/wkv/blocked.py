@@ -284,7 +284,7 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     """Bi-WKV by block matrix products. k, v: [B, T, C] (any strides; a transposed view of channel-major [B, C, T]
     storage is read without a layout change); w, u: [C]. ``semantics``: "paper" or "official".
 
-    Returns a [B, T, C] view of channel-major [B, C, T] storage (traced for export: of [C, B, T]): models that consume
+    Returns a [B, T, C] view of channel-major [C, B, T] storage: models that consume
     it channel-major (e.g. a weight-first output projection) avoid a layout change. Exact to float32 rounding where
     :func:`blocked_supports`. Differentiable: a hand-written backward (:class:`_BlockedBiWKV`) made of the same
     block products; under torch.compile or tracing, autograd through the forward's operations instead.
@@ -314,18 +314,18 @@ def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return m, m.amax(2, keepdim=True)
 
 
-def _chunk_start_inputs(k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, plan: BlockPlan):
-    """Key (minus M) and value at the kernel-chunk start of every block, [C, 1, B, N] each (None unless kernel
-    chunks are subdivided), and the token index of each block's chunk start [N]."""
+def _chunk_starts(k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, plan: BlockPlan):
+    """Key (minus M) and value of the first token of every kernel chunk, [C, B, chunks] each (None unless kernel
+    chunks are subdivided into blocks). A strided slice: chunk starts are the multiples of the chunk length."""
     if not plan.per_chunk:
-        return None, None, None
-    T = k.shape[1]
-    starts = torch.tensor([(s // plan.kc) * plan.kc for s in plan.block_starts()], device=k.device)
-    starts = starts.clamp(max=T - 1)  # all-padding blocks at the very end read any token (their sums are 0)
-    # gathered along dim 1 of the [B, T, C] tensors (whole rows when C is innermost)
-    k_start = (k[:, starts] - M[:, None, :, 0, 0]).permute(2, 0, 1)[:, None]  # [C, 1, B, N]
-    v_start = v[:, starts].permute(2, 0, 1)[:, None]
-    return k_start, v_start, starts
+        return None, None
+    k_start = (k[:, :: plan.kc] - M[:, None, :, 0, 0]).permute(2, 0, 1)  # [C, B, chunks]
+    return k_start, v[:, :: plan.kc].permute(2, 0, 1)
+
+
+def _per_block(x: torch.Tensor | None, plan: BlockPlan) -> torch.Tensor | None:
+    """[C, B, chunks] -> [C, 1, B, N]: the value of its kernel chunk for every block."""
+    return None if x is None else x.repeat_interleave(plan.per_chunk, dim=2)[:, None]
 
 
 def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype, to_frame=None):
@@ -365,19 +365,19 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool
     sums = torch.matmul(summaries_t, stacked.reshape(C, 2, B * N, L).transpose(2, 3))  # [C, 2, 2, B·N]
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
-    k_start, v_start, _ = _chunk_start_inputs(k, v, M, plan)
+    k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right, to_frame = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     operand[..., L], operand[..., L + 1] = left, right
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
     del operand, stacked, left, right  # (nothing else holds them: freed before y is allocated)
     den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] each
-    y = k.new_empty(B, C, T)
+    y = k.new_empty(C, B, T)  # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
     if not keep:
-        torch.div(num, den, out=y.permute(1, 0, 2))
-        return y.transpose(1, 2), None  # [B, T, C] view of [B, C, T]
+        torch.div(num, den, out=y)
+        return y.permute(1, 2, 0), None  # [B, T, C] view of [C, B, T]
     rden = torch.reciprocal(den)  # [C, B, T]
-    torch.mul(num, rden, out=y.permute(1, 0, 2))
-    return y.transpose(1, 2), (rden, m, M, sums, m_rel, to_frame)
+    torch.mul(num, rden, out=y)
+    return y.permute(1, 2, 0), (rden, m, M, sums, m_rel, to_frame)
 
 
 class _BlockedBiWKV(torch.autograd.Function):
@@ -425,10 +425,11 @@ class _BlockedBiWKV(torch.autograd.Function):
         with torch.enable_grad():  # the small parts: autograd through w, u, the summaries and the carry scan
             w_, u_ = w.detach().requires_grad_(), u.detach().requires_grad_()
             sums_ = sums.detach().requires_grad_()
-            k_start, v_start, starts = _chunk_start_inputs(k.detach(), v.detach(), M, plan)
-            if k_start is not None:
-                k_start.requires_grad_()
-                v_start.requires_grad_()
+            k_chunk, v_chunk = _chunk_starts(k.detach(), v.detach(), M, plan)  # [C, B, chunks]
+            if k_chunk is not None:
+                k_chunk.requires_grad_()
+                v_chunk.requires_grad_()
+            k_start, v_start = _per_block(k_chunk, plan), _per_block(v_chunk, plan)
             rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
             left, right, _ = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype, to_frame)
         rhs_d = rhs.detach()
@@ -436,7 +437,7 @@ class _BlockedBiWKV(torch.autograd.Function):
         d_carries = torch.matmul(rhs_d[:, :, L:], d_flat.transpose(2, 3))  # [C, 2, 2, B·N]
         d_carries[:, 0].neg_()
         d_left, d_right = d_carries.view(C, 2, 2, B, N).unbind(2)  # [C, 2, B, N]
-        carry_inputs = [t for t in (sums_, w_, k_start, v_start) if t is not None]
+        carry_inputs = [t for t in (sums_, w_, k_chunk, v_chunk) if t is not None]
         d_small = torch.autograd.grad((left, right), carry_inputs, (d_left, d_right), allow_unused=True)
         d_sums = d_small[0]  # [C, 2, B, N, 2]
         d_w = d_small[1] if d_small[1] is not None else torch.zeros_like(w)
@@ -470,9 +471,9 @@ class _BlockedBiWKV(torch.autograd.Function):
         d_blocks[:, 0].addcmul_(vb.transpose(0, 1), d_blocks[:, 1])
         d_kv = _from_blocks(d_blocks, plan)  # [C, 2, B, T]
         d_k, d_v = d_kv[:, 0].permute(1, 2, 0), d_kv[:, 1].permute(1, 2, 0)  # [B, T, C] views
-        if k_start is not None:  # the chunk-start inputs of the carries
-            d_k.index_add_(1, starts, d_small[2][:, 0].permute(1, 2, 0))
-            d_v.index_add_(1, starts, d_small[3][:, 0].permute(1, 2, 0))
+        if k_chunk is not None:  # the chunk-start inputs of the carries
+            d_k[:, :: plan.kc] += d_small[2].permute(1, 2, 0)
+            d_v[:, :: plan.kc] += d_small[3].permute(1, 2, 0)
         return d_k, d_v, (d_w + d_w_u[0]) if d_w_u[0] is not None else d_w, d_w_u[1], None, None
 
 
@@ -490,7 +491,7 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     sums = torch.matmul(summaries_t, stacked.reshape(C, 2, B * N, L).transpose(2, 3))  # [C, 2, 2, B·N]
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
-    k_start, v_start, _ = _chunk_start_inputs(k, v, M, plan)
+    k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right, _ = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
