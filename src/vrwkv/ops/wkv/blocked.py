@@ -340,10 +340,22 @@ def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype, to
     return (left * to_frame).to(dtype), (right * to_frame).to(dtype), to_frame
 
 
-def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool, keep: bool = False):
-    """The op without autograd, writing X, X v and the carries straight into one GEMM operand buffer.
+def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``[X, X v]`` with ``X = e^{k - m}`` in the GEMM operand layout [C, 2 (den, num), B, N, L] (for every channel
+    and den/num one contiguous [B·N, L] matrix, so the products are bmm over 2C matrices), from the blocked keys and
+    values [B, C, N, L] and the block maxima [B, C, N, 1]: three passes, each writing contiguous runs of N·L."""
+    B, C, N, L = kb.shape
+    stacked = kb.new_empty(C, 2, B, N, L)
+    as_bc = stacked.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L] view
+    torch.sub(kb, m, out=as_bc[:, :, 0]).exp_()
+    torch.mul(as_bc[:, :, 0], vb, out=as_bc[:, :, 1])
+    return stacked
 
-    Returns ``(y, saved)``: y a [B, T, C] view of [B, C, T]; ``saved`` (when ``keep``) what the backward needs:
+
+def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool, keep: bool = False):
+    """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (one bmm, one rank-2 update in place).
+
+    Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T]; ``saved`` (when ``keep``) what the backward needs:
     ``1 / den'`` [C, B, T], the block maxima, the block summaries and the frame factors (small).
     """
     B, T, C = k.shape
@@ -351,25 +363,18 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool
     kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
     vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
     m, M = _frames(kb)
-    # The GEMM operand [C, 2 (den, num), B, N, L + 2 (tokens, carries)]: per (channel, den/num) one contiguous
-    # [B·N, L + 2] matrix, so the products are bmm over 2C matrices with no broadcasting copies.
-    operand = kb.new_empty(C, 2, B, N, L + 2)
-    as_bc = operand.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L + 2] view
-    # exp on a contiguous copy: on the operand's rows of L within L + 2 it vectorises poorly (4x slower at L = 14)
-    x = torch.sub(kb, m, out=kb.new_empty(B, C, N, L)).exp_()
-    as_bc[:, :, 0, :, :L] = x
-    torch.mul(x, vb, out=as_bc[:, :, 1, :, :L])
-    del x, as_bc, kb, vb  # free the copies before the GEMM's output exists (peak memory)
-    stacked = operand[..., :L]
+    stacked = _stacked_inputs(kb, vb, m).view(C, 2, B * N, L)
+    del kb, vb  # padded copies when T is not a whole number of blocks
     rhs, summaries_t = (_cached_gemm_matrices if use_cache else _gemm_matrices)(w, u, plan, eps_den)
-    sums = torch.matmul(summaries_t, stacked.reshape(C, 2, B * N, L).transpose(2, 3))  # [C, 2, 2, B·N]
+    sums = torch.matmul(summaries_t, stacked.transpose(2, 3))  # [C, 2, 2, B·N]
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right, to_frame = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
-    operand[..., L], operand[..., L + 1] = left, right
-    out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
-    del operand, stacked, left, right  # (nothing else holds them: freed before y is allocated)
+    out = torch.matmul(stacked, rhs[:, :, :L])  # [C, 2, B·N, L]
+    del stacked  # (nothing else holds it: freed before y is allocated)
+    carries = torch.stack([left, right], -1).view(C * 2, B * N, 2)
+    out.view(C * 2, B * N, L).baddbmm_(carries, rhs[:, :, L:].reshape(C * 2, 2, L))
     den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] each
     y = k.new_empty(C, B, T)  # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
     if not keep:
@@ -450,10 +455,7 @@ class _BlockedBiWKV(torch.autograd.Function):
         # X and X v again (two passes), in the GEMM operand's layout [C, 2, B, N, L]
         kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
         vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
-        xs = k.new_empty(C, 2, B, N, L)
-        as_bc = xs.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L]
-        torch.sub(kb, m, out=as_bc[:, :, 0]).exp_()
-        torch.mul(as_bc[:, :, 0], vb, out=as_bc[:, :, 1])
+        xs = _stacked_inputs(kb, vb, m)  # [C, 2, B, N, L]
         xs_flat = xs.view(C, 2, B * N, L)
 
         d_w_u = (None, None)
