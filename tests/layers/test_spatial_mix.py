@@ -211,3 +211,26 @@ def test_channel_major_stages_never_copy(grad, y_storage):
             stacked = [a for f, a in log.calls if f in (torch.ops.aten.stack.default, torch.ops.aten.cat.default)]
             assert stacked and all(t.is_contiguous() for a in stacked for t in a[0])
             assert xkvr.grad.shape == xkvr.shape
+
+
+def test_gated_output_keeps_r_and_y_only_and_matches_the_formula():
+    """The training gate + output projection: float64 values and gradients equal ``(sigmoid(r) * y)^T W^T``, gradcheck,
+    and autograd keeps r, y, W (not sigmoid(r) nor the gate)."""
+    from vrwkv.layers.spatial_mix import gated_output_channel_major
+
+    g = torch.Generator().manual_seed(0)
+    B, C, T, C_out = 2, 5, 7, 4
+    r = torch.randn(C, B, T, generator=g, dtype=torch.float64).transpose(0, 1).requires_grad_()  # [B, C, T] view
+    y = torch.randn(B, C, T, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(C_out, C, generator=g, dtype=torch.float64).requires_grad_()
+    out = gated_output_channel_major(r, y, weight)
+    plain = (torch.sigmoid(r) * y).transpose(1, 2) @ weight.t()
+    assert out.shape == (B, T, C_out) and rel_err(out, plain) < 1e-14
+    grad = torch.randn(B, T, C_out, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (r, y, weight), grad), torch.autograd.grad(plain, (r, y, weight), grad)):
+        assert rel_err(a, b) < 1e-12
+    assert torch.autograd.gradcheck(gated_output_channel_major, (r, y, weight))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gated_output_channel_major(r, y, weight)
+    assert len(saved) == 3 and saved[0] is r and saved[1] is y

@@ -6,10 +6,11 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
-from vrwkv.layers.shift_mix import shift_mix
+from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear
 from vrwkv.ops import bi_wkv, causal_wkv
 
 WkvMode = Literal["bidirectional", "causal"]
@@ -104,12 +105,16 @@ class SpatialMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
-        xkvr = self.token_mix(x, hw)
         if self.channel_major:
-            k, v, r = self.project_channel_major(xkvr)
+            if self.shift is None:
+                k, v, r = self.project_channel_major(self.token_mix(x, hw))
+            else:  # shift, mix and project in one Function: autograd keeps x only, not the three mixes
+                weights = (self.key.weight, self.value.weight, self.receptance.weight)
+                kvr = shift_mix_linear(x, hw, self.shift, self._mix(), weights, channel_major=True)  # [C, B, T] each
+                k, v, r = (t.transpose(0, 1) for t in kvr)  # [B, C, T] views
             y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), x.shape[1])  # [B, T, C] view of channel-major storage
             return self.gate_output_channel_major(r, y.transpose(1, 2))
-        k, v, r = self.project(xkvr)
+        k, v, r = self.project(self.token_mix(x, hw))
         return self.gate_output(r, self.wkv(k, v, x.shape[1]))
 
     @property
@@ -133,8 +138,11 @@ class SpatialMix(nn.Module):
         """
         if self.shift is None:
             return x.expand(3, *x.shape)
-        mix = torch.stack([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])  # [3, 1, 1, C]
-        return shift_mix(x, hw, self.shift, mix)  # [3, B, T, C]; autograd keeps x only, not shift(x) too
+        return shift_mix(x, hw, self.shift, self._mix())  # [3, B, T, C]; autograd keeps x only, not shift(x) too
+
+    def _mix(self) -> torch.Tensor:
+        """The mix weights of key, value, receptance stacked: ``[3, 1, 1, C]``."""
+        return torch.stack([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])
 
     def project(self, xkvr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[3, B, T, C]`` -> key, value, receptance projections ``[B, T, C]`` each.
@@ -186,10 +194,49 @@ class SpatialMix(nn.Module):
         """``output(sigmoid(r) * y)`` -> ``[B, T, C]`` for ``r`` from :meth:`project_channel_major` and the WKV
         ``y`` as ``[B, C, T]`` (any storage with tokens innermost). Without autograd the gate runs in place in ``r``.
         """
+        if torch.is_grad_enabled():
+            return gated_output_channel_major(r, y, self.output.weight)
         B, C, T = r.shape
-        g = torch.sigmoid(r) * y if torch.is_grad_enabled() else r.sigmoid_().mul_(y)  # laid out as r: [C, B, T]
-        g = g.transpose(0, 1).reshape(C, B * T)  # a view
+        g = r.sigmoid_().mul_(y).transpose(0, 1).reshape(C, B * T)  # laid out as r: [C, B, T]; a view
         return g.t().mm(self.output.weight.t()).view(B, T, -1)  # [B, T, C]
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, wkv_mode={self.wkv_mode!r}, wkv_semantics={self.wkv_semantics!r}"
+
+
+class _GatedOutputChannelMajor(torch.autograd.Function):
+    """``(sigmoid(r) * y) @ W^T`` from channel-major r, y, keeping r and y (the Bi-WKV keeps y anyway) for the
+    backward instead of sigmoid(r) and the gate: the gate is recomputed (two passes) for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(r, y, weight)
+        return _gated_output(torch.sigmoid(r), r, y, weight)[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        r, y, weight = ctx.saved_tensors
+        B, C, T = r.shape
+        s = torch.sigmoid(r)  # [B, C, T] view of r's layout
+        g = (s * y).transpose(0, 1).reshape(C, B * T)  # [C, B·T] (a view when r is [C, B, T] storage)
+        grad_rows = grad.reshape(B * T, -1)  # [B·T, C_out]
+        d_weight = grad_rows.t().mm(g.t())  # [C_out, C]
+        d_g = weight.t().mm(grad_rows.t()).view(C, B, T).transpose(0, 1)  # [B, C, T] view of [C, B, T]
+        d_y = d_g * s
+        d_r = d_y * y
+        d_r = d_r.addcmul_(d_r, s, value=-1)  # d_g y s (1 - s)
+        return d_r, d_y, d_weight
+
+
+def _gated_output(s: torch.Tensor, r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
+    """``g = s * y`` laid out as r ([C, B, T] storage) and ``g^T W^T`` ``[B, T, C_out]``."""
+    B, C, T = r.shape
+    g = torch.mul(s, y).transpose(0, 1).reshape(C, B * T)
+    return g, g.t().mm(weight.t()).view(B, T, -1)
+
+
+def gated_output_channel_major(r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``output(sigmoid(r) * y)`` -> ``[B, T, C_out]`` for r, y ``[B, C, T]`` (tokens innermost) and the output
+    weight ``[C_out, C]``; differentiable, keeping r and y only for the backward."""
+    return _GatedOutputChannelMajor.apply(r, y, weight)

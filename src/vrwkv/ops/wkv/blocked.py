@@ -328,16 +328,15 @@ def _per_block(x: torch.Tensor | None, plan: BlockPlan) -> torch.Tensor | None:
     return None if x is None else x.repeat_interleave(plan.per_chunk, dim=2)[:, None]
 
 
-def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype, to_frame=None):
-    """The carries of :func:`_carries` in every block's frame (cast to the op's dtype) and the frame factors
-    ``e^{-frame}`` [C, 1, B, N] (float64, computed unless given: frames carry no gradient)."""
+def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype):
+    """The carries of :func:`_carries` in every block's frame, cast to the op's dtype: [C, 2, B, N] each. The frame
+    ``max(m_rel, log(magnitude of the den carries) - margin)`` carries no gradient (y is invariant to it)."""
     left, right = _carries(sums, m_rel, k_start, v_start, w, plan)
-    if to_frame is None:
-        with torch.no_grad():  # e^{-frame}, frame = max(m_rel, log(magnitude of the den carries) - margin)
-            magnitude = left[:, :1].abs() + right[:, :1].abs()  # [C, 1, B, N]
-            frame_scale = torch.maximum(torch.exp(m_rel.to(torch.float64)), magnitude * math.exp(-_FRAME_MARGIN))
-            to_frame = frame_scale.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
-    return (left * to_frame).to(dtype), (right * to_frame).to(dtype), to_frame
+    with torch.no_grad():  # e^{-frame}, without a float64 log
+        magnitude = left[:, :1].abs() + right[:, :1].abs()  # [C, 1, B, N]
+        frame_scale = torch.maximum(torch.exp(m_rel.to(torch.float64)), magnitude * math.exp(-_FRAME_MARGIN))
+        to_frame = frame_scale.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
+    return (left * to_frame).to(dtype), (right * to_frame).to(dtype)
 
 
 def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -356,7 +355,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (one bmm, one rank-2 update in place).
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T]; ``saved`` (when ``keep``) what the backward needs:
-    ``1 / den'`` [C, B, T], the block maxima, the block summaries and the frame factors (small).
+    ``1 / den'`` [C, B, T] and the block maxima.
     """
     B, T, C = k.shape
     L, N = plan.L, plan.N
@@ -370,7 +369,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
-    left, right, to_frame = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
+    left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     out = torch.matmul(stacked, rhs[:, :, :L])  # [C, 2, B·N, L]
     del stacked  # (nothing else holds it: freed before y is allocated)
     carries = torch.stack([left, right], -1).view(C * 2, B * N, 2)
@@ -382,7 +381,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool
         return y.permute(1, 2, 0), None  # [B, T, C] view of [C, B, T]
     rden = torch.reciprocal(den)  # [C, B, T]
     torch.mul(num, rden, out=y)
-    return y.permute(1, 2, 0), (rden, m, M, sums, m_rel, to_frame)
+    return y.permute(1, 2, 0), (rden, m, M)
 
 
 class _BlockedBiWKV(torch.autograd.Function):
@@ -396,22 +395,22 @@ class _BlockedBiWKV(torch.autograd.Function):
     * ``d rhs = [X, X v, carries]^T @ d out`` and ``d summaries = d sums^T [X, X v]``, then autograd through the small
       matrices of w, u (:func:`_gemm_matrices`) and through the float64 carry scan (``[C, 2, B, N]``, 2/L of the data).
 
-    Saved: k, v, y (the output, which the gate keeps anyway) and ``1 / den'`` (one [B, T, C]), plus per-block values;
-    X and X v are recomputed (two passes) instead of kept. Autograd through the forward saves ~10 [B, T, C] tensors
+    Saved: k, v, y (the output, which the gate keeps anyway) and ``1 / den'`` (one [B, T, C]), plus the block maxima;
+    X and X v (three passes), the block summaries (a GEMM with 2 rows) and the carries are recomputed instead. Autograd through the forward saves ~10 [B, T, C] tensors
     and its backward costs ~5x the forward; this one ~2-3x.
     """
 
     @staticmethod
     def forward(ctx, k, v, w, u, plan: BlockPlan, eps_den: float | None):
-        y, (rden, m, M, sums, m_rel, to_frame) = _forward(k, v, w, u, plan, eps_den, use_cache=False, keep=True)
+        y, (rden, m, M) = _forward(k, v, w, u, plan, eps_den, use_cache=False, keep=True)
         ctx.plan, ctx.eps_den = plan, eps_den
-        ctx.save_for_backward(k, v, w, u, y, rden, m, M, sums, m_rel, to_frame)
+        ctx.save_for_backward(k, v, w, u, y, rden, m, M)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        k, v, w, u, y, rden, m, M, sums, m_rel, to_frame = ctx.saved_tensors
+        k, v, w, u, y, rden, m, M = ctx.saved_tensors
         plan, eps_den = ctx.plan, ctx.eps_den
         B, T, C = k.shape
         L, N = plan.L, plan.N
@@ -427,16 +426,24 @@ class _BlockedBiWKV(torch.autograd.Function):
         d_flat = d_out.view(C, 2, B * N, L)
         sign = torch.tensor([-1.0, 1.0], dtype=k.dtype, device=k.device)[None, :, None, None]  # [1, 2, 1, 1]
 
+        # X and X v again, in the GEMM operand's layout [C, 2, B, N, L]
+        kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
+        vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
+        xs = _stacked_inputs(kb, vb, m)  # [C, 2, B, N, L]
+        xs_flat = xs.view(C, 2, B * N, L)
+
         with torch.enable_grad():  # the small parts: autograd through w, u, the summaries and the carry scan
             w_, u_ = w.detach().requires_grad_(), u.detach().requires_grad_()
-            sums_ = sums.detach().requires_grad_()
+            rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
+            sums = torch.matmul(summaries_t.detach(), xs_flat.transpose(2, 3))  # [C, 2, 2, B·N], as in the forward
+            sums_ = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2).requires_grad_()  # [C, 2, B, N, 2]
+            m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
             k_chunk, v_chunk = _chunk_starts(k.detach(), v.detach(), M, plan)  # [C, B, chunks]
             if k_chunk is not None:
                 k_chunk.requires_grad_()
                 v_chunk.requires_grad_()
             k_start, v_start = _per_block(k_chunk, plan), _per_block(v_chunk, plan)
-            rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
-            left, right, _ = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype, to_frame)
+            left, right = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype)
         rhs_d = rhs.detach()
         # d carries: profiles @ d out^T (the transposed product is several times faster, see _gemm_matrices)
         d_carries = torch.matmul(rhs_d[:, :, L:], d_flat.transpose(2, 3))  # [C, 2, 2, B·N]
@@ -451,12 +458,6 @@ class _BlockedBiWKV(torch.autograd.Function):
         d_stacked = torch.matmul(d_flat, (rhs_d[:, :, :L] * sign).transpose(2, 3).contiguous())
         d_sums_rows = d_sums.reshape(C * 2, B * N, 2)
         d_stacked.view(C * 2, B * N, L).baddbmm_(d_sums_rows, summaries_t.detach().reshape(C * 2, 2, L))
-
-        # X and X v again (two passes), in the GEMM operand's layout [C, 2, B, N, L]
-        kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
-        vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
-        xs = _stacked_inputs(kb, vb, m)  # [C, 2, B, N, L]
-        xs_flat = xs.view(C, 2, B * N, L)
 
         d_w_u = (None, None)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
@@ -494,7 +495,7 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
-    left, right, _ = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
+    left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
     den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] (unbind's backward: one stack)
