@@ -287,7 +287,7 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     Returns a [B, T, C] view of channel-major [C, B, T] storage: models that consume
     it channel-major (e.g. a weight-first output projection) avoid a layout change. Exact to float32 rounding where
     :func:`blocked_supports`. Differentiable: a hand-written backward (:class:`_BlockedBiWKV`) made of the same
-    block products; under torch.compile or tracing, autograd through the forward's operations instead.
+    block products; under torch.compile or tracing, plain operations without buffer writes (autograd through them).
     """
     B, T, C = k.shape
     if T == 1:  # a single token averages itself; the kernel adds EPS·e^{max(k, u + k)} to e^{u + k}
@@ -295,11 +295,11 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
     plan = plan_blocks(T, semantics, chunks)
     eps_den = eps if semantics == "official" else None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u))
-    if torch.jit.is_tracing() or (grad and torch.compiler.is_compiling()):
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no buffer writes (the compiler fuses)
         return _traceable_forward(k, v, w, u, plan, eps_den)
     if grad:
         return _BlockedBiWKV.apply(k, v, w, u, plan, eps_den)
-    return _forward(k, v, w, u, plan, eps_den, use_cache=not torch.compiler.is_compiling())[0]
+    return _forward(k, v, w, u, plan, eps_den, use_cache=True)[0]
 
 
 def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
