@@ -113,17 +113,23 @@ def measure_wkv(spec: dict) -> dict:
 
     B, T, C = spec["B"], spec["T"], spec["C"]
     torch.manual_seed(0)
-    k, v = torch.randn(B, T, C), torch.randn(B, T, C)
+    # k, v as the spatial mix passes them: [B, T, C] views of channel-major [C, B, T] projections
+    k_storage, v_storage = torch.randn(C, B, T), torch.randn(C, B, T)
+    k, v = k_storage.permute(1, 2, 0), v_storage.permute(1, 2, 0)
     w, u = torch.randn(C) * 3 / T, torch.randn(C) / T
     semantics = spec.get("semantics", "official")
     if spec["impl"] == "reference":
         fn = lambda: reference_bi_wkv(k, v, w, u, semantics)  # noqa: E731
     elif spec["backward"]:
-        for t in (k, v, w, u):
+        leaves = (k_storage, v_storage, w, u)
+        for t in leaves:
             t.requires_grad_()
+        grad = torch.randn(C, B, T).permute(1, 2, 0)  # a gradient in the layout the model's gate gives back
 
         def fn():
-            bi_wkv(k, v, w, u, semantics).sum().backward()
+            for t in leaves:
+                t.grad = None
+            bi_wkv(k_storage.permute(1, 2, 0), v_storage.permute(1, 2, 0), w, u, semantics).backward(grad)
     else:
 
         def fn():
