@@ -7,9 +7,10 @@ through two numbers per block and channel: the decayed sums of all tokens to its
 Layout: channel-major ``[B, C, N, L]`` (N blocks of L tokens, tokens innermost), so that for every (batch, channel)
 the blocks are the rows of a contiguous ``[2N, L]`` matrix (``X`` and ``X v`` stacked) and the op is
 
-    out = [X | carries] @ A_aug^T      A_aug = [A | left profile | right profile]   ([L, L + 2] per channel)
+    out = [X, X v] @ A + [left, right] @ [left profile; right profile]      (A: [L, L] per channel)
 
-one ``matmul`` for the whole op, preceded by a small one for the block summaries that the carries are made of.
+one ``matmul`` and a rank-2 update in place, preceded by a small product for the block summaries that the carries
+are made of. The backward (:class:`_BlockedBiWKV`) is the same products transposed.
 
 Numerics (float32, any k):
 
