@@ -216,27 +216,6 @@ def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float
     return rhs, summaries_t.contiguous()
 
 
-# Inference-time cache of the GEMM matrices (CPU): they depend on w and u only, which do not change between the
-# forward passes of a model in eval. Keyed on their values (a model passes ``decay / T``, a fresh tensor each call):
-# comparing 2C numbers costs microseconds, rebuilding the matrices a few passes over [C, L, L].
-_MATRIX_CACHE: dict = {}
-_MATRIX_CACHE_ENTRIES = 64  # per (plan, eps, dtype): several models x depth
-
-
-def _cached_gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | None):
-    if w.device.type != "cpu":  # comparing values would synchronise an accelerator; rebuilding is cheap there
-        return _gemm_matrices(w, u, plan, eps)
-    entries = _MATRIX_CACHE.setdefault((plan, eps, w.dtype), [])
-    for cached_w, cached_u, matrices in entries:
-        if torch.equal(cached_w, w) and torch.equal(cached_u, u):
-            return matrices
-    matrices = _gemm_matrices(w, u, plan, eps)
-    if len(entries) >= _MATRIX_CACHE_ENTRIES:
-        entries.pop(0)
-    entries.append((w.clone(), u.clone(), matrices))
-    return matrices
-
-
 def _excl_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
     """Exclusive cumulative sum along ``dim`` (from the end if ``reverse``)."""
     if reverse:
@@ -300,7 +279,7 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
         return _traceable_forward(k, v, w, u, plan, eps_den)
     if grad:
         return _BlockedBiWKV.apply(k, v, w, u, plan, eps_den)
-    return _forward(k, v, w, u, plan, eps_den, use_cache=True)[0]
+    return _forward(k, v, w, u, plan, eps_den)[0]
 
 
 def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,7 +331,7 @@ def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torc
     return stacked
 
 
-def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool, keep: bool = False):
+def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False):
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (one bmm, one rank-2 update in place).
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T]; ``saved`` (when ``keep``) what the backward needs:
@@ -365,7 +344,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, use_cache: bool
     m, M = _frames(kb)
     stacked = _stacked_inputs(kb, vb, m).view(C, 2, B * N, L)
     del kb, vb  # padded copies when T is not a whole number of blocks
-    rhs, summaries_t = (_cached_gemm_matrices if use_cache else _gemm_matrices)(w, u, plan, eps_den)
+    rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
     sums = torch.matmul(summaries_t, stacked.transpose(2, 3))  # [C, 2, 2, B·N]
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
@@ -403,7 +382,7 @@ class _BlockedBiWKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, w, u, plan: BlockPlan, eps_den: float | None):
-        y, (rden, m, M) = _forward(k, v, w, u, plan, eps_den, use_cache=False, keep=True)
+        y, (rden, m, M) = _forward(k, v, w, u, plan, eps_den, keep=True)
         ctx.plan, ctx.eps_den = plan, eps_den
         ctx.save_for_backward(k, v, w, u, y, rden, m, M)
         return y
