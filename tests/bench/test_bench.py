@@ -68,3 +68,18 @@ def test_bench_cli_rejects_bad_arguments(capsys):
     assert "unknown pair" in capsys.readouterr().err
     assert main(["bench", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_allocator_setting_reaches_the_measurement_and_the_report(capsys):
+    """--malloc-mmap-threshold: set in every measurement process (merged into its environment) and stated in the
+    report; negative values are rejected."""
+    spec = dict(kind="model", pair="test", model="test_vrwkv", size=[32, 32], batch=1, mode="infer", repeats=1)
+    result = run_spec(spec, timeout_s=600, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert result["median_s"] > 0
+    from vrwkv.bench.report import write_markdown
+
+    report = {"config": {"malloc_mmap_threshold": 131072}, "rows": [], "date": "d",
+              "machine": {"platform": "p", "cpu_count": 2, "torch": "t", "timm": "t"}}
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in write_markdown(report)
+    assert main(["bench", "--malloc-mmap-threshold", "-1"]) == 2
+    assert "--malloc-mmap-threshold" in capsys.readouterr().err

@@ -75,6 +75,14 @@ def _fmt(x, spec=".3g"):
     return "—" if x is None else format(x, spec)
 
 
+def _allocator_note(report: dict) -> list[str]:
+    threshold = report.get("config", {}).get("malloc_mmap_threshold")
+    if not threshold:
+        return []
+    return [f"Every measurement ran with MALLOC_MMAP_THRESHOLD_={threshold} (glibc: blocks of that size and larger are "
+            "mapped and returned on free, so peak RSS follows live tensors)."]
+
+
 def write_markdown(report: dict) -> str:
     peak, bw = _machine_peaks(report["rows"])
     m = report["machine"]
@@ -82,6 +90,7 @@ def write_markdown(report: dict) -> str:
         f"Benchmark of {report['date']} on {m['platform']} ({m['cpu_count']} CPUs), torch {m['torch']}, timm {m['timm']}.",
         f"fp32 matmul peak measured in this run: {_fmt(peak, '.0f')} GFLOP/s; copy bandwidth: "
         f"{_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
+        *_allocator_note(report),
         "",
         "| model | mode | size | batch | s/image (median) | min–max | CPU s/image | GFLOP/image | GFLOP/s | % of peak "
         "| peak RSS (MB) | speed-up vs ViT (wall) | speed-up vs ViT (CPU) | memory vs ViT |",

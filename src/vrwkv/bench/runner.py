@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import os
 import subprocess
 import sys
 import time
@@ -43,13 +44,18 @@ class BenchConfig:
     timeout_s: float = 3600.0
     compile_backend: str | None = None  # also time our model under torch.compile (inference), e.g. "inductor"
     threads: int | None = None  # torch threads in every measurement (None: torch's default)
+    # glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every measurement process, the same for both models; None: the
+    # environment's. Small values (e.g. 131072) make peak RSS track live tensors instead of the heap's free holes.
+    malloc_mmap_threshold: int | None = None
 
 
-def run_spec(spec: dict, timeout_s: float) -> dict:
-    """Run one measurement in a fresh interpreter; returns its result dict or ``{"error": ...}``."""
+def run_spec(spec: dict, timeout_s: float, env: dict[str, str] | None = None) -> dict:
+    """Run one measurement in a fresh interpreter (``env``: extra environment variables); returns its result dict or
+    ``{"error": ...}``."""
     cmd = [sys.executable, "-m", "vrwkv.bench.measure", json.dumps(spec)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                             env={**os.environ, **env} if env else None)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout_s:.0f} s"}
     if out.returncode != 0:
@@ -97,10 +103,11 @@ def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = plan(cfg)
+    env = {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)} if cfg.malloc_mmap_threshold else None
     rows = []
     for i, spec in enumerate(specs, 1):
         t0 = time.perf_counter()
-        result = run_spec(spec, cfg.timeout_s) if isolate else measure(spec)
+        result = run_spec(spec, cfg.timeout_s, env) if isolate else measure(spec)
         rows.append({"spec": spec, "result": result})
         progress(f"[{i}/{len(specs)}] {describe(spec)}: {summary(result)} ({time.perf_counter() - t0:.0f} s)")
     report = {

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "eager with a warning when no C++ compiler is found)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every measurement (default: torch's default, one per core)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="glibc MALLOC_MMAP_THRESHOLD_ for every measurement (both models): e.g. 131072 makes peak "
+                        "RSS track live tensors rather than the allocator's retained heap")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--out", default=None, help="output directory (default: runs/bench-<date>)")
 
@@ -39,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--repeats must be >= 1 and every size >= 16")
     if args.threads is not None and args.threads < 1:
         raise CLIError("--threads must be >= 1")
+    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
+        raise CLIError("--malloc-mmap-threshold must be >= 0 bytes")
     cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
                       vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
-                      timeout_s=args.timeout, compile_backend=args.compile, threads=args.threads)
+                      timeout_s=args.timeout, compile_backend=args.compile, threads=args.threads,
+                      malloc_mmap_threshold=args.malloc_mmap_threshold)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_bench(cfg, out)
     print((out / "results.md").read_text())
