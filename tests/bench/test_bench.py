@@ -19,6 +19,10 @@ def test_plan_pairs_models_and_skips_large_batches():
     wkv = [(s["impl"], s["T"]) for s in specs if s["kind"] == "wkv"]
     assert ("reference", 196) in wkv and ("reference", 4096) not in wkv and ("fast", 4096) in wkv
     assert specs[0]["kind"] == "matmul_peak"
+    models = [(s["model"], s["mode"], s["size"][0], s["batch"]) for s in specs if s["kind"] == "model"]
+    for i, (model, mode, size, batch) in enumerate(models):  # each DeiT measurement right after its VRWKV twin
+        if model == "deit_tiny_patch16_224":
+            assert models[i - 1] == ("vrwkv_tiny", mode, size, batch)
     assert all("threads" not in s for s in specs)
     assert {s["threads"] for s in plan(BenchConfig(pairs=["tiny"], threads=1))} == {1}  # --threads reaches every one
 

@@ -65,22 +65,24 @@ def run_spec(spec: dict, timeout_s: float, env: dict[str, str] | None = None) ->
 
 
 def plan(cfg: BenchConfig) -> list[dict]:
-    """All measurement specs of a run (machine peaks first)."""
+    """All measurement specs of a run (machine peaks first). The two models of a pair are measured back to back for
+    every (mode, size, batch): their ratio then compares measurements minutes apart at most, not the two ends of a
+    long run over which the load of a shared host can drift."""
     specs: list[dict] = [{"kind": "matmul_peak"}, {"kind": "copy_bandwidth"}]
     for pair in cfg.pairs:
         ours, ref = PAIRS[pair]
-        for model in (ours, ref):
-            sizes = cfg.sizes + (cfg.vrwkv_only_sizes if model == ours else [])
-            for size in sizes:
-                for batch in cfg.batch_sizes:
-                    if batch > 1 and size > cfg.batch_max_size:
-                        continue
+        for size in cfg.sizes + cfg.vrwkv_only_sizes:
+            for batch in cfg.batch_sizes:
+                if batch > 1 and size > cfg.batch_max_size:
+                    continue
+                for model in (ours, ref) if size in cfg.sizes else (ours,):
                     spec = dict(kind="model", pair=pair, model=model, size=[size, size], batch=batch,
                                 mode="infer", repeats=cfg.repeats, warmup=cfg.warmup)
                     specs.append(spec)
                     if cfg.compile_backend and model == ours:
                         specs.append(dict(spec, compile=cfg.compile_backend, warmup=max(cfg.warmup, 1)))
-            for size in cfg.train_sizes:
+        for size in cfg.train_sizes:
+            for model in (ours, ref):
                 specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
                                   mode="train", repeats=cfg.repeats, warmup=cfg.warmup))
     for T in cfg.wkv_T:
