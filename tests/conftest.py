@@ -17,6 +17,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def perturb_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    """Add ``scale`` x standard-normal noise to every parameter in place (away from special init values, e.g.
+    mixes of exactly 0/1 or zero-initialised weights, that could hide a wrong formula); returns the module."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
 @pytest.fixture(scope="session")
 def golden():
     """Load a golden fixture file (official-model outputs) by stem, cached per session."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
+from conftest import perturb_, rel_err
 from vrwkv.layers import ChannelMix, q_shift
 from vrwkv.layers.channel_mix import squared_relu, squared_relu_linear
 
@@ -26,9 +26,7 @@ def test_forward_formula():
     torch.manual_seed(0)
     H, W, C = 3, 5, 8
     m = ChannelMix(C, 1, 3, key_norm=True).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     x = torch.randn(2, H * W, C, dtype=torch.float64)
     xx = q_shift(x, (H, W))
     xk = x * m.spatial_mix_k + xx * (1 - m.spatial_mix_k)
@@ -59,9 +57,7 @@ def test_inference_path_and_gradients_match_the_formula():
     torch.manual_seed(1)
     H, W, C = 3, 4, 8
     m = ChannelMix(C, 1, 3, key_norm=True).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     x = torch.randn(2, H * W, C, dtype=torch.float64, requires_grad=True)
     out = m(x, (H, W))
     with torch.inference_mode():
@@ -103,9 +99,7 @@ def test_squared_relu_linear_matches_the_formula():
 
 
 def _perturbed(m):
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     return m
 
 
@@ -196,9 +190,7 @@ def test_inference_in_token_chunks_matches_the_formula(monkeypatch, shift_mode, 
     torch.manual_seed(2)
     H, W, C = 3, 4, 8
     m = ChannelMix(C, 1, 3, key_norm=key_norm, shift_mode=shift_mode).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     x = torch.randn(2, H * W, C, dtype=torch.float64)
     with torch.no_grad():
         out = m(x, (H, W))

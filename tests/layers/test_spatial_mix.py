@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import rel_err
+from conftest import perturb_, rel_err
 from vrwkv.layers import SpatialMix, q_shift
 from vrwkv.ops import bi_wkv
 from vrwkv.ops.wkv.reference import naive_official_bi_wkv
@@ -51,9 +51,7 @@ def test_forward_is_the_spec_composition():
     torch.manual_seed(0)
     H, W, C = 5, 7, 8  # T = 35 > 32 tokens: the official semantics differ from the paper formula here
     m = SpatialMix(C, 1, 3, key_norm=True).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     x = torch.randn(2, H * W, C, dtype=torch.float64)
     xx = q_shift(x, (H, W))
     mix = lambda mu: x * mu + xx * (1 - mu)  # noqa: E731
@@ -86,9 +84,7 @@ def test_inference_path_channel_slices_and_gradients_match_the_formula():
     torch.manual_seed(2)
     H, W, C = 3, 5, 8
     m = SpatialMix(C, 1, 3, key_norm=True).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     x = torch.randn(2, H * W, C, dtype=torch.float64, requires_grad=True)
     out = m(x, (H, W))
     with torch.inference_mode():
@@ -112,9 +108,7 @@ def test_inference_path_channel_slices_and_gradients_match_the_formula():
 
 
 def _perturbed(m: SpatialMix) -> SpatialMix:
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(m)
     return m
 
 
