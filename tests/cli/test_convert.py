@@ -2,6 +2,7 @@
 import torch
 from safetensors import safe_open
 
+from conftest import perturb_
 import vrwkv
 from vrwkv.cli import main
 
@@ -9,9 +10,7 @@ from vrwkv.cli import main
 def _official_file(path, seed=0):
     torch.manual_seed(seed)
     model = vrwkv.create_model("test_vrwkv", num_classes=10, img_size=48)  # 3x3 pos_embed grid
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_(model, 0.05)
     sd = {("head.fc." + k[5:] if k.startswith("head.") else "backbone." + k): v for k, v in model.state_dict().items()}
     torch.save({"meta": {"epoch": 300}, "state_dict": sd}, path)
     return model.eval()

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import perturb_
 import vrwkv
 from vrwkv.cli import main
 from vrwkv.data import load_rgb
@@ -88,9 +89,7 @@ def test_features_command(photo_dir, tmp_path, capsys):
 def test_features_command_with_checkpoint(photo_dir, tmp_path, capsys):
     torch.manual_seed(1)
     model = vrwkv.create_model("test_vrwkv", num_classes=7).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb_(model, 0.1)
     torch.save(model.state_dict(), tmp_path / "weights.pth")
     out = tmp_path / "feats.safetensors"
     weights = str(tmp_path / "weights.pth")

@@ -3,7 +3,7 @@ and the cls-token passthrough of the V6 shifts."""
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import perturb_, rel_err
 from vrwkv.layers import ChannelMix, make_shift, q_shift
 from vrwkv.layers.spatial_mix_v6 import SpatialMixV6
 from vrwkv.ops.wkv6.reference import naive_recurrent_bi_wkv6
@@ -13,9 +13,7 @@ def perturbed(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch
     """Float64 copy with every parameter moved off its init (the LoRA matrices start at ~1e-4)."""
     torch.manual_seed(seed)
     module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn_like(p))
+    perturb_(module, std)
     return module
 
 

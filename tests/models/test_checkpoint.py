@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vrwkv
-from conftest import DEVICE
+from conftest import DEVICE, perturb_
 from vrwkv.layers import resize_pos_embed
 from vrwkv.models._checkpoint import read_checkpoint, save_safetensors
 
@@ -18,9 +18,7 @@ class Trainer:
 def _model(name="test_vrwkv", seed=0, **kwargs):
     torch.manual_seed(seed)
     model = timm.create_model(name, **kwargs)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_(model, 0.05)
     return model.eval()
 
 

@@ -5,7 +5,7 @@ import timm
 import torch
 
 import vrwkv  # noqa: F401  (registers the models with timm)
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, perturb_, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -13,9 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _perturbed(name, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).to(DEVICE).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_(model, 0.05)
     return model
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, perturb_, rel_err
 from vrwkv.layers import q_shift, resize_pos_embed
 from vrwkv.models import VRWKV
 from vrwkv.models.mae import (MaskedAutoencoderVRWKV, VisibleTokens, create_mae_model, load_mae_encoder,
@@ -23,9 +23,7 @@ def _perturbed(**kwargs) -> MaskedAutoencoderVRWKV:
     """A model whose parameters are all non-trivial (init has unit norms, zero biases, tiny layer scales)."""
     torch.manual_seed(0)
     model = MaskedAutoencoderVRWKV(**{**OFFICIAL, **kwargs}).to(DEVICE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb_(model, 0.1)
     return model.eval()
 
 

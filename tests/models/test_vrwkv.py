@@ -7,7 +7,7 @@ import torch
 from timm.models import group_parameters
 
 import vrwkv
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, perturb_, rel_err
 from vrwkv.layers import q_shift
 from vrwkv.models import VRWKV
 from vrwkv.ops import bi_wkv
@@ -21,9 +21,7 @@ def _perturbed(name: str, **kwargs) -> VRWKV:
     """A test model whose parameters are all non-trivial (the init has zero pos_embed, unit norms, zero biases)."""
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).to(DEVICE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_(model, 0.05)
     return model
 
 

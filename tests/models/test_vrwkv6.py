@@ -8,7 +8,7 @@ import torch
 from timm.models import group_parameters
 
 import vrwkv
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, perturb_, rel_err
 from vrwkv.models import VRWKV6
 from vrwkv.models._convert import convert_checkpoint
 
@@ -84,9 +84,7 @@ def perturbed(name: str, **kwargs) -> VRWKV6:
     """A test model whose parameters are all non-trivial (the init has zero pos_embed/cls, unit norms, ~0 LoRA)."""
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).to(DEVICE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_(model, 0.05)
     return model.eval()
 
 
