@@ -196,3 +196,18 @@ def test_inference_in_token_chunks_matches_the_formula(monkeypatch, shift_mode, 
         out = m(x, (H, W))
         plain = m.mlp(m.token_mix(x, (H, W)))
     assert out.shape == x.shape and rel_err(out, plain) < 1e-14
+
+
+def test_inference_in_token_chunks_under_autocast(monkeypatch):
+    """bf16 autocast (CPU) through several chunks: the output takes the matmuls' dtype and matches float32."""
+    from vrwkv.layers import channel_mix
+
+    monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", 5)
+    torch.manual_seed(3)
+    m = perturb_(ChannelMix(8, 1, 3))
+    x = torch.randn(2, 12, 8)
+    with torch.no_grad():
+        ref = m(x, (3, 4))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, (3, 4))
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 3e-2

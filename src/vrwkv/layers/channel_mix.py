@@ -140,7 +140,7 @@ class ChannelMix(nn.Module):
         B, T, C = x.shape
         rows = x.reshape(B * T, C)
         shifted = rows if self.shift is None else self.shift(x, hw).reshape(B * T, C)
-        out = torch.empty_like(rows)
+        out = None
         mixed = rows.new_empty(min(INFERENCE_CHUNK_TOKENS, B * T), C)
         for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
             chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
@@ -149,10 +149,15 @@ class ChannelMix(nn.Module):
             k = self.key(xk).relu_().square_()  # [n, hidden]
             if self.key_norm is not None:
                 k = self.key_norm(k)
-            value = torch.mm(k, self.value.weight.t(), out=out[chunk])
+            value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
             xr = x_c if self.shift is None else torch.lerp(s_c, x_c, self.spatial_mix_r[0, 0], out=buf)
-            value.mul_(self.receptance(xr).sigmoid_())
-        return out.view(B, T, C)
+            gated = value.mul_(self.receptance(xr).sigmoid_())  # [n, C], in the matmul's dtype (autocast)
+            if chunk.stop - chunk.start == B * T:  # one chunk: no copy
+                return gated.view(B, T, -1)
+            if out is None:
+                out = gated.new_empty(B * T, gated.shape[1])
+            out[chunk] = gated
+        return out.view(B, T, -1)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}"
