@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vrwkv.data.digits import blend_ink, ink_alpha, place_square
 from vrwkv.data.image_folder import BadImageError, load_rgb
 from vrwkv.data.pipeline import read_replacing_bad, sample_rng
 
 DIGIT_CATEGORIES = [str(i) for i in range(10)]
 _SCENES_SEED = 20240611
 MASK_THRESHOLD = 0.4  # a pixel belongs to a digit where its upscaled ink (0..1) exceeds this (as DigitScenes)
-_PLACEMENT_TRIES = 20
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -146,18 +146,13 @@ class DigitDetectionScenes:
         for _ in range(rng.integers(1, self.max_digits + 1)):
             k = int(self._pool[rng.integers(len(self._pool))])
             side = int(rng.integers(self.side_range[0], self.side_range[1] + 1))
-            ink = Image.fromarray((self._ink[k] * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
-            alpha = np.asarray(ink, dtype=np.float64) / 255.0  # [side, side]
-            for _ in range(_PLACEMENT_TRIES):  # squares do not overlap: every mask is the digit's whole ink
-                y, x = (int(v) for v in rng.integers(0, S - side + 1, size=2))
-                if not taken[y:y + side, x:x + side].any():
-                    break
-            else:
+            alpha = ink_alpha(self._ink[k], side)
+            corner = place_square(rng, taken, side)  # squares do not overlap: every mask is the digit's whole ink
+            if corner is None:
                 continue
-            taken[y:y + side, x:x + side] = True
+            y, x = corner
             colour = (background + 255 * 0.5 + rng.uniform(-60, 60, size=3)) % 255  # far from the background
-            patch = image[y:y + side, x:x + side]
-            image[y:y + side, x:x + side] = patch * (1 - alpha[..., None]) + colour * alpha[..., None]
+            blend_ink(image, y, x, alpha, colour)
             mask = np.zeros((S, S), dtype=np.uint8)
             mask[y:y + side, x:x + side] = alpha > MASK_THRESHOLD
             if not mask.any():

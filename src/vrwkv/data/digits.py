@@ -81,3 +81,33 @@ class DigitsDataset:
 
     def describe(self, index: int) -> str:
         return f"digits/{self.split}/{index}"
+
+
+# Composing digit scenes (the bundled segmentation and detection data sets)
+
+_PLACEMENT_TRIES = 20  # random positions tried for a digit before it is left out (the scene is full)
+
+
+def place_square(rng: np.random.Generator, occupied: np.ndarray, side: int) -> tuple[int, int] | None:
+    """A random top-left corner ``(y, x)`` of a ``side`` square that overlaps no occupied pixel, marked occupied; None
+    after ``_PLACEMENT_TRIES`` tries (the scene is full). ``occupied``: [S, S] bool."""
+    S = occupied.shape[0]
+    for _ in range(_PLACEMENT_TRIES):
+        y, x = (int(v) for v in rng.integers(0, S - side + 1, size=2))
+        if not occupied[y:y + side, x:x + side].any():
+            occupied[y:y + side, x:x + side] = True
+            return y, x
+    return None
+
+
+def ink_alpha(ink: np.ndarray, side: int) -> np.ndarray:
+    """A digit's ink ([8, 8] in [0, 1]) resized to ``[side, side]`` (bilinear), in [0, 1]: the blending weight."""
+    resized = Image.fromarray((ink * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+    return np.asarray(resized, dtype=np.float64) / 255.0
+
+
+def blend_ink(image: np.ndarray, y: int, x: int, alpha: np.ndarray, colour: np.ndarray) -> None:
+    """Paint ink of ``colour`` with weights ``alpha`` [side, side] into ``image`` [S, S, 3] at (y, x), in place."""
+    side = alpha.shape[0]
+    patch = image[y:y + side, x:x + side]
+    image[y:y + side, x:x + side] = patch * (1 - alpha[..., None]) + colour * alpha[..., None]

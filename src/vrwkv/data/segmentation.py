@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vrwkv.data.digits import blend_ink, ink_alpha, place_square
 from vrwkv.data.image_folder import BadImageError, load_rgb
 from vrwkv.data.pipeline import read_replacing_bad, sample_rng
 
@@ -27,7 +28,6 @@ IGNORE_INDEX = 255
 DIGIT_SCENE_CLASSES = ["background"] + [f"digit {i}" for i in range(10)]
 _SCENES_SEED = 20240302
 _MASK_THRESHOLD = 0.4  # a pixel belongs to a digit where its upscaled ink intensity (0..1) exceeds this
-_PLACEMENT_TRIES = 20  # random positions tried for a digit before it is left out (the scene is full)
 
 
 class DigitScenes:
@@ -81,17 +81,12 @@ class DigitScenes:
             k = self._pool[rng.integers(len(self._pool))]
             side = int(rng.integers(S // 4, S // 2 + 1))
             colour = rng.uniform(0, 100, size=3)  # dark ink of any tint
-            for _ in range(_PLACEMENT_TRIES):
-                y, x = (int(v) for v in rng.integers(0, S - side + 1, size=2))
-                if not occupied[y:y + side, x:x + side].any():
-                    break
-            else:
+            corner = place_square(rng, occupied, side)
+            if corner is None:
                 continue
-            occupied[y:y + side, x:x + side] = True
-            ink = Image.fromarray((self._ink[k] * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
-            alpha = np.asarray(ink, dtype=np.float64) / 255.0  # [side, side]
-            patch = image[y:y + side, x:x + side]
-            image[y:y + side, x:x + side] = patch * (1 - alpha[..., None]) + colour * alpha[..., None]
+            y, x = corner
+            alpha = ink_alpha(self._ink[k], side)
+            blend_ink(image, y, x, alpha, colour)
             mask[y:y + side, x:x + side][alpha > _MASK_THRESHOLD] = self._labels[k] + 1
             boxes.append((x, y, side, int(self._labels[k]) + 1))
         return Image.fromarray(image.round().astype(np.uint8)), Image.fromarray(mask), boxes
