@@ -319,6 +319,16 @@ def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype):
     return (left * to_frame).to(dtype), (right * to_frame).to(dtype)
 
 
+def _block_summaries(stacked: torch.Tensor, summaries_t: torch.Tensor, m: torch.Tensor, M: torch.Tensor):
+    """What the carries are made of: the block summaries ``S^T [X, X v]^T`` as [C, 2, B, N, 2] (one small GEMM, in
+    the transposed orientation BLAS runs fastest) and the block maxima relative to the sequence's, [C, 1, B, N].
+    stacked: [C, 2, B·N, L]; summaries_t: [C, 2, 2, L]; m: [B, C, N, 1]; M: [B, C, 1, 1]."""
+    B, C, N, _ = m.shape
+    sums = torch.matmul(summaries_t, stacked.transpose(2, 3))  # [C, 2, 2, B·N]
+    sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
+    return sums, (m - M)[..., 0].permute(1, 0, 2)[:, None]
+
+
 def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``[X, X v]`` with ``X = e^{k - m}`` in the GEMM operand layout [C, 2 (den, num), B, N, L] (for every channel
     and den/num one contiguous [B·N, L] matrix, so the products are bmm over 2C matrices), from the blocked keys and
@@ -345,9 +355,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     stacked = _stacked_inputs(kb, vb, m).view(C, 2, B * N, L)
     del kb, vb  # padded copies when T is not a whole number of blocks
     rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
-    sums = torch.matmul(summaries_t, stacked.transpose(2, 3))  # [C, 2, 2, B·N]
-    sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
-    m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
+    sums, m_rel = _block_summaries(stacked, summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     out = torch.matmul(stacked, rhs[:, :, :L])  # [C, 2, B·N, L]
@@ -415,9 +423,8 @@ class _BlockedBiWKV(torch.autograd.Function):
         with torch.enable_grad():  # the small parts: autograd through w, u, the summaries and the carry scan
             w_, u_ = w.detach().requires_grad_(), u.detach().requires_grad_()
             rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
-            sums = torch.matmul(summaries_t.detach(), xs_flat.transpose(2, 3))  # [C, 2, 2, B·N], as in the forward
-            sums_ = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2).requires_grad_()  # [C, 2, B, N, 2]
-            m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
+            sums, m_rel = _block_summaries(xs_flat, summaries_t.detach(), m, M)  # as in the forward
+            sums_ = sums.requires_grad_()
             k_chunk, v_chunk = _chunk_starts(k.detach(), v.detach(), M, plan)  # [C, B, chunks]
             if k_chunk is not None:
                 k_chunk.requires_grad_()
@@ -471,9 +478,7 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     x = torch.exp(kb - m)
     stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
     rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
-    sums = torch.matmul(summaries_t, stacked.reshape(C, 2, B * N, L).transpose(2, 3))  # [C, 2, 2, B·N]
-    sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
-    m_rel = (m - M)[..., 0].permute(1, 0, 2)[:, None]  # [C, 1, B, N]
+    sums, m_rel = _block_summaries(stacked.reshape(C, 2, B * N, L), summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
