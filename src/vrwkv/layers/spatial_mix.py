@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
-from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear
+from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
 from vrwkv.ops import bi_wkv, causal_wkv
 
 WkvMode = Literal["bidirectional", "causal"]
@@ -183,12 +183,8 @@ class SpatialMix(nn.Module):
         Linear), with the module's own weights. Autograd's ``mm`` backward returns the input gradient in the
         layout of the input, so gradients flow back token-major without transposes (``bmm`` would not).
         """
-        xk, xv, xr = xkvr.unbind(0)
-        B, T, C = xk.shape
-        return tuple(
-            lin.weight.mm(inp.reshape(B * T, C).t()).view(-1, B, T).transpose(0, 1)  # [B, C, T] view of [C, B, T]
-            for lin, inp in ((self.key, xk), (self.value, xv), (self.receptance, xr))
-        )
+        weights = (self.key.weight, self.value.weight, self.receptance.weight)
+        return tuple(t.transpose(0, 1) for t in project_mixes(xkvr, weights, channel_major=True))  # [B, C, T] views
 
     def gate_output_channel_major(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``output(sigmoid(r) * y)`` -> ``[B, T, C]`` for ``r`` from :meth:`project_channel_major` and the WKV
@@ -196,9 +192,7 @@ class SpatialMix(nn.Module):
         """
         if torch.is_grad_enabled():
             return gated_output_channel_major(r, y, self.output.weight)
-        B, C, T = r.shape
-        g = r.sigmoid_().mul_(y).transpose(0, 1).reshape(C, B * T)  # laid out as r: [C, B, T]; a view
-        return g.t().mm(self.output.weight.t()).view(B, T, -1)  # [B, T, C]
+        return _project_gate(r.sigmoid_().mul_(y), self.output.weight)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, wkv_mode={self.wkv_mode!r}, wkv_semantics={self.wkv_semantics!r}"
@@ -211,7 +205,7 @@ class _GatedOutputChannelMajor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(r, y, weight)
-        return _gated_output(torch.sigmoid(r), r, y, weight)[1]
+        return _project_gate(torch.sigmoid(r) * y, weight)
 
     @staticmethod
     @once_differentiable
@@ -229,11 +223,11 @@ class _GatedOutputChannelMajor(torch.autograd.Function):
         return d_r, d_y, d_weight
 
 
-def _gated_output(s: torch.Tensor, r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
-    """``g = s * y`` laid out as r ([C, B, T] storage) and ``g^T W^T`` ``[B, T, C_out]``."""
-    B, C, T = r.shape
-    g = torch.mul(s, y).transpose(0, 1).reshape(C, B * T)
-    return g, g.t().mm(weight.t()).view(B, T, -1)
+def _project_gate(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``g^T W^T`` ``[B, T, C_out]`` for the gate g ``[B, C, T]`` laid out as r (``[C, B, T]`` storage: the reshape to
+    ``[C, B·T]`` is a view) and the output weight ``[C_out, C]``."""
+    B, C, T = g.shape
+    return g.transpose(0, 1).reshape(C, B * T).t().mm(weight.t()).view(B, T, -1)
 
 
 def gated_output_channel_major(r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
