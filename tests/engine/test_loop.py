@@ -79,13 +79,19 @@ def test_bad_images_are_skipped_and_counted_or_stop_the_run(tmp_path):
 
 
 def test_grad_checkpointing_and_channels_last_train_the_same_model(tmp_path):
+    """Gradient checkpointing recomputes the same operations: the same weights after AdamW steps. channels_last
+    changes the patch embedding's convolution algorithm (float rounding differs at ~1e-7), which AdamW's first steps
+    turn into sign-sized updates wherever a gradient is near zero; with SGD the weights follow the gradients."""
     common = VRWKV + RUN + ["run.max_steps=2", "run.deterministic=true"]
-    train(make_config("digits", common + [f"run.output_dir={tmp_path / 'plain'}"]))
-    train(make_config("digits", common + [f"run.output_dir={tmp_path / 'ckpt'}", "model.grad_checkpointing=true",
-                                          "model.channels_last=true"]))
-    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("plain", "ckpt"))
-    for k, v in a.items():
-        assert rel_err(b[k], v) < 1e-5, k
+    runs = {"plain": [], "ckpt": ["model.grad_checkpointing=true"],
+            "sgd": ["optim.opt=sgd"], "sgd_cl": ["optim.opt=sgd", "model.grad_checkpointing=true",
+                                                 "model.channels_last=true"]}
+    for name, extra in runs.items():
+        train(make_config("digits", common + [f"run.output_dir={tmp_path / name}"] + extra))
+    for a_name, b_name in (("plain", "ckpt"), ("sgd", "sgd_cl")):
+        a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in (a_name, b_name))
+        for k, v in a.items():
+            assert rel_err(b[k], v) < 1e-5, (b_name, k)
 
 
 def test_bf16_autocast_and_layer_decay_run_on_vrwkv6(tmp_path):
