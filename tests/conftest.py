@@ -47,3 +47,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused_cpu_scan():
+    """Bi-WKV on CPU tensors through the fused numba scan (``vrwkv.ops.use_numba``) for the test."""
+    from vrwkv.ops import use_numba
+    from vrwkv.ops.wkv.fused_cpu import numba_enabled
+
+    was = numba_enabled()
+    use_numba(True)
+    yield
+    use_numba(was)

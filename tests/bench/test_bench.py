@@ -87,3 +87,19 @@ def test_allocator_setting_reaches_the_measurement_and_the_report(capsys):
     assert "MALLOC_MMAP_THRESHOLD_=131072" in write_markdown(report)
     assert main(["bench", "--malloc-mmap-threshold", "-1"]) == 2
     assert "--malloc-mmap-threshold" in capsys.readouterr().err
+
+
+def test_fused_cpu_scan_is_planned_and_measured(tmp_path):
+    """--numba: our model and the op also with the fused numba scan; the report names them and states the op's
+    distance to the bandwidth floor; the setting does not leak into later in-process measurements."""
+    from vrwkv.ops.wkv.fused_cpu import numba_enabled
+
+    cfg = BenchConfig(pairs=["test"], sizes=[32], batch_sizes=[1], train_sizes=[], wkv_T=[40], wkv_C=32, repeats=1,
+                      numba=True)
+    assert [(s["model"], s["mode"]) for s in plan(cfg) if s.get("numba")] == [("test_vrwkv", "infer")]
+    report = run(cfg, tmp_path, progress=lambda msg: None, isolate=False)
+    assert not [r for r in report["rows"] if "error" in r["result"]] and not numba_enabled()
+    md = (tmp_path / "results.md").read_text()
+    assert "test_vrwkv+numba" in md
+    fused_row = [line for line in md.splitlines() if line.startswith("| fused | fwd | 40 |")]
+    assert len(fused_row) == 1 and "—" not in fused_row[0]  # its bandwidth floor and × floor are filled in

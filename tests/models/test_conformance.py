@@ -97,3 +97,14 @@ def test_semantics_are_distinguishable(golden):
     tell the two Bi-WKV functions apart (GOLDEN_README: 4e-4 ... 9e-4)."""
     out = golden("vrwkv_small_variant")["outputs"]
     assert rel_err(out["logits_224_paper"], out["logits_224"]) > 20 * LOGITS_TOL
+
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_official_outputs_with_the_fused_cpu_scan(golden, tmp_path, fused_cpu_scan, name):
+    """The fused numba Bi-WKV (opt-in on CPU) reproduces the official model's outputs within the same tolerances."""
+    d = golden(name)
+    path = tmp_path / "state_dict.pth"
+    torch.save(d["state_dict"], path)
+    model = vrwkv.create_model("vrwkv_tiny", checkpoint_path=path, wkv_semantics="official", **model_kwargs(d["config"]))
+    check_outputs(model, d, suffix="")

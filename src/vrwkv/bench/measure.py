@@ -7,7 +7,10 @@ Kinds:
     (``torch.utils.flop_counter``), peak RSS of this process.
   * ``matmul_peak``: achieved fp32 GFLOP/s of a large square matmul (the machine's practical peak).
   * ``copy_bandwidth``: achieved bytes/s of a large tensor copy (read + write).
-  * ``wkv``: the Bi-WKV op (fast path or float64 reference) forward or forward+backward at one (B, T, C).
+  * ``wkv``: the Bi-WKV op (``impl``: "fast" = the default path, "fused" = the numba CPU scan, or the float64
+    "reference") forward or forward+backward at one (B, T, C).
+
+``"numba": true`` in a model spec runs our model with the fused numba CPU scan (:func:`vrwkv.ops.use_numba`).
 
 Run: ``python -m vrwkv.bench.measure '{"kind": "model", "model": "vrwkv_tiny", "size": [224, 224], ...}'``.
 """
@@ -149,10 +152,18 @@ KINDS = {
 
 
 def measure(spec: dict) -> dict:
-    """Run the measurement described by ``spec`` in this process."""
+    """Run the measurement described by ``spec`` in this process (the fused numba scan on only where it asks)."""
+    from vrwkv.ops import use_numba
+    from vrwkv.ops.wkv.fused_cpu import numba_enabled
+
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    return KINDS[spec["kind"]](spec)
+    was = numba_enabled()
+    use_numba(bool(spec.get("numba")) or spec.get("impl") == "fused")
+    try:
+        return KINDS[spec["kind"]](spec)
+    finally:
+        use_numba(was)
 
 
 def main(argv: list[str]) -> int:

@@ -63,7 +63,7 @@ def wkv_rows(report: dict) -> list[dict]:
         row = dict(impl=s["impl"], backward=s["backward"], T=s["T"], C=s["C"], error=res.get("error"))
         if "error" not in res:
             row["median_s"] = res["median_s"]
-            if bw and s["impl"] == "fast" and not s["backward"]:
+            if bw and s["impl"] != "reference" and not s["backward"]:
                 floor = 3 * 4 * s["B"] * s["T"] * s["C"] / bw  # k, v read and y written once, float32
                 row["bandwidth_floor_s"] = floor
                 row["x_floor"] = res["median_s"] / floor

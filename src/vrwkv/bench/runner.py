@@ -43,6 +43,7 @@ class BenchConfig:
     wkv_reference_max_T: int = 1024  # the O(T^2)/looped float64 reference is timed up to this T
     timeout_s: float = 3600.0
     compile_backend: str | None = None  # also time our model under torch.compile (inference), e.g. "inductor"
+    numba: bool = False  # also time our model (inference) and the Bi-WKV op with the fused numba CPU scan
     threads: int | None = None  # torch threads in every measurement (None: torch's default)
     # glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every measurement process, the same for both models; None: the
     # environment's. Small values (e.g. 131072) make peak RSS track live tensors instead of the heap's free holes.
@@ -81,16 +82,19 @@ def plan(cfg: BenchConfig) -> list[dict]:
                     specs.append(spec)
                     if cfg.compile_backend and model == ours:
                         specs.append(dict(spec, compile=cfg.compile_backend, warmup=max(cfg.warmup, 1)))
+                    if cfg.numba and model == ours:  # the warm-up call loads (or compiles) the kernel
+                        specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
         for size in cfg.train_sizes:
             for model in (ours, ref):
                 specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
                                   mode="train", repeats=cfg.repeats, warmup=cfg.warmup))
     for T in cfg.wkv_T:
-        for impl, backward in (("fast", False), ("fast", True), ("reference", False)):
+        impls = (("fast", False), ("fast", True)) + ((("fused", False),) if cfg.numba else ()) + (("reference", False),)
+        for impl, backward in impls:
             if impl == "reference" and T > cfg.wkv_reference_max_T:
                 continue
             specs.append(dict(kind="wkv", impl=impl, backward=backward, B=1, T=T, C=cfg.wkv_C,
-                              repeats=cfg.repeats if impl == "fast" else 1, warmup=1 if impl == "fast" else 0))
+                              repeats=cfg.repeats if impl != "reference" else 1, warmup=int(impl != "reference")))
     if cfg.threads:
         specs = [dict(spec, threads=cfg.threads) for spec in specs]
     return specs
@@ -136,8 +140,8 @@ def describe(spec: dict) -> str:
 
 
 def display_name(spec: dict) -> str:
-    """Model name, with ``+<backend>`` for a torch.compile measurement."""
-    return spec["model"] + (f"+{spec['compile']}" if spec.get("compile") else "")
+    """Model name, with ``+<backend>`` for a torch.compile measurement and ``+numba`` for the fused CPU scan."""
+    return spec["model"] + (f"+{spec['compile']}" if spec.get("compile") else "") + ("+numba" if spec.get("numba") else "")
 
 
 def summary(result: dict) -> str:

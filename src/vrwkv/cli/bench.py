@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="also time our model compiled with torch.compile (default backend: inductor; falls back to "
                         "eager with a warning when no C++ compiler is found)")
+    p.add_argument("--numba", action="store_true",
+                   help="also time our model (inference) and the Bi-WKV op with the fused numba CPU scan "
+                        "(vrwkv.ops.use_numba; needs numba: pip install \"vrwkv[numba]\")")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every measurement (default: torch's default, one per core)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
                       vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
-                      timeout_s=args.timeout, compile_backend=args.compile, threads=args.threads,
+                      timeout_s=args.timeout, compile_backend=args.compile, numba=args.numba, threads=args.threads,
                       malloc_mmap_threshold=args.malloc_mmap_threshold)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_bench(cfg, out)

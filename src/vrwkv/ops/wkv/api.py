@@ -6,6 +6,8 @@ import torch
 from vrwkv.ops._dtype import check_floating_on_one_device, run_in_float32
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports
 from vrwkv.ops.wkv.chunked import chunked_bi_wkv
+from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv, numba_enabled
+from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 
 SEMANTICS = ("paper", "official")
 
@@ -24,7 +26,9 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
     Pure PyTorch, O(T·C) time and memory, any device, differentiable, numerically safe for any sign and size of w and k.
     Two implementations (``ops/wkv/README.md``): block matrix products (``blocked.py``, float32/half inputs with
     ``|w|·T <= 200`` and ``|u| <= 60``, i.e. every trained model; see ``blocked_supports``) and chunked rescaled scans (``chunked.py``: float64
-    inputs — the kernel's EPS term replicated exactly —, larger decays, and the causal ablation).
+    inputs — the kernel's EPS term replicated exactly —, larger decays, and the causal ablation). Opt-in on the CPU:
+    the forward of the block path's cases as one fused scan per row, compiled by numba (``fused_cpu.py``,
+    :func:`vrwkv.ops.use_numba`), when autograd is not recording.
 
     Args:
         k (torch.Tensor): keys ``[B, T, C]``.
@@ -70,8 +74,28 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
     if k.shape[1] == 0:
         raise ValueError("WKV needs at least one token (T >= 1)")
     check_floating_on_one_device("WKV", {"k": k, "v": v, "w": w, "u": u})
-    impl = blocked_bi_wkv if _blocked_applies(k, w, u, semantics) else chunked_bi_wkv
-    return run_in_float32(impl, (k, v, w, u), semantics=semantics)
+    blocked = _blocked_applies(k, w, u, semantics)
+    if blocked and _fused_cpu_applies(k, v, w, u):
+        y = run_in_float32(_fused_or_blocked, (k, v, w, u), semantics=semantics)
+    else:
+        y = run_in_float32(blocked_bi_wkv if blocked else chunked_bi_wkv, (k, v, w, u), semantics=semantics)
+    return y
+
+
+def _fused_cpu_applies(k, v, w, u) -> bool:
+    """The fused numba scan: asked for (:func:`vrwkv.ops.use_numba`), CPU tensors, at least two tokens, no autograd
+    recording (it has no backward) and no graph capture."""
+    if not numba_enabled() or k.device.type != "cpu" or k.shape[1] < 2:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u)))
+
+
+def _fused_or_blocked(k, v, w, u, semantics: str) -> torch.Tensor:
+    """The fused scan, or the block path for inputs whose exponent range the scan's float64 rows do not hold."""
+    y = fused_cpu_bi_wkv(k, v, w, u, semantics, KERNEL_CHUNKS, KERNEL_EPS)
+    return blocked_bi_wkv(k, v, w, u, semantics) if y is None else y
 
 
 def _blocked_applies(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str) -> bool:

@@ -1,0 +1,133 @@
+"""Bi-WKV forward as one fused scan per (channel, batch) row on the CPU, JIT-compiled by numba (opt-in).
+
+The block-matrix path (``blocked.py``) runs the op as ~10 PyTorch passes plus small GEMMs: fine on a GPU, but on a
+CPU each pass goes through memory. Here every row of channel-major ``[C, B, T]`` storage (the layout the model's
+channel-major projections produce) is handled in one go, in float64 registers, with three sweeps over the row that
+stay in the core's cache:
+
+1. ``X_t = e^{k_t - K}`` (K: the row's largest key) by a branch-free exponential that the compiler vectorises;
+2. right to left, the decayed sums of the tokens to the right, ``R_t = sum_{j > t} e^{-(j - t) w} X_j [v_j | 1]``;
+3. left to right, the sums to the left and the output
+   (``G_t = sum_{j < t} e^{-(t - j) w} X_j``; the official function's own-chunk sums ``H``, ``O`` below)::
+
+       paper:     y_t = (e^w (G_t + R_t) + e^u X_t v_t) / (e^w (G'_t + R'_t) + e^u X_t)
+       official:  num_t = G_t + R_t + (e^w - 1)(H_t - O_t) + e^u X_t v_t, den'_t = (1 + eps) den_t + eps X_t
+
+   with ``H_t = sum_{s <= j < t} e^{-(t - j) w} X_j`` and ``O_t = sum_{s < j <= t} e^{(t - j) w} X_j`` over the
+   kernel chunk [s, s + kc) of t (the same function as ``blocked.py``; ``ops/wkv/README.md`` derives it).
+
+Numerics: in float64 with one shift per row, every term lies within ``e^{±600}`` when the row's key range plus
+``|w|·T + |u|`` is at most :data:`MAX_ROW_RANGE` (every trained model by far); rows beyond it are reported and the
+caller runs the block path instead. Accuracy is that of float64 sums, then one rounding to float32.
+
+Why opt-in (:func:`use_numba`): the numba runtime (LLVM) adds ~120 MB to the process and its first call compiles
+(~1 s, then cached on disk). Rows are split over ``torch.get_num_threads()`` threads (the kernel releases the GIL).
+Forward only: with autograd recording, the block path (and its hand-written backward) runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+#: Largest (key range of a row) + |w|·T + |u| the float64 scan takes: terms stay within e^{±600} (float64: e^{±708}).
+MAX_ROW_RANGE = 600.0
+
+_enabled: bool | None = None  # None: from the environment variable VRWKV_NUMBA
+_kernel = None
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] = (0, 0)  # (process id, size): a forked child (e.g. a DataLoader worker) makes its own
+_lock = threading.Lock()
+
+
+def numba_available() -> bool:
+    """Whether numba is installed (``pip install "vrwkv[numba]"``)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def use_numba(enabled: bool = True) -> None:
+    """Run the Bi-WKV forward on CPU tensors with the fused numba scan (when autograd is not recording).
+
+    Costs ~120 MB of process memory for the numba runtime, and ~1 s at the first call. Also set by the environment
+    variable ``VRWKV_NUMBA=1``. Raises ImportError if numba is not installed.
+    """
+    global _enabled
+    if enabled and not numba_available():
+        raise ImportError('the fused CPU scan needs numba: pip install "vrwkv[numba]"')
+    _enabled = bool(enabled)
+
+
+def numba_enabled() -> bool:
+    """Whether :func:`use_numba` (or ``VRWKV_NUMBA=1``) asked for the fused CPU scan and numba is installed."""
+    wanted = _enabled if _enabled is not None else os.environ.get("VRWKV_NUMBA", "0") not in ("", "0")
+    return wanted and numba_available()
+
+
+def fused_cpu_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str,
+                     chunks: int, eps: float) -> torch.Tensor | None:
+    """Bi-WKV forward by the fused scan. k, v: [B, T, C] float32 (or float64) on the CPU (a transposed view of
+    channel-major [C, B, T] storage is read as is; other layouts are copied once); w, u: [C] (divided by T).
+
+    Returns a [B, T, C] view of [C, B, T] storage of k's dtype, or None when a row's exponents do not fit
+    :data:`MAX_ROW_RANGE` (or are not finite): the caller then takes another path.
+    """
+    B, T, C = k.shape
+    kc, vc = (x.detach().permute(2, 0, 1).contiguous() for x in (k, v))  # [C, B, T]: no copy if channel-major
+    y = torch.empty(C, B, T, dtype=k.dtype)
+    wd, ud = (x.detach().to(torch.float64).contiguous().numpy() for x in (w, u))
+    chunk = math.ceil(T / chunks) if semantics == "official" else T
+    args = (kc.numpy(), vc.numpy(), wd, ud, y.numpy(), chunk, float(eps), semantics == "official")
+    unsafe = run_rows(_compiled_kernel(), args, C * B)
+    return None if unsafe else y.permute(1, 2, 0)
+
+
+def run_rows(kernel, args: tuple, rows: int) -> int:
+    """``kernel(*args, r0, r1)`` over rows 0..rows in pieces on ``torch.get_num_threads()`` threads (the kernels
+    release the GIL); returns the sum of the kernels' results (rows out of range)."""
+    n = max(1, min(torch.get_num_threads(), rows))
+    if n == 1:
+        return kernel(*args, 0, rows)
+    # small pieces taken in turn by the caller and n - 1 pool threads: a thread slowed by other work on its core
+    # (e.g. PyTorch's OpenMP workers still spinning after the previous op) takes fewer pieces
+    step = max(1, rows // (8 * n))
+    pieces = iter(range(0, rows, step))
+    take = threading.Lock()
+
+    def work() -> int:
+        unsafe_rows = 0
+        while True:
+            with take:
+                start = next(pieces, None)
+            if start is None:
+                return unsafe_rows
+            unsafe_rows += kernel(*args, start, min(start + step, rows))
+
+    futures = [_thread_pool(n - 1).submit(work) for _ in range(n - 1)]
+    return work() + sum(f.result() for f in futures)
+
+
+def _thread_pool(size: int) -> ThreadPoolExecutor:
+    """The worker threads (their own per process: a fork copies the pool object but not its threads)."""
+    global _pool, _pool_key
+    with _lock:
+        key = (os.getpid(), size)
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)
+            _pool, _pool_key = ThreadPoolExecutor(size, thread_name_prefix="vrwkv-wkv"), key
+        return _pool
+
+
+def _compiled_kernel():
+    """The numba kernel, compiled at the first call (cached on disk by numba afterwards)."""
+    global _kernel
+    with _lock:
+        if _kernel is None:
+            from vrwkv.ops.wkv.fused_cpu_kernels import rows_kernel
+
+            _kernel = rows_kernel
+        return _kernel

@@ -1,0 +1,127 @@
+"""The fused CPU Bi-WKV scan (``ops/wkv/fused_cpu.py``, numba) against the float64 references, and its dispatch."""
+import pytest
+import torch
+
+from conftest import rel_err
+from vrwkv.ops import bi_wkv
+from vrwkv.ops.wkv import api
+from vrwkv.ops.wkv.blocked import blocked_bi_wkv
+from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv
+from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS, naive_official_bi_wkv, naive_paper_bi_wkv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# as the block path: the official kernel's EPS·e^{m_t} is taken as EPS·(den_t + e^{k_t}) (~1e-6 relative)
+TOL64 = {"paper": 1e-12, "official": 3e-6}
+TOL32 = {"paper": 1e-6, "official": 4e-6}
+
+
+def reference(semantics, k, v, w, u, chunks=KERNEL_CHUNKS):
+    if semantics == "paper":
+        return naive_paper_bi_wkv(k, v, w, u)
+    return naive_official_bi_wkv(k, v, w, u, chunks=chunks)
+
+
+def fused(k, v, w, u, semantics, chunks=KERNEL_CHUNKS):
+    return fused_cpu_bi_wkv(k, v, w, u, semantics, chunks, KERNEL_EPS)
+
+
+def random_inputs(B, T, C, decay=3.0, first=3.0, k_scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * k_scale
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    w = torch.randn(C, generator=g, dtype=torch.float64) * decay / T  # both signs
+    u = torch.randn(C, generator=g, dtype=torch.float64) * first / T
+    return k, v, w, u
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T", [2, 3, 5, 32, 33, 65, 197, 300])
+def test_fused_matches_reference(semantics, T):
+    k, v, w, u = random_inputs(2, T, 5, seed=T)
+    ref = reference(semantics, k, v, w, u)
+    y64 = fused(k, v, w, u, semantics)
+    assert y64.dtype == torch.float64 and y64.shape == k.shape
+    assert rel_err(y64, ref) < TOL64[semantics]
+    y32 = fused(*(x.float() for x in (k, v, w, u)), semantics=semantics)
+    assert y32.dtype == torch.float32 and y32.permute(2, 0, 1).is_contiguous()  # a view of [C, B, T] storage
+    assert rel_err(y32, ref) < TOL32[semantics]
+
+
+@pytest.mark.parametrize("T, chunks", [(1100, 32), (40, 2), (23, 3)])
+def test_fused_kernel_chunks_of_many_tokens(T, chunks):
+    k, v, w, u = random_inputs(1, T, 4, seed=T)
+    assert rel_err(fused(k, v, w, u, "official", chunks), reference("official", k, v, w, u, chunks)) < 3e-6
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T", [20, 197])
+def test_fused_extremes(semantics, T):
+    """|spatial_decay| = 200, keys spread over ±60, monotone key ramps (the largest key at either end), |u| large."""
+    g = torch.Generator().manual_seed(T)
+    B, C = 2, 8
+    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * 60
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    decay = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 200
+    decay[:2] = torch.tensor([200.0, -200.0])
+    first = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 100
+    k[:, :, 4] = torch.linspace(-60, 60, T)
+    k[:, :, 5] = torch.linspace(60, -60, T)
+    # the official function's own-chunk term can cancel its denominator for w > 0 (ill-conditioned for every
+    # implementation): its extremes are taken with w <= 0, as in the block path's tests
+    w = (decay if semantics == "paper" else -decay.abs()) / T
+    u = first / T
+    y = fused(*(x.float() for x in (k, v, w, u)), semantics=semantics)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, reference(semantics, k, v, w, u)) < 1e-5
+
+
+def test_rows_beyond_the_float64_range_are_reported_and_bi_wkv_falls_back(fused_cpu_scan):
+    """A row whose key range + |w|·T exceeds e^{±600} gets no fused result; bi_wkv then runs the block path."""
+    k, v, w, u = (x.float() for x in random_inputs(1, 50, 4, seed=2))
+    k[0, 10, 1] = 650.0  # one huge key: its token dominates every weighted average it reaches
+    assert fused(k, v, w, u, "official") is None
+    with torch.inference_mode():
+        y = bi_wkv(k, v, w, u, "official")
+    assert rel_err(y, blocked_bi_wkv(k, v, w, u, "official")) < 1e-6
+    assert rel_err(y, reference("official", k.double(), v.double(), w.double(), u.double())) < 4e-6
+    k[0, 10, 1] = float("inf")
+    assert fused(k, v, w, u, "official") is None
+    k[0, 10, 1] = float("nan")  # propagates to the outputs of its channel, as in the block path; the others stay exact
+    y = fused(k, v, w, u, "official")
+    assert torch.equal(y.isnan(), blocked_bi_wkv(k, v, w, u, "official").isnan()) and y[..., 1].isnan().all()
+    assert rel_err(y[..., [0, 2, 3]], blocked_bi_wkv(k, v, w, u, "official")[..., [0, 2, 3]]) < 1e-6
+
+
+def test_rows_split_over_threads_give_the_same_result():
+    k, v, w, u = (x.float() for x in random_inputs(3, 77, 40, seed=4))  # 120 rows: pieces of 7 on two threads
+    one = fused(k, v, w, u, "official")
+    torch.set_num_threads(2)
+    assert torch.equal(fused(k, v, w, u, "official"), one)
+
+
+def test_dispatch(fused_cpu_scan):
+    """With the fused scan on: CPU float32 in the block path's range, no autograd recording -> the fused scan (the
+    same numbers as calling it); recording autograd, float64 or a single token -> the other paths."""
+    k, v, w, u = (x.float() for x in random_inputs(2, 64, 6, seed=5))
+    assert api._fused_cpu_applies(k, v, w, u)
+    with torch.no_grad():
+        assert torch.equal(bi_wkv(k, v, w, u, "official"), fused(k, v, w, u, "official"))
+    assert not api._fused_cpu_applies(k.requires_grad_(), v, w, u)
+    y = bi_wkv(k, v, w, u, "official")
+    assert y.requires_grad and rel_err(y.detach(), fused(k, v, w, u, "official")) < 1e-6
+    assert not api._fused_cpu_applies(k[:, :1].detach(), v[:, :1], w, u)
+
+
+def test_off_by_default(monkeypatch):
+    from vrwkv.ops import use_numba
+    from vrwkv.ops.wkv import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "_enabled", None)
+    monkeypatch.delenv("VRWKV_NUMBA", raising=False)
+    k, v, w, u = (x.float() for x in random_inputs(1, 16, 4))
+    assert not api._fused_cpu_applies(k, v, w, u)
+    monkeypatch.setenv("VRWKV_NUMBA", "1")
+    assert api._fused_cpu_applies(k, v, w, u)
+    use_numba(False)  # the call wins over the environment
+    assert not api._fused_cpu_applies(k, v, w, u)
