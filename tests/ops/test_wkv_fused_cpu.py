@@ -101,16 +101,16 @@ def test_rows_split_over_threads_give_the_same_result():
 
 
 def test_dispatch(fused_cpu_scan):
-    """With the fused scan on: CPU float32 in the block path's range, no autograd recording -> the fused scan (the
-    same numbers as calling it); recording autograd, float64 or a single token -> the other paths."""
+    """With the fused scan on: CPU float32 in the block path's range -> the fused scans (the same numbers as calling
+    them; gradients through their backward); float64 or a single token -> the other paths."""
     k, v, w, u = (x.float() for x in random_inputs(2, 64, 6, seed=5))
     assert api._fused_cpu_applies(k, v, w, u)
     with torch.no_grad():
         assert torch.equal(bi_wkv(k, v, w, u, "official"), fused(k, v, w, u, "official"))
-    assert not api._fused_cpu_applies(k.requires_grad_(), v, w, u)
-    y = bi_wkv(k, v, w, u, "official")
-    assert y.requires_grad and rel_err(y.detach(), fused(k, v, w, u, "official")) < 1e-6
+    y = bi_wkv(k.requires_grad_(), v, w, u, "official")
+    assert y.grad_fn is not None and "Fused" in type(y.grad_fn).__name__
     assert not api._fused_cpu_applies(k[:, :1].detach(), v[:, :1], w, u)
+    assert not api._blocked_applies(k.double(), w.double(), u.double(), "official")  # float64: the chunked scan
 
 
 def test_off_by_default(monkeypatch):
@@ -125,3 +125,86 @@ def test_off_by_default(monkeypatch):
     assert api._fused_cpu_applies(k, v, w, u)
     use_numba(False)  # the call wins over the environment
     assert not api._fused_cpu_applies(k, v, w, u)
+
+
+def grad_err(g, ref) -> float:
+    """max|g - ref| / max(max|ref|, 1): relative, but absolute for gradients far below the O(1) scale of the inputs
+    (e.g. w's gradient at T = 2 in the paper formula, exactly 0, which the block path gives as ~1e-16)."""
+    return ((g.detach().double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1.0)).item()
+
+
+def blocked_grads(k, v, w, u, gy, semantics, chunks=KERNEL_CHUNKS):
+    leaves = [x.detach().clone().requires_grad_() for x in (k, v, w, u)]
+    return torch.autograd.grad(blocked_bi_wkv(*leaves, semantics=semantics, chunks=chunks), leaves, gy)
+
+
+def fused_grads(k, v, w, u, gy, semantics, chunks=KERNEL_CHUNKS):
+    leaves = [x.detach().clone().requires_grad_() for x in (k, v, w, u)]
+    return torch.autograd.grad(fused(*leaves, semantics=semantics, chunks=chunks), leaves, gy)
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T, chunks", [(2, 32), (7, 32), (33, 32), (197, 32), (1025, 32), (40, 3)])
+def test_fused_gradients_match_the_block_path(semantics, T, chunks):
+    """Every input's gradient in float64 against the block path's (its hand-written backward equals autograd of its
+    forward to 1e-12; both take the same EPS form), both signs of the decay, batch 2; float32 within 1e-5."""
+    k, v, w, u = random_inputs(2, T, 5, decay=5.0, k_scale=5.0, seed=T)
+    gy = torch.randn(2, T, 5, dtype=torch.float64)
+    for g, ref in zip(fused_grads(k, v, w, u, gy, semantics, chunks), blocked_grads(k, v, w, u, gy, semantics, chunks)):
+        assert grad_err(g, ref) < 1e-10
+    for g, ref in zip(fused_grads(*(x.float() for x in (k, v, w, u, gy)), semantics=semantics, chunks=chunks),
+                      blocked_grads(k, v, w, u, gy, semantics, chunks)):
+        assert g.dtype == torch.float32 and grad_err(g, ref) < 1e-5
+
+
+@pytest.mark.parametrize("semantics, T", [("paper", 2), ("paper", 29), ("official", 9), ("official", 40)])
+def test_fused_gradcheck(semantics, T):
+    k, v, w, u = (x.requires_grad_() for x in random_inputs(1, T, 3, decay=2.0, first=1.0, seed=T))
+    assert torch.autograd.gradcheck(lambda *a: fused(*a, semantics=semantics), (k, v, w, u), fast_mode=T > 10)
+
+
+def test_fused_gradients_at_extremes():
+    """Keys over ±60, |spatial_decay| 200 (official: w <= 0), a zero decay: finite and equal to the block path's."""
+    g = torch.Generator().manual_seed(0)
+    B, T, C = 2, 197, 6
+    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * 60
+    v, gy = torch.randn(B, T, C, generator=g, dtype=torch.float64), torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    w = -torch.tensor([200.0, 50.0, 0.0, 1.0, 120.0, 3.0], dtype=torch.float64) / T
+    u = torch.tensor([100.0, -100.0, 0.0, 5.0, -30.0, 1.0], dtype=torch.float64) / T
+    for semantics in ("paper", "official"):
+        for gf, gb in zip(fused_grads(k, v, w, u, gy, semantics), blocked_grads(k, v, w, u, gy, semantics)):
+            assert torch.isfinite(gf).all() and grad_err(gf, gb) < 1e-8
+
+
+def test_out_of_range_rows_fall_back_with_gradients(fused_cpu_scan):
+    k, v, w, u = (x.float().requires_grad_() for x in random_inputs(1, 50, 4, seed=2))
+    with torch.no_grad():
+        k[0, 10, 1] = 650.0
+    assert fused(k, v, w, u, "official") is None
+    y = bi_wkv(k, v, w, u, "official")
+    gy = torch.randn_like(y)
+    for g, ref in zip(torch.autograd.grad(y, (k, v, w, u), gy), blocked_grads(k, v, w, u, gy, "official")):
+        assert grad_err(g, ref) < 1e-6
+
+
+def test_model_training_step_with_the_fused_scans():
+    """A VRWKV's loss and every parameter gradient with the fused scans equal those of the default path."""
+    import vrwkv
+    from conftest import perturb_
+    from vrwkv.ops import use_numba
+
+    torch.manual_seed(0)
+    model = perturb_(vrwkv.create_model("test_vrwkv", num_classes=5, img_size=32, patch_size=4), 0.1).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    results = []
+    for enabled in (False, True):
+        use_numba(enabled)
+        try:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+        finally:
+            use_numba(False)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert rel_err(loss_b, loss_a) < 1e-6
+    for (name, _), ga, gb in zip(model.named_parameters(), grads_a, grads_b):
+        assert rel_err(gb, ga) < 1e-5, name

@@ -27,8 +27,8 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
     Two implementations (``ops/wkv/README.md``): block matrix products (``blocked.py``, float32/half inputs with
     ``|w|·T <= 200`` and ``|u| <= 60``, i.e. every trained model; see ``blocked_supports``) and chunked rescaled scans (``chunked.py``: float64
     inputs — the kernel's EPS term replicated exactly —, larger decays, and the causal ablation). Opt-in on the CPU:
-    the forward of the block path's cases as one fused scan per row, compiled by numba (``fused_cpu.py``,
-    :func:`vrwkv.ops.use_numba`), when autograd is not recording.
+    the block path's cases as fused scans per row, forward and backward, compiled by numba (``fused_cpu.py``,
+    :func:`vrwkv.ops.use_numba`).
 
     Args:
         k (torch.Tensor): keys ``[B, T, C]``.
@@ -83,13 +83,11 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
 
 
 def _fused_cpu_applies(k, v, w, u) -> bool:
-    """The fused numba scan: asked for (:func:`vrwkv.ops.use_numba`), CPU tensors, at least two tokens, no autograd
-    recording (it has no backward) and no graph capture."""
+    """The fused numba scans: asked for (:func:`vrwkv.ops.use_numba`), CPU tensors, at least two tokens, no graph
+    capture (numba kernels are opaque to torch.compile and tracing)."""
     if not numba_enabled() or k.device.type != "cpu" or k.shape[1] < 2:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u)))
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def _fused_or_blocked(k, v, w, u, semantics: str) -> torch.Tensor:

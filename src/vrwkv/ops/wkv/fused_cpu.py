@@ -38,7 +38,7 @@ import torch
 MAX_ROW_RANGE = 600.0
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_NUMBA
-_kernel = None
+_kernels = None
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] = (0, 0)  # (process id, size): a forked child (e.g. a DataLoader worker) makes its own
 _lock = threading.Lock()
@@ -69,20 +69,58 @@ def numba_enabled() -> bool:
 
 def fused_cpu_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str,
                      chunks: int, eps: float) -> torch.Tensor | None:
-    """Bi-WKV forward by the fused scan. k, v: [B, T, C] float32 (or float64) on the CPU (a transposed view of
-    channel-major [C, B, T] storage is read as is; other layouts are copied once); w, u: [C] (divided by T).
+    """Bi-WKV by the fused scans. k, v: [B, T, C] float32 (or float64) on the CPU (a transposed view of channel-major
+    [C, B, T] storage is read as is; other layouts are copied once); w, u: [C] (divided by T). Differentiable: the
+    backward is a fused scan too (:class:`_FusedBiWKV`, it keeps k and v only).
 
     Returns a [B, T, C] view of [C, B, T] storage of k's dtype, or None when a row's exponents do not fit
-    :data:`MAX_ROW_RANGE` (or are not finite): the caller then takes another path.
+    :data:`MAX_ROW_RANGE` (or a key is infinite): the caller then takes another path.
     """
+    try:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u)):
+            return _FusedBiWKV.apply(k, v, w, u, semantics, chunks, eps)
+        return _forward(k, v, w, u, semantics, chunks, eps)[0]
+    except _OutOfRange:
+        return None
+
+
+class _OutOfRange(Exception):
+    """A row's exponents exceed what the float64 scans hold."""
+
+
+def _forward(k, v, w, u, semantics: str, chunks: int, eps: float):
+    """y as a [B, T, C] view of [C, B, T] storage, and the kernels' inputs."""
     B, T, C = k.shape
     kc, vc = (x.detach().permute(2, 0, 1).contiguous() for x in (k, v))  # [C, B, T]: no copy if channel-major
-    y = torch.empty(C, B, T, dtype=k.dtype)
-    wd, ud = (x.detach().to(torch.float64).contiguous().numpy() for x in (w, u))
+    wd, ud = (x.detach().to(torch.float64).contiguous() for x in (w, u))
     chunk = math.ceil(T / chunks) if semantics == "official" else T
-    args = (kc.numpy(), vc.numpy(), wd, ud, y.numpy(), chunk, float(eps), semantics == "official")
-    unsafe = run_rows(_compiled_kernel(), args, C * B)
-    return None if unsafe else y.permute(1, 2, 0)
+    y = torch.empty(C, B, T, dtype=k.dtype)
+    inputs = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy())
+    if run_rows(_compiled_kernels()[0], (*inputs, y.numpy(), chunk, float(eps), semantics == "official"), C * B):
+        raise _OutOfRange
+    return y.permute(1, 2, 0), (kc, vc, wd, ud, chunk)
+
+
+class _FusedBiWKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, w, u, semantics, chunks, eps):
+        y, (kc, vc, wd, ud, chunk) = _forward(k, v, w, u, semantics, chunks, eps)
+        ctx.save_for_backward(kc, vc, wd, ud)
+        ctx.chunk, ctx.eps, ctx.official, ctx.w_dtype, ctx.u_dtype = chunk, eps, semantics == "official", w.dtype, u.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        kc, vc, wd, ud = ctx.saved_tensors
+        C, B, T = kc.shape
+        gyc = gy.permute(2, 0, 1).contiguous()  # [C, B, T]: no copy if the gradient comes channel-major
+        dk, dv = torch.empty_like(kc), torch.empty_like(vc)
+        dw_rows, du_rows = (torch.empty(C * B, dtype=torch.float64) for _ in range(2))
+        args = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy(), gyc.numpy(), ctx.chunk, float(ctx.eps), ctx.official,
+                dk.numpy(), dv.numpy(), dw_rows.numpy(), du_rows.numpy())
+        run_rows(_compiled_kernels()[1], args, C * B)  # (the forward checked every row's range)
+        dw, du = dw_rows.view(C, B).sum(1), du_rows.view(C, B).sum(1)
+        return (dk.permute(1, 2, 0), dv.permute(1, 2, 0), dw.to(ctx.w_dtype), du.to(ctx.u_dtype), None, None, None)
 
 
 def run_rows(kernel, args: tuple, rows: int) -> int:
@@ -122,12 +160,12 @@ def _thread_pool(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _compiled_kernel():
-    """The numba kernel, compiled at the first call (cached on disk by numba afterwards)."""
-    global _kernel
+def _compiled_kernels():
+    """The numba kernels (forward, backward), compiled at the first call (cached on disk by numba afterwards)."""
+    global _kernels
     with _lock:
-        if _kernel is None:
-            from vrwkv.ops.wkv.fused_cpu_kernels import rows_kernel
+        if _kernels is None:
+            from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel
 
-            _kernel = rows_kernel
-        return _kernel
+            _kernels = (rows_kernel, rows_backward_kernel)
+        return _kernels
