@@ -10,34 +10,43 @@ from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
 # Taylor coefficients 1/n! of e^r on |r| <= ln2 / 2: degree 11 is below float64 rounding (~2e-16 relative)
 (_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11) = (1.0 / math.factorial(i) for i in range(12))
-_fast = numba.njit(fastmath={"contract"}, nogil=True, cache=True)
+_ROUND = 6755399441055744.0  # 1.5·2^52: adding it rounds a float64 of magnitude < 2^51 to an integer
+# error_model="numpy": IEEE division (no zero test before each division)
+_fast = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model="numpy")
 
 
 @_fast
-def _exp_shifted(kr, shift, out, bits):
-    """out[t] = e^{kr[t] - shift} for kr - shift in [-700, 0]: 2^m e^r with m = round((kr - shift) log2 e), the
-    power of two built in the exponent bits. No calls and no branches: the loops vectorise."""
-    for t in range(kr.shape[0]):
+def _exp_shifted(kr, shift, out, scale):
+    """out[t] = e^{kr[t] - shift} for kr - shift in [-700, 0] (``scale``: float64 scratch of the same length): 2^m e^r
+    with m = round((kr - shift) log2 e). The rounding adds 1.5·2^52, which leaves m in the low mantissa bits, and
+    2^m is built from those bits with integer adds and shifts: no calls, no branches and no double-to-int64
+    conversion (AVX2 has no packed one), so all three loops vectorise."""
+    n = kr.shape[0]
+    for t in range(n):
         z = np.float64(kr[t]) - shift
-        m = math.floor(z * _LOG2E + 0.5)
+        big = z * _LOG2E + _ROUND
+        m = big - _ROUND
         r = (z - m * _LN2_HI) - m * _LN2_LO
         out[t] = _C0 + r * (_C1 + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * (_C7 + r * (
             _C8 + r * (_C9 + r * (_C10 + r * _C11))))))))))
-        bits[t] = (np.int64(m) + 1023) << 52
-    scale = bits.view(np.float64)
-    for t in range(kr.shape[0]):
+        scale[t] = big
+    bits = scale.view(np.int64)
+    for t in range(n):
+        bits[t] = (bits[t] + 1023) << 52  # big's own exponent bits shift out; m + 1023 lands in the exponent field
+    for t in range(n):
         out[t] *= scale[t]
 
 
 @_fast
 def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
     """Rows r0..r1 of the flattened (channel, batch) grid; returns how many rows were out of range (left
-    unwritten)."""
+    unwritten). Every recurrence is written ``S = e^{-w} S + e^{-w} z``: one FMA on the dependency chain (the
+    product e^{-w} z does not wait for S), the chains being the cost of a sequential scan."""
     B, T = k.shape[1], k.shape[2]
     x = np.empty(T)
+    p = np.empty(T)  # scratch of the exponential, then P_t = X_t v_t
     right_num = np.empty(T)
     right_den = np.empty(T)
-    bits = np.empty(T, np.int64)
     unsafe = 0
     for row in range(r0, r1):
         c, b = row // B, row % B
@@ -50,38 +59,40 @@ def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
         if not (hi - lo + abs(wc) * T + abs(uc) <= MAX_ROW_RANGE):  # (also false for an infinite key)
             unsafe += 1
             continue
-        _exp_shifted(kr, hi, x, bits)
-        decay, bonus = math.exp(-wc), math.exp(uc)
-        num = den = 0.0
-        for t in range(T - 1, -1, -1):  # R_t, then R_{t-1} = e^{-w} (R_t + X_t)
-            right_num[t], right_den[t] = num, den
-            num = decay * (num + x[t] * vr[t])
-            den = decay * (den + x[t])
-        if not official:
-            grow = math.exp(wc)
-            num = den = 0.0
-            for t in range(T):  # G_t, then G_{t+1} = e^{-w} (G_t + X_t)
-                xv = x[t] * vr[t]
-                yr[t] = (grow * (num + right_num[t]) + bonus * xv) / (grow * (den + right_den[t]) + bonus * x[t])
-                num = decay * (num + xv)
-                den = decay * (den + x[t])
-            continue
-        grow, own = math.exp(wc), math.expm1(wc)  # e^w, e^w - 1
-        num = den = h_num = h_den = o_num = o_den = 0.0
+        _exp_shifted(kr, hi, x, p)
         for t in range(T):
-            xv = x[t] * vr[t]
-            if t % chunk == 0:  # a kernel chunk starts: H and O restart (O excludes the chunk's first token)
-                h_num = h_den = o_num = o_den = 0.0
-            else:
-                o_num = grow * o_num + xv
+            p[t] = x[t] * np.float64(vr[t])
+        decay, bonus, grow = math.exp(-wc), math.exp(uc), math.exp(wc)
+        num = den = 0.0
+        for t in range(T - 1, -1, -1):  # R_t, then R_{t-1} = e^{-w} (R_t + P_t)
+            right_num[t], right_den[t] = num, den
+            num = decay * num + decay * p[t]
+            den = decay * den + decay * x[t]
+        if not official:
+            num = den = 0.0
+            for t in range(T):  # G_t, then G_{t+1} = e^{-w} (G_t + P_t)
+                yr[t] = (grow * (num + right_num[t]) + bonus * p[t]) / (grow * (den + right_den[t]) + bonus * x[t])
+                num = decay * num + decay * p[t]
+                den = decay * den + decay * x[t]
+            continue
+        own = math.expm1(wc)  # e^w - 1
+        num = den = 0.0
+        for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token)
+            yr[s] = (num + right_num[s] + bonus * p[s]) / ((1.0 + eps) * (den + right_den[s] + bonus * x[s]) + eps * x[s])
+            h_num, h_den = decay * p[s], decay * x[s]
+            o_num = o_den = 0.0
+            num = decay * num + decay * p[s]
+            den = decay * den + decay * x[s]
+            for t in range(s + 1, min(s + chunk, T)):
+                o_num = grow * o_num + p[t]
                 o_den = grow * o_den + x[t]
-            n_t = num + right_num[t] + own * (h_num - o_num) + bonus * xv
-            d_t = den + right_den[t] + own * (h_den - o_den) + bonus * x[t]
-            yr[t] = n_t / ((1.0 + eps) * d_t + eps * x[t])
-            num = decay * (num + xv)
-            den = decay * (den + x[t])
-            h_num = decay * (h_num + xv)
-            h_den = decay * (h_den + x[t])
+                n_t = num + right_num[t] + own * (h_num - o_num) + bonus * p[t]
+                d_t = den + right_den[t] + own * (h_den - o_den) + bonus * x[t]
+                yr[t] = n_t / ((1.0 + eps) * d_t + eps * x[t])
+                num = decay * num + decay * p[t]
+                den = decay * den + decay * x[t]
+                h_num = decay * h_num + decay * p[t]
+                h_den = decay * h_den + decay * x[t]
     return unsafe
 
 
@@ -107,7 +118,7 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
     grad_x = np.empty(T)  # R'_t (den), then (1 + eps) b_t
     left_p = np.empty(T)  # the terms of dP_j, dX_j known in the left-to-right sweep
     left_x = np.empty(T)
-    bits = np.empty(T, np.int64)
+    scale = np.empty(T)  # scratch of the exponential
     unsafe = 0
     for row in range(r0, r1):
         c, b = row // B, row % B
@@ -120,7 +131,7 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
         if not (hi - lo + abs(wc) * T + abs(uc) <= MAX_ROW_RANGE):  # (also false for an infinite key)
             unsafe += 1
             continue
-        _exp_shifted(kr, hi, x, bits)
+        _exp_shifted(kr, hi, x, scale)
         decay, bonus, grow, own = math.exp(-wc), math.exp(uc), math.exp(wc), math.expm1(wc)
         num = den = 0.0
         for t in range(T - 1, -1, -1):  # R_t, then R_{t-1} = e^{-w} (R_t + X_t)
