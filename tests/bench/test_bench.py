@@ -94,12 +94,14 @@ def test_fused_cpu_scan_is_planned_and_measured(tmp_path):
     distance to the bandwidth floor; the setting does not leak into later in-process measurements."""
     from vrwkv.ops.wkv.fused_cpu import numba_enabled
 
-    cfg = BenchConfig(pairs=["test"], sizes=[32], batch_sizes=[1], train_sizes=[], wkv_T=[40], wkv_C=32, repeats=1,
-                      numba=True)
-    assert [(s["model"], s["mode"]) for s in plan(cfg) if s.get("numba")] == [("test_vrwkv", "infer")]
+    cfg = BenchConfig(pairs=["test"], sizes=[32], batch_sizes=[1], train_sizes=[32], train_batch=2, wkv_T=[40],
+                      wkv_C=32, repeats=1, numba=True)
+    assert [(s["model"], s["mode"]) for s in plan(cfg) if s.get("numba")] == [("test_vrwkv", "infer"),
+                                                                              ("test_vrwkv", "train")]
     report = run(cfg, tmp_path, progress=lambda msg: None, isolate=False)
     assert not [r for r in report["rows"] if "error" in r["result"]] and not numba_enabled()
     md = (tmp_path / "results.md").read_text()
     assert "test_vrwkv+numba" in md
     fused_row = [line for line in md.splitlines() if line.startswith("| fused | fwd | 40 |")]
     assert len(fused_row) == 1 and "—" not in fused_row[0]  # its bandwidth floor and × floor are filled in
+    assert len([line for line in md.splitlines() if line.startswith("| fused | fwd+bwd | 40 |")]) == 1

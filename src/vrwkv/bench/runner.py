@@ -43,7 +43,7 @@ class BenchConfig:
     wkv_reference_max_T: int = 1024  # the O(T^2)/looped float64 reference is timed up to this T
     timeout_s: float = 3600.0
     compile_backend: str | None = None  # also time our model under torch.compile (inference), e.g. "inductor"
-    numba: bool = False  # also time our model (inference) and the Bi-WKV op with the fused numba CPU scan
+    numba: bool = False  # also time our model (inference, training step) and the Bi-WKV op with the fused numba scans
     threads: int | None = None  # torch threads in every measurement (None: torch's default)
     # glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every measurement process, the same for both models; None: the
     # environment's. Small values (e.g. 131072) make peak RSS track live tensors instead of the heap's free holes.
@@ -86,10 +86,14 @@ def plan(cfg: BenchConfig) -> list[dict]:
                         specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
         for size in cfg.train_sizes:
             for model in (ours, ref):
-                specs.append(dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
-                                  mode="train", repeats=cfg.repeats, warmup=cfg.warmup))
+                spec = dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
+                            mode="train", repeats=cfg.repeats, warmup=cfg.warmup)
+                specs.append(spec)
+                if cfg.numba and model == ours:
+                    specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
     for T in cfg.wkv_T:
-        impls = (("fast", False), ("fast", True)) + ((("fused", False),) if cfg.numba else ()) + (("reference", False),)
+        impls = (("fast", False), ("fast", True)) + ((("fused", False), ("fused", True)) if cfg.numba else ()) + (
+            ("reference", False),)
         for impl, backward in impls:
             if impl == "reference" and T > cfg.wkv_reference_max_T:
                 continue

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time our model compiled with torch.compile (default backend: inductor; falls back to "
                         "eager with a warning when no C++ compiler is found)")
     p.add_argument("--numba", action="store_true",
-                   help="also time our model (inference) and the Bi-WKV op with the fused numba CPU scan "
+                   help="also time our model (inference, training step) and the Bi-WKV op with the fused numba scans "
                         "(vrwkv.ops.use_numba; needs numba: pip install \"vrwkv[numba]\")")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every measurement (default: torch's default, one per core)")
