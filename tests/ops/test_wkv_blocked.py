@@ -2,11 +2,13 @@
 import pytest
 import torch
 
+import wkv_cases
 from conftest import DEVICE, rel_err
 from vrwkv.ops import bi_wkv
 from vrwkv.ops.wkv import api
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports, plan_blocks
 from vrwkv.ops.wkv.reference import naive_official_bi_wkv, naive_paper_bi_wkv
+from wkv_cases import extreme_inputs, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,19 +18,8 @@ TOL64 = {"paper": 1e-12, "official": 3e-6}
 TOL32 = {"paper": 2e-6, "official": 4e-6}
 
 
-def reference(semantics, k, v, w, u, chunks=32):
-    if semantics == "paper":
-        return naive_paper_bi_wkv(k, v, w, u)
-    return naive_official_bi_wkv(k, v, w, u, chunks=chunks)
-
-
-def random_inputs(B, T, C, decay=3.0, first=3.0, k_scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * k_scale
-    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    w = torch.randn(C, generator=g, dtype=torch.float64) * decay / T  # both signs
-    u = torch.randn(C, generator=g, dtype=torch.float64) * first / T
-    return [x.to(DEVICE) for x in (k, v, w, u)]
+def random_inputs(*args, **kwargs):
+    return [x.to(DEVICE) for x in wkv_cases.random_inputs(*args, **kwargs)]
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official"])
@@ -57,21 +48,8 @@ def test_blocked_subdivided_kernel_chunks(T, chunks):
 @pytest.mark.parametrize("semantics", ["paper", "official"])
 @pytest.mark.parametrize("T", [20, 64, 197])
 def test_blocked_extremes_in_its_range(semantics, T):
-    """|spatial_decay| = 200 (the guaranteed range), keys spread over ±60 (e^120: blocks and carries live at very
-    different scales), a monotone key ramp (the largest key at one end), |u| large."""
-    g = torch.Generator().manual_seed(T)
-    B, C = 2, 8
-    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * 60
-    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    decay = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 200
-    decay[:2] = torch.tensor([200.0, -200.0])
-    first = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 100
-    k[:, :, 4] = torch.linspace(-60, 60, T)
-    k[:, :, 5] = torch.linspace(60, -60, T)
-    # for w > 0 the official function's own-chunk term can cancel its denominator (ill-conditioned, whatever the
-    # implementation): its extremes are taken with w <= 0
-    w = (decay if semantics == "paper" else -decay.abs()) / T
-    u = first / T
+    """The extremes of the block path's range (``wkv_cases.extreme_inputs``)."""
+    k, v, w, u = extreme_inputs(T, semantics)
     assert blocked_supports(T, semantics, float(w.abs().max()), float(u.abs().max()))
     ref = reference(semantics, k, v, w, u)
     y = blocked_bi_wkv(*(x.float().to(DEVICE) for x in (k, v, w, u)), semantics=semantics)

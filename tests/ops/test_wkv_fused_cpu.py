@@ -7,7 +7,8 @@ from vrwkv.ops import bi_wkv
 from vrwkv.ops.wkv import api
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv
 from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv
-from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS, naive_official_bi_wkv, naive_paper_bi_wkv
+from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
+from wkv_cases import extreme_inputs, random_inputs, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,23 +17,8 @@ TOL64 = {"paper": 1e-12, "official": 3e-6}
 TOL32 = {"paper": 1e-6, "official": 4e-6}
 
 
-def reference(semantics, k, v, w, u, chunks=KERNEL_CHUNKS):
-    if semantics == "paper":
-        return naive_paper_bi_wkv(k, v, w, u)
-    return naive_official_bi_wkv(k, v, w, u, chunks=chunks)
-
-
 def fused(k, v, w, u, semantics, chunks=KERNEL_CHUNKS):
     return fused_cpu_bi_wkv(k, v, w, u, semantics, chunks, KERNEL_EPS)
-
-
-def random_inputs(B, T, C, decay=3.0, first=3.0, k_scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * k_scale
-    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    w = torch.randn(C, generator=g, dtype=torch.float64) * decay / T  # both signs
-    u = torch.randn(C, generator=g, dtype=torch.float64) * first / T
-    return k, v, w, u
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official"])
@@ -57,20 +43,8 @@ def test_fused_kernel_chunks_of_many_tokens(T, chunks):
 @pytest.mark.parametrize("semantics", ["paper", "official"])
 @pytest.mark.parametrize("T", [20, 197])
 def test_fused_extremes(semantics, T):
-    """|spatial_decay| = 200, keys spread over ±60, monotone key ramps (the largest key at either end), |u| large."""
-    g = torch.Generator().manual_seed(T)
-    B, C = 2, 8
-    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * 60
-    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    decay = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 200
-    decay[:2] = torch.tensor([200.0, -200.0])
-    first = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 100
-    k[:, :, 4] = torch.linspace(-60, 60, T)
-    k[:, :, 5] = torch.linspace(60, -60, T)
-    # the official function's own-chunk term can cancel its denominator for w > 0 (ill-conditioned for every
-    # implementation): its extremes are taken with w <= 0, as in the block path's tests
-    w = (decay if semantics == "paper" else -decay.abs()) / T
-    u = first / T
+    """The extremes of the block path's range (``wkv_cases.extreme_inputs``)."""
+    k, v, w, u = extreme_inputs(T, semantics)
     y = fused(*(x.float() for x in (k, v, w, u)), semantics=semantics)
     assert torch.isfinite(y).all()
     assert rel_err(y, reference(semantics, k, v, w, u)) < 1e-5
