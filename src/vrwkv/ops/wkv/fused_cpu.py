@@ -1,9 +1,9 @@
-"""Bi-WKV forward as one fused scan per (channel, batch) row on the CPU, JIT-compiled by numba (opt-in).
+"""Bi-WKV as fused scans per (channel, batch) row on the CPU, forward and backward, JIT-compiled by numba (opt-in).
 
 The block-matrix path (``blocked.py``) runs the op as ~10 PyTorch passes plus small GEMMs: fine on a GPU, but on a
 CPU each pass goes through memory. Here every row of channel-major ``[C, B, T]`` storage (the layout the model's
-channel-major projections produce) is handled in one go, in float64 registers, with three sweeps over the row that
-stay in the core's cache:
+channel-major projections produce) is handled in one go, in float64 registers, with sweeps over the row that stay
+in the core's cache. The forward's three:
 
 1. ``X_t = e^{k_t - K}`` (K: the row's largest key) by a branch-free exponential that the compiler vectorises;
 2. right to left, the decayed sums of the tokens to the right, ``R_t = sum_{j > t} e^{-(j - t) w} X_j [v_j | 1]``;
@@ -20,9 +20,12 @@ Numerics: in float64 with one shift per row, every term lies within ``e^{±600}`
 ``|w|·T + |u|`` is at most :data:`MAX_ROW_RANGE` (every trained model by far); rows beyond it are reported and the
 caller runs the block path instead. Accuracy is that of float64 sums, then one rounding to float32.
 
-Why opt-in (:func:`use_numba`): the numba runtime (LLVM) adds ~120 MB to the process and its first call compiles
-(~1 s, then cached on disk). Rows are split over ``torch.get_num_threads()`` threads (the kernel releases the GIL).
-Forward only: with autograd recording, the block path (and its hand-written backward) runs.
+The backward (:class:`_FusedBiWKV`) recomputes the forward's sums and runs the transposed ones (``ops/wkv/README.md``);
+autograd keeps only k and v.
+
+Why opt-in (:func:`use_numba`): the numba runtime (LLVM) adds ~120 MB to the process, and the first call in a process
+takes ~3 s (loading numba and the kernels; they compile once, then numba caches them on disk). Rows are split over
+``torch.get_num_threads()`` threads (the kernels release the GIL).
 """
 from __future__ import annotations
 
