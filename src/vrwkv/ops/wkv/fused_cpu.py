@@ -53,10 +53,10 @@ def numba_available() -> bool:
 
 
 def use_numba(enabled: bool = True) -> None:
-    """Run the Bi-WKV forward on CPU tensors with the fused numba scan (when autograd is not recording).
+    """Run the Bi-WKV on CPU tensors with the fused numba scans (forward and backward), or stop (``enabled=False``).
 
-    Costs ~120 MB of process memory for the numba runtime, and ~1 s at the first call. Also set by the environment
-    variable ``VRWKV_NUMBA=1``. Raises ImportError if numba is not installed.
+    Costs ~120 MB of process memory for the numba runtime, and ~3 s at the first call in a process. Also set by the
+    environment variable ``VRWKV_NUMBA=1`` (this call overrides it). Raises ImportError if numba is not installed.
     """
     global _enabled
     if enabled and not numba_available():
