@@ -1,14 +1,21 @@
 """The numba kernels of :mod:`vrwkv.ops.wkv.fused_cpu` (imported only when the fused CPU scan first runs: importing
 this module loads numba)."""
 import math
+import operator
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.imputils import lower_builtin
+from numba.core.typing.templates import AbstractTemplate, infer_global, signature
+from numba.extending import intrinsic, models, register_model
 
 from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE
 
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
-# Taylor coefficients 1/n! of e^r on |r| <= ln2 / 2: degree 11 is below float64 rounding (~2e-16 relative)
+# Taylor coefficients 1/n! of e^r on |r| <= ln2 / 2: degree 11, ~1e-14 relative ((ln2/2)^12/12! = 3e-15)
 (_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11) = (1.0 / math.factorial(i) for i in range(12))
 _ROUND = 6755399441055744.0  # 1.5·2^52: adding it rounds a float64 of magnitude < 2^51 to an integer
 # error_model="numpy": IEEE division (no zero test before each division)
@@ -96,138 +103,440 @@ def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
     return unsafe
 
 
+# ---- Four float64 lanes in one AVX2 register (LLVM <4 x double>), for the backward's four rows in lockstep. numba
+# does not vectorise a scan across rows itself: an inner loop over the rows keeps their state in memory (and the
+# arrays may alias), and it does not pack scalar code (its SLP vectoriser is off). Arithmetic on f64x4 values (and
+# numbers, broadcast) compiles to single vector instructions, contracted to FMAs like the scalar code; typed and
+# lowered directly (as @overload functions they took ~1.5 s more to compile).
+_V4 = ir.VectorType(ir.DoubleType(), 4)
+
+
+class _F64x4(types.Type):
+    def __init__(self):
+        super().__init__(name="f64x4")
+
+
+f64x4 = _F64x4()
+
+
+@register_model(_F64x4)
+class _F64x4Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V4)
+
+
+def _is_number(ty):
+    return isinstance(ty, (types.Float, types.Integer))
+
+
+def _as_vector(context, builder, ty, value):
+    if isinstance(ty, _F64x4):
+        return value
+    scalar = builder.insert_element(ir.Constant(_V4, ir.Undefined), context.cast(builder, value, ty, types.float64),
+                                    ir.IntType(32)(0))
+    broadcast = ir.Constant(ir.VectorType(ir.IntType(32), 4), [0] * 4)
+    return builder.shuffle_vector(scalar, ir.Constant(_V4, ir.Undefined), broadcast)
+
+
+def _operands(a, b):
+    return all(isinstance(t, _F64x4) or _is_number(t) for t in (a, b))
+
+
+class _Arithmetic(AbstractTemplate):
+    def generic(self, args, kws):
+        if len(args) == 2 and not kws and any(isinstance(t, _F64x4) for t in args) and _operands(*args):
+            return signature(f64x4, *args)
+
+
+def _define_operator(operators, instruction):
+    def lower(context, builder, sig, args):
+        x, y = (_as_vector(context, builder, t, value) for t, value in zip(sig.args, args))
+        return getattr(builder, instruction)(x, y, flags=("contract",))
+    for op in operators:
+        infer_global(op)(type("_Arithmetic_" + op.__name__, (_Arithmetic,), {"key": op}))
+        for pair in ((_F64x4, _F64x4), (_F64x4, types.Number), (types.Number, _F64x4)):
+            lower_builtin(op, *pair)(lower)
+
+
+for _operators, _instruction in (((operator.add, operator.iadd), "fadd"), ((operator.sub, operator.isub), "fsub"),
+                                 ((operator.mul, operator.imul), "fmul"),
+                                 ((operator.truediv, operator.itruediv), "fdiv")):
+    _define_operator(_operators, _instruction)
+
+
+@infer_global(operator.neg)
+class _Negation(AbstractTemplate):
+    def generic(self, args, kws):
+        if len(args) == 1 and not kws and isinstance(args[0], _F64x4):
+            return signature(f64x4, *args)
+
+
+@lower_builtin(operator.neg, _F64x4)
+def _negate(context, builder, sig, args):
+    return builder.fneg(args[0])
+
+
+def _select(predicate):
+    @intrinsic
+    def apply(typingctx, a, b):
+        if isinstance(a, _F64x4) and isinstance(b, _F64x4):
+            def codegen(context, builder, sig, args):
+                return builder.select(builder.fcmp_ordered(predicate, args[0], args[1]), args[0], args[1])
+            return f64x4(a, b), codegen
+    return apply
+
+
+vmax, vmin = _select(">"), _select("<")  # a if a > b (a < b) else b: b where a is NaN (vmaxpd, vminpd)
+
+
+@intrinsic
+def vec4(typingctx, a, b, c, d):
+    """The vector (a, b, c, d) of four numbers."""
+    if all(_is_number(t) for t in (a, b, c, d)):
+        def codegen(context, builder, sig, args):
+            out = ir.Constant(_V4, ir.Undefined)
+            for i, (t, value) in enumerate(zip(sig.args, args)):
+                out = builder.insert_element(out, context.cast(builder, value, t, types.float64), ir.IntType(32)(i))
+            return out
+        return f64x4(a, b, c, d), codegen
+
+
+@intrinsic
+def lane(typingctx, x, i):
+    """Element i of the vector x."""
+    if isinstance(x, _F64x4) and isinstance(i, types.Integer):
+        def codegen(context, builder, sig, args):
+            return builder.extract_element(args[0], context.cast(builder, args[1], sig.args[1], types.int32))
+        return types.float64(x, i), codegen
+
+
+def _is_matrix(a, dtype=None):
+    return (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and isinstance(a.dtype, types.Float)
+            and dtype in (None, a.dtype))
+
+
+def _pointer(context, builder, sig, args, row, column=None):
+    """Pointer to a[row, column] (a = args[0]; row, column: positions in args, column None: 0) as a pointer to a
+    4-vector of a's dtype."""
+    array_type, array = sig.args[0], context.make_array(sig.args[0])(context, builder, args[0])
+    index = [ir.Constant(ir.IntType(64), 0) if n is None else context.cast(builder, args[n], sig.args[n], types.intp)
+             for n in (row, column)]
+    ptr = cgutils.get_item_pointer2(context, builder, array.data, cgutils.unpack_tuple(builder, array.shape),
+                                    cgutils.unpack_tuple(builder, array.strides), array_type.layout, index,
+                                    wraparound=False, boundscheck=False)
+    return builder.bitcast(ptr, ir.VectorType(context.get_data_type(array_type.dtype), 4).as_pointer())
+
+
+@intrinsic
+def load4(typingctx, a, t):
+    """Row t of a float64 [n, 4] array."""
+    if _is_matrix(a, types.float64) and isinstance(t, types.Integer):
+        def codegen(context, builder, sig, args):
+            return builder.load(_pointer(context, builder, sig, args, 1), align=8)
+        return f64x4(a, t), codegen
+
+
+@intrinsic
+def store4(typingctx, a, t, x):
+    """Row t of a float64 [n, 4] array = x."""
+    if _is_matrix(a, types.float64) and isinstance(t, types.Integer) and isinstance(x, _F64x4):
+        def codegen(context, builder, sig, args):
+            builder.store(args[2], _pointer(context, builder, sig, args, 1), align=8)
+            return context.get_dummy_value()
+        return types.none(a, t, x), codegen
+
+
+@intrinsic
+def load_run(typingctx, a, r, t):
+    """a[r, t..t+3] (a: a float [rows, n] array) as float64."""
+    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer):
+        def codegen(context, builder, sig, args):
+            run = builder.load(_pointer(context, builder, sig, args, 1, 2), align=sig.args[0].dtype.bitwidth // 8)
+            return run if run.type == _V4 else builder.fpext(run, _V4)
+        return f64x4(a, r, t), codegen
+
+
+def _transpose(builder, rows):
+    """The 4x4 transpose of four 4-vectors (pairs of rows interleaved, then 128-bit halves exchanged)."""
+    def shuffle(a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 4), mask))
+    t0, t1 = shuffle(rows[0], rows[1], [0, 4, 2, 6]), shuffle(rows[0], rows[1], [1, 5, 3, 7])
+    t2, t3 = shuffle(rows[2], rows[3], [0, 4, 2, 6]), shuffle(rows[2], rows[3], [1, 5, 3, 7])
+    return [shuffle(t0, t2, [0, 1, 4, 5]), shuffle(t1, t3, [0, 1, 4, 5]), shuffle(t0, t2, [2, 3, 6, 7]),
+            shuffle(t1, t3, [2, 3, 6, 7])]
+
+
+@intrinsic
+def load_block(typingctx, a, r0, r1, r2, r3, t):
+    """a[r0..r3, t..t+3] transposed (a: a float [rows, n] array): four vectors, the j-th (a[r0, t+j], a[r1, t+j],
+    a[r2, t+j], a[r3, t+j]) as float64."""
+    if _is_matrix(a) and all(isinstance(i, types.Integer) for i in (r0, r1, r2, r3, t)):
+        def codegen(context, builder, sig, args):
+            align = sig.args[0].dtype.bitwidth // 8
+            runs = [builder.load(_pointer(context, builder, sig, args, i, 5), align=align) for i in range(1, 5)]
+            columns = [c if c.type == _V4 else builder.fpext(c, _V4) for c in _transpose(builder, runs)]
+            return context.make_tuple(builder, sig.return_type, columns)
+        return types.UniTuple(f64x4, 4)(a, r0, r1, r2, r3, t), codegen
+
+
+@intrinsic
+def store_block(typingctx, a, r0, r1, r2, r3, t, y0, y1, y2, y3):
+    """The inverse of :func:`load_block`: a[r_i, t+j] = lane i of y_j (rounded to a's dtype)."""
+    if _is_matrix(a) and all(isinstance(y, _F64x4) for y in (y0, y1, y2, y3)):
+        def codegen(context, builder, sig, args):
+            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
+            for i, run in enumerate(_transpose(builder, list(args[6:])), start=1):
+                run = run if element == ir.DoubleType() else builder.fptrunc(run, ir.VectorType(element, 4))
+                builder.store(run, _pointer(context, builder, sig, args, i, 5), align=align)
+            return context.get_dummy_value()
+        return types.none(a, r0, r1, r2, r3, t, y0, y1, y2, y3), codegen
+
+
+@intrinsic
+def _exponent_to_scale(typingctx, big):
+    """2^m from big = m + 1.5·2^52 (the integer m in the low mantissa bits), as in :func:`_exp_shifted`."""
+    if isinstance(big, _F64x4):
+        def codegen(context, builder, sig, args):
+            i64 = ir.VectorType(ir.IntType(64), 4)
+            bits = builder.add(builder.bitcast(args[0], i64), ir.Constant(i64, [1023] * 4))
+            return builder.bitcast(builder.shl(bits, ir.Constant(i64, [52] * 4)), _V4)
+        return f64x4(big), codegen
+
+
+# (inlined by numba; it reference-counts array arguments and prunes that only in straight-line code: no helper with
+# arrays inside the sweeps with branches, where it cost two calls per token)
+_inline = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model="numpy", inline="always")
+
+
+@_inline
+def _exp4(z):
+    """e^z for four z in [-700, 0]: the arithmetic of :func:`_exp_shifted` (the same X as the forward's)."""
+    big = z * _LOG2E + _ROUND
+    m = big - _ROUND
+    r = (z - m * _LN2_HI) - m * _LN2_LO
+    return (_C0 + r * (_C1 + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * (_C7 + r * (
+        _C8 + r * (_C9 + r * (_C10 + r * _C11))))))))))) * _exponent_to_scale(big)
+
+
+@_inline
+def _lanes_exp(a):
+    return vec4(math.exp(lane(a, 0)), math.exp(lane(a, 1)), math.exp(lane(a, 2)), math.exp(lane(a, 3)))
+
+
+@_inline
+def _lanes_expm1(a):
+    return vec4(math.expm1(lane(a, 0)), math.expm1(lane(a, 1)), math.expm1(lane(a, 2)), math.expm1(lane(a, 3)))
+
+
+@_inline
+def _gather(a, r0, r1, r2, r3, t):
+    return vec4(a[r0, t], a[r1, t], a[r2, t], a[r3, t])
+
+
+@_inline
+def _scatter(a, r0, r1, r2, r3, t, y):
+    a[r0, t], a[r1, t], a[r2, t], a[r3, t] = lane(y, 0), lane(y, 1), lane(y, 2), lane(y, 3)
+
+
+@_inline
+def _inputs(x, p, g, t, shifted_key, value, grad):
+    """X_t, P_t, g_t into the rows t of x, p, g."""
+    xt = _exp4(shifted_key)
+    store4(x, t, xt)
+    store4(p, t, xt * value)
+    store4(g, t, grad)
+
+
 @_fast
 def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1):
     """Backward of :func:`rows_kernel` for rows r0..r1 (same arguments as it, gy: the gradient of y, [C, B, T]):
     writes dk, dv ([C, B, T], the dtype of k) and the per-row partials dw_rows[row], du_rows[row] (float64 [C·B],
     row = c·B + b: the caller sums them over b). Returns how many rows were out of range (left unwritten: the
-    caller then takes another path).
+    caller then takes another path). The arrays k, v, gy, dk, dv are C-contiguous.
 
     With X_j = e^{k_j - K} (K is a constant for the gradients: y does not depend on it), P_j = X_j v_j and α_{tj}
     the weight of token j in query t's sums, y_t = N_t / D'_t, N_t = Σ_j α_{tj} P_j, D'_t = (1 + ε) Σ_j α_{tj} X_j
     + ε X_t (paper: ε = 0). With a_t = g_t / D'_t and b_t = -a_t y_t, the transposed sums dP_j = Σ_t α_{tj} a_t,
-    dX_j = Σ_t α_{tj} (1 + ε) b_t + ε b_j give dk = X (v dP + dX), dv = X dP. Sweeps: X; right to left the forward's
-    right sums; left to right y, a, b, the left halves of dP, dX and the w, u reductions; right to left the right
-    halves, dk and dv. du = e^u Σ_t (a_t P_t + (1 + ε) b_t X_t); dw = Σ_{t,j} ∂α_{tj}/∂w (a_t P_j + (1 + ε) b_t
-    X_j) needs first moments Σ (t - j) e^{-(t - j) w}·, carried next to the sums they weigh (M1_{t+1} = e^{-w} M1_t +
-    M_{t+1} when M_{t+1} = e^{-w} (M_t + z_t)): left moments of P, X paired with a_t, b_t give the pairs j < t,
-    left moments of a, b paired with P_j, X_j (the transposed sums) the pairs j > t."""
+    dX_j = Σ_t α_{tj} (1 + ε) b_t + ε b_j give dk = P dP + X dX, dv = X dP. du = e^u Σ_t (a_t P_t + (1 + ε) b_t X_t);
+    dw = Σ_{t,j} ∂α_{tj}/∂w (a_t P_j + (1 + ε) b_t X_j) needs first moments Σ d e^{-d w}· over the distances d
+    (M1_{t+1} = e^{-w} M1_t + M_{t+1} when M_{t+1} = e^{-w} (M_t + z_t)). Sweeps: X, P (transposed in from the
+    rows); right to left the forward's right sums R and their moments R1; left to right y, a, b, the left halves of
+    dP, dX, and the pairs of each query with the keys to its right (a_t R1_t); right to left the right halves of dP,
+    dX, dk, dv, and transposed the pairs of each key with the queries to its right (P_j times the moments of the right
+    sums of a); dk, dv transposed out. Splitting the moments between the sweeps keeps each sweep's state in registers.
+
+    Four rows run in lockstep, one per lane of f64x4 vectors (a last group of fewer rows repeats its last row in
+    the spare lanes): each lane's arithmetic is that of a float64 scan of its row, the lanes fill the SIMD width."""
     B, T = k.shape[1], k.shape[2]
-    x = np.empty(T)
-    grad_p = np.empty(T)  # the forward's right sums R_t (num), then a_t
-    grad_x = np.empty(T)  # R'_t (den), then (1 + eps) b_t
-    left_p = np.empty(T)  # the terms of dP_j, dX_j known in the left-to-right sweep
-    left_x = np.empty(T)
-    scale = np.empty(T)  # scratch of the exponential
-    unsafe = 0
+    k2, v2, g2, dk2, dv2 = k.reshape(-1, T), v.reshape(-1, T), gy.reshape(-1, T), dk.reshape(-1, T), dv.reshape(-1, T)
+    rows = np.empty(r1 - r0, np.int64)  # the rows in range, and their largest keys
+    shift = np.empty(r1 - r0)
+    n = unsafe = 0
     for row in range(r0, r1):
-        c, b = row // B, row % B
-        kr, vr, gr, dkr, dvr = k[c, b], v[c, b], gy[c, b], dk[c, b], dv[c, b]
-        hi, lo = -np.inf, np.inf
-        for t in range(T):
-            hi = max(hi, np.float64(kr[t]))
-            lo = min(lo, np.float64(kr[t]))
-        wc, uc = w[c], u[c]
-        if not (hi - lo + abs(wc) * T + abs(uc) <= MAX_ROW_RANGE):  # (also false for an infinite key)
+        high = vec4(-np.inf, -np.inf, -np.inf, -np.inf)
+        low = -high
+        for t in range(0, T - 3, 4):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
+            run = load_run(k2, row, t)
+            high, low = vmax(run, high), vmin(run, low)
+        hi = max(max(lane(high, 0), lane(high, 1)), max(lane(high, 2), lane(high, 3)))
+        lo = min(min(lane(low, 0), lane(low, 1)), min(lane(low, 2), lane(low, 3)))
+        for t in range(T // 4 * 4, T):
+            hi = max(hi, np.float64(k2[row, t]))
+            lo = min(lo, np.float64(k2[row, t]))
+        if not (hi - lo + abs(w[row // B]) * T + abs(u[row // B]) <= MAX_ROW_RANGE):  # (also false for an infinite key)
             unsafe += 1
             continue
-        _exp_shifted(kr, hi, x, scale)
-        decay, bonus, grow, own = math.exp(-wc), math.exp(uc), math.exp(wc), math.expm1(wc)
-        num = den = 0.0
-        for t in range(T - 1, -1, -1):  # R_t, then R_{t-1} = e^{-w} (R_t + X_t)
-            grad_p[t], grad_x[t] = num, den
-            num = decay * (num + x[t] * vr[t])
-            den = decay * (den + x[t])
-        # left to right: G (the forward's left sums), G1 (their first moments), A, A1 (the same of a, (1+eps) b)
-        num = den = num1 = den1 = sa = sb = sa1 = sb1 = 0.0
-        du = moments = 0.0  # Σ_t (a_t P_t + (1 + eps) b_t X_t); the first-moment terms of dw
-        if not official:  # α_{tj} = e^{-(|t-j| - 1) w} (j != t), e^u (j = t)
-            # ∂α/∂w = -(d - 1) e^{-(d - 1) w} at distance d: the moments G1, A1 one token back (G1_{t-1} is
-            # Σ_{j<t} (t-1-j) e^{-(t-1-j) w} P_j); no cancellation, and the neighbours (d = 1) add exact zeros
-            num1_back = den1_back = sa1_back = sb1_back = 0.0
+        rows[n], shift[n] = row, hi
+        n += 1
+    zero = vec4(0.0, 0.0, 0.0, 0.0)
+    # [T, 4] scratch, one lane per row (row T: zeros, read ahead by the left-to-right sweeps)
+    x = np.empty((T + 1, 4))
+    p = np.empty((T + 1, 4))
+    right_p = np.empty((T, 4))  # the forward's right sums R_t, then a_t
+    right_x = np.empty((T + 1, 4))  # R'_t, then (1 + eps) b_t
+    moment_p = np.empty((T + 1, 4))  # R1_t, then the terms of dX_t known left to right, then dk
+    moment_x = np.empty((T + 1, 4))  # R1'_t
+    left_p = np.empty((T, 4))  # g_t, then the terms of dP_t known left to right, then dv
+    for a in (x, p, right_x, moment_p, moment_x):
+        store4(a, T, zero)
+    whole = T // 4 * 4  # the tokens of whole blocks of four (transposed in and out as 4x4 blocks)
+    for first in range(0, n, 4):
+        last = min(first + 3, n - 1)
+        i0, i1, i2, i3 = first, min(first + 1, last), min(first + 2, last), last
+        ra, rb, rc, rd = rows[i0], rows[i1], rows[i2], rows[i3]
+        wv = vec4(w[ra // B], w[rb // B], w[rc // B], w[rd // B])
+        decay, grow, own = _lanes_exp(-wv), _lanes_exp(wv), _lanes_expm1(wv)
+        bonus = _lanes_exp(vec4(u[ra // B], u[rb // B], u[rc // B], u[rd // B]))
+        hi = vec4(shift[i0], shift[i1], shift[i2], shift[i3])
+        for t in range(0, whole, 4):
+            keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+            grads = load_block(g2, ra, rb, rc, rd, t)
+            # (constant indices: the tuples stay in registers)
+            _inputs(x, p, left_p, t, keys[0] - hi, values[0], grads[0])
+            _inputs(x, p, left_p, t + 1, keys[1] - hi, values[1], grads[1])
+            _inputs(x, p, left_p, t + 2, keys[2] - hi, values[2], grads[2])
+            _inputs(x, p, left_p, t + 3, keys[3] - hi, values[3], grads[3])
+        for t in range(whole, T):
+            _inputs(x, p, left_p, t, _gather(k2, ra, rb, rc, rd, t) - hi, _gather(v2, ra, rb, rc, rd, t),
+                    _gather(g2, ra, rb, rc, rd, t))
+        # The sums are updated as S = e^{-w} (S + z) where that measured faster: with four rows per vector the sweeps
+        # are bound by throughput, not by their chains' latency, and an add and a multiply load the FP pipes less
+        # than a multiply and an FMA.
+        num = den = num1 = den1 = zero
+        for t in range(T - 1, -1, -1):  # R_t, R1_t, then R_{t-1} = e^{-w} (R_t + P_t), R1_{t-1} = e^{-w} R1_t + R_{t-1}
+            store4(right_p, t, num)
+            store4(right_x, t, den)
+            store4(moment_p, t, num1)
+            store4(moment_x, t, den1)
+            num = decay * (num + load4(p, t))
+            den = decay * (den + load4(x, t))
+            num1 = decay * num1 + num
+            den1 = decay * den1 + den
+        # left to right: G (the forward's left sums), A (the same of a, (1 + eps) b). The division for the next
+        # token is issued one iteration ahead: the operations waiting for it would otherwise fill the scheduler.
+        num = den = sa = sb = zero
+        du = dw_t = zero  # Σ_t (a_t P_t + (1 + eps) b_t X_t); the dw terms
+        if not official:
+            # α_{tj} = e^{-(|t-j| - 1) w} (j != t), e^u (j = t): ∂α/∂w = -(d - 1) e^{-(d - 1) w} at distance d, the
+            # moments of one token further (R1_{t+1} is Σ_{j>t} (j-t-1) e^{-(j-t-1) w} P_j): no cancellation
+            r_next = 1.0 / (grow * load4(right_x, 0) + bonus * load4(x, 0))
             for t in range(T):
-                xv = x[t] * vr[t]
-                r_t = 1.0 / (grow * (den + grad_x[t]) + bonus * x[t])  # (one division: shorter dependency chains)
-                a_t = gr[t] * r_t
-                b_t = -a_t * (grow * (num + grad_p[t]) + bonus * xv) * r_t
-                # the query's left terms, and transposed (this key in the later queries' right terms)
-                moments += a_t * num1_back + b_t * den1_back + xv * sa1_back + x[t] * sb1_back
-                du += a_t * xv + b_t * x[t]
-                left_p[t], left_x[t] = grow * sa + bonus * a_t, grow * sb + bonus * b_t
-                grad_p[t], grad_x[t] = a_t, b_t
-                num = decay * (num + xv)
-                den = decay * (den + x[t])
+                xt, pt, r_t = load4(x, t), load4(p, t), r_next
+                n_t = grow * (num + load4(right_p, t)) + bonus * pt
+                num = decay * (num + pt)
+                den = decay * (den + xt)
+                r_next = 1.0 / (grow * (den + load4(right_x, t + 1)) + bonus * load4(x, t + 1))
+                a_t = load4(left_p, t) * r_t
+                b_t = (a_t * r_t) * -n_t
+                dw_t -= a_t * load4(moment_p, t + 1) + b_t * load4(moment_x, t + 1)
+                du += a_t * pt + b_t * xt
+                store4(left_p, t, grow * sa + bonus * a_t)
+                store4(moment_p, t, grow * sb + bonus * b_t)
+                store4(right_p, t, a_t)
+                store4(right_x, t, b_t)
                 sa = decay * (sa + a_t)
                 sb = decay * (sb + b_t)
-                num1_back, den1_back, sa1_back, sb1_back = num1, den1, sa1, sb1
-                num1 = decay * num1 + num
-                den1 = decay * den1 + den
-                sa1 = decay * sa1 + sa
-                sb1 = decay * sb1 + sb
-            du_rows[row] = bonus * du
-            dw_rows[row] = -moments
-            sa = sb = 0.0
+            # right to left: A_t, A1_{t+1} (A1_t = Σ_{j>t} (j-t) e^{-(j-t) w} a_j, again one token further)
+            sa = sb = sa1 = sb1 = zero
             for t in range(T - 1, -1, -1):
-                p_t = left_p[t] + grow * sa
-                dvr[t] = x[t] * p_t
-                dkr[t] = x[t] * (vr[t] * p_t + left_x[t] + grow * sb)
-                sa = decay * (sa + grad_p[t])
-                sb = decay * (sb + grad_x[t])
-            continue
-        # official: α_{tj} = e^{-|t-j| w} (j != t) + (e^w - 1) e^{-(t-j) w} [s <= j < t] (H)
-        # - (e^w - 1) e^{(t-j) w} [s < j <= t] (O) + e^u [j = t], s the chunk start of t
-        inner = inner1 = 0.0  # Σ_t [a_t (H - O)_t + (1+eps) b_t (H' - O')_t], the same with the moments H1 + O1
-        for s in range(0, T, chunk):
-            h_num = h_den = h1_num = h1_den = o_num = o_den = o1_num = o1_den = 0.0
-            for t in range(s, min(s + chunk, T)):
-                xv = x[t] * vr[t]
-                # O_t = e^w O_{t-1} + P_t, O1_t = e^w (O1_{t-1} + O_{t-1}); O excludes the chunk start (a select
-                # rather than a branch: ~7% faster)
-                keep = 1.0 if t > s else 0.0
-                o1_num = grow * (o1_num + o_num)
-                o1_den = grow * (o1_den + o_den)
-                o_num = grow * o_num + keep * xv
-                o_den = grow * o_den + keep * x[t]
-                n_t = num + grad_p[t] + own * (h_num - o_num) + bonus * xv
-                r_t = 1.0 / ((1.0 + eps) * (den + grad_x[t] + own * (h_den - o_den) + bonus * x[t]) + eps * x[t])
-                a_t = gr[t] * r_t
-                b_t = -a_t * n_t * r_t
-                bb = (1.0 + eps) * b_t  # the weight of D in D'
-                moments += a_t * num1 + bb * den1 + xv * sa1 + x[t] * sb1  # ∂/∂w of e^{-|t-j| w}
-                inner += a_t * (h_num - o_num) + bb * (h_den - o_den)
-                inner1 += a_t * (h1_num + o1_num) + bb * (h1_den + o1_den)
-                du += a_t * xv + bb * x[t]
-                left_p[t], left_x[t] = sa + bonus * a_t, sb + bonus * bb + eps * b_t  # (eps X_t: D'_t only)
-                grad_p[t], grad_x[t] = a_t, bb
-                num = decay * (num + xv)
-                den = decay * (den + x[t])
-                h_num = decay * (h_num + xv)
-                h_den = decay * (h_den + x[t])
-                sa = decay * (sa + a_t)
-                sb = decay * (sb + bb)
-                num1 = decay * num1 + num
-                den1 = decay * den1 + den
-                h1_num = decay * h1_num + h_num
-                h1_den = decay * h1_den + h_den
+                xt, pt = load4(x, t), load4(p, t)
+                dw_t -= pt * sa1 + xt * sb1
                 sa1 = decay * sa1 + sa
                 sb1 = decay * sb1 + sb
-        # ∂/∂w [(e^w - 1) e^{∓(t-j) w}] = e^w e^{∓(t-j) w} ∓ (t - j)(e^w - 1) e^{∓(t-j) w}
-        du_rows[row] = bonus * du
-        dw_rows[row] = grow * inner - own * inner1 - moments
-        # right to left, transposed: a token j gets H from the later queries of its chunk, O from itself and the
-        # later queries of its chunk unless j is the chunk start
-        sa = sb = 0.0
-        for s in range((T - 1) // chunk * chunk, -1, -chunk):
-            ha = hb = oa = ob = 0.0
-            for t in range(min(s + chunk, T) - 1, s - 1, -1):
-                oa = grow * oa + grad_p[t]
-                ob = grow * ob + grad_x[t]
-                keep = 1.0 if t > s else 0.0
-                p_t = left_p[t] + sa + own * (ha - keep * oa)
-                dvr[t] = x[t] * p_t
-                dkr[t] = x[t] * (vr[t] * p_t + left_x[t] + sb + own * (hb - keep * ob))
-                sa = decay * (sa + grad_p[t])
-                sb = decay * (sb + grad_x[t])
-                ha = decay * (ha + grad_p[t])
-                hb = decay * (hb + grad_x[t])
+                dp_t = load4(left_p, t) + grow * sa
+                store4(left_p, t, xt * dp_t)  # dv
+                store4(moment_p, t, pt * dp_t + xt * (load4(moment_p, t) + grow * sb))  # dk
+                sa = decay * (sa + load4(right_p, t))
+                sb = decay * (sb + load4(right_x, t))
+        else:
+            # official: α_{tj} = e^{-|t-j| w} (j != t) + (e^w - 1) e^{-(t-j) w} [s <= j < t] (H)
+            # - (e^w - 1) e^{(t-j) w} [s < j <= t] (O) + e^u [j = t], s the chunk start of t. ∂/∂w of the H, O terms:
+            # e^w e^{∓(t-j) w} ∓ (t - j)(e^w - 1) e^{∓(t-j) w}, i.e. e^w (H - O) here and the moments H1, O1
+            # transposed in the next sweep
+            eps1 = 1.0 + eps
+            x_bonus = eps1 * bonus + eps  # D'_t = (1 + eps)(G' + R' + (e^w - 1)(H' - O')) + x_bonus X_t
+            b_bonus = bonus + eps / eps1  # the weight of (1 + eps) b_t in dX_t
+            for s in range(0, T, chunk):
+                h_num = h_den = o_num = o_den = zero  # O_s = 0: O excludes s
+                r_next = 1.0 / (eps1 * (den + load4(right_x, s)) + x_bonus * load4(x, s))
+                for t in range(s, min(s + chunk, T)):
+                    xt, pt, r_t = load4(x, t), load4(p, t), r_next
+                    hmo_num, hmo_den = h_num - o_num, h_den - o_den
+                    n_t = num + load4(right_p, t) + own * hmo_num + bonus * pt
+                    o_num = grow * o_num + load4(p, t + 1)  # O_{t+1} = e^w O_t + P_{t+1}
+                    o_den = grow * o_den + load4(x, t + 1)
+                    num = decay * (num + pt)
+                    den = decay * (den + xt)
+                    h_num = decay * (h_num + pt)
+                    h_den = decay * (h_den + xt)
+                    r_next = 1.0 / (eps1 * (den + load4(right_x, t + 1) + own * (h_den - o_den))
+                                    + x_bonus * load4(x, t + 1))
+                    a_t = load4(left_p, t) * r_t
+                    b_t = (a_t * r_t) * (n_t * -eps1)  # (1 + eps) b_t
+                    dw_t += a_t * (grow * hmo_num - load4(moment_p, t)) + b_t * (grow * hmo_den - load4(moment_x, t))
+                    du += a_t * pt + b_t * xt
+                    store4(left_p, t, sa + bonus * a_t)
+                    store4(moment_p, t, sb + b_bonus * b_t)
+                    store4(right_p, t, a_t)
+                    store4(right_x, t, b_t)
+                    sa = decay * (sa + a_t)
+                    sb = decay * (sb + b_t)
+            # right to left, transposed: a token j gets H from the later queries of its chunk, O from itself and the
+            # later queries of its chunk unless j is the chunk start; the moments of these sums and of the right sums
+            # (in the FMA form with e^{-w} a_t shared: this sweep is short of registers, the other form measured slower)
+            sa = sb = sa1 = sb1 = zero
+            for s in range((T - 1) // chunk * chunk, -1, -chunk):
+                ha = hb = ha1 = hb1 = oa = ob = oa1 = ob1 = zero
+                for t in range(min(s + chunk, T) - 1, s - 1, -1):
+                    a_t, b_t = load4(right_p, t), load4(right_x, t)
+                    oa1 = grow * oa1 + grow * oa  # O1_t = e^w (O1_{t+1} + O_{t+1}), then O_t = e^w O_{t+1} + a_t
+                    ob1 = grow * ob1 + grow * ob
+                    oa = grow * oa + a_t
+                    ob = grow * ob + b_t
+                    sa1 = decay * sa1 + sa
+                    sb1 = decay * sb1 + sb
+                    ha1 = decay * ha1 + ha
+                    hb1 = decay * hb1 + hb
+                    keep = 1.0 if t > s else 0.0
+                    xt, pt = load4(x, t), load4(p, t)
+                    dw_t -= pt * (sa1 + own * (ha1 + keep * oa1)) + xt * (sb1 + own * (hb1 + keep * ob1))
+                    dp_t = load4(left_p, t) + sa + own * (ha - keep * oa)
+                    store4(left_p, t, xt * dp_t)  # dv
+                    store4(moment_p, t, pt * dp_t + xt * (load4(moment_p, t) + sb + own * (hb - keep * ob)))  # dk
+                    da, db = decay * a_t, decay * b_t
+                    sa = decay * sa + da
+                    sb = decay * sb + db
+                    ha = decay * ha + da
+                    hb = decay * hb + db
+        for t in range(0, whole, 4):
+            store_block(dv2, ra, rb, rc, rd, t, load4(left_p, t), load4(left_p, t + 1), load4(left_p, t + 2),
+                        load4(left_p, t + 3))
+            store_block(dk2, ra, rb, rc, rd, t, load4(moment_p, t), load4(moment_p, t + 1), load4(moment_p, t + 2),
+                        load4(moment_p, t + 3))
+        for t in range(whole, T):
+            _scatter(dv2, ra, rb, rc, rd, t, load4(left_p, t))
+            _scatter(dk2, ra, rb, rc, rd, t, load4(moment_p, t))
+        du = bonus * du
+        dw_rows[ra], dw_rows[rb], dw_rows[rc], dw_rows[rd] = lane(dw_t, 0), lane(dw_t, 1), lane(dw_t, 2), lane(dw_t, 3)
+        du_rows[ra], du_rows[rb], du_rows[rc], du_rows[rd] = lane(du, 0), lane(du, 1), lane(du, 2), lane(du, 3)
     return unsafe
