@@ -74,15 +74,16 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
     if k.shape[1] == 0:
         raise ValueError("WKV needs at least one token (T >= 1)")
     check_floating_on_one_device("WKV", {"k": k, "v": v, "w": w, "u": u})
-    blocked = _blocked_applies(k, w, u, semantics)
-    if blocked and _fused_cpu_applies(k, v, w, u):
-        y = run_in_float32(_fused_or_blocked, (k, v, w, u), semantics=semantics)
+    if not _blocked_applies(k, w, u, semantics):
+        impl = chunked_bi_wkv
+    elif _fused_cpu_applies(k):
+        impl = _fused_or_blocked
     else:
-        y = run_in_float32(blocked_bi_wkv if blocked else chunked_bi_wkv, (k, v, w, u), semantics=semantics)
-    return y
+        impl = blocked_bi_wkv
+    return run_in_float32(impl, (k, v, w, u), semantics=semantics)
 
 
-def _fused_cpu_applies(k, v, w, u) -> bool:
+def _fused_cpu_applies(k: torch.Tensor) -> bool:
     """The fused numba scans: asked for (:func:`vrwkv.ops.use_numba`), CPU tensors, at least two tokens, no graph
     capture (numba kernels are opaque to torch.compile and tracing)."""
     if not numba_enabled() or k.device.type != "cpu" or k.shape[1] < 2:
