@@ -52,10 +52,7 @@ def one_thread():
 @pytest.fixture
 def fused_cpu_scan():
     """Bi-WKV on CPU tensors through the fused numba scan (``vrwkv.ops.use_numba``) for the test."""
-    from vrwkv.ops import use_numba
-    from vrwkv.ops.wkv.fused_cpu import numba_enabled
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
 
-    was = numba_enabled()
-    use_numba(True)
-    yield
-    use_numba(was)
+    with numba_scans():
+        yield

@@ -165,19 +165,16 @@ def test_model_training_step_with_the_fused_scans():
     """A VRWKV's loss and every parameter gradient with the fused scans equal those of the default path."""
     import vrwkv
     from conftest import perturb_
-    from vrwkv.ops import use_numba
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
 
     torch.manual_seed(0)
     model = perturb_(vrwkv.create_model("test_vrwkv", num_classes=5, img_size=32, patch_size=4), 0.1).train()
     x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
     results = []
     for enabled in (False, True):
-        use_numba(enabled)
-        try:
+        with numba_scans(enabled):
             loss = torch.nn.functional.cross_entropy(model(x), target)
             results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
-        finally:
-            use_numba(False)
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert rel_err(loss_b, loss_a) < 1e-6
     for (name, _), ga, gb in zip(model.named_parameters(), grads_a, grads_b):

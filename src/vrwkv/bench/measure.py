@@ -153,17 +153,12 @@ KINDS = {
 
 def measure(spec: dict) -> dict:
     """Run the measurement described by ``spec`` in this process (the fused numba scan on only where it asks)."""
-    from vrwkv.ops import use_numba
-    from vrwkv.ops.wkv.fused_cpu import numba_enabled
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    was = numba_enabled()
-    use_numba(bool(spec.get("numba")) or spec.get("impl") == "fused")
-    try:
+    with numba_scans(bool(spec.get("numba")) or spec.get("impl") == "fused"):
         return KINDS[spec["kind"]](spec)
-    finally:
-        use_numba(was)
 
 
 def main(argv: list[str]) -> int:

@@ -34,6 +34,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -62,6 +63,18 @@ def use_numba(enabled: bool = True) -> None:
     if enabled and not numba_available():
         raise ImportError('the fused CPU scan needs numba: pip install "vrwkv[numba]"')
     _enabled = bool(enabled)
+
+
+@contextmanager
+def numba_scans(enabled: bool = True):
+    """:func:`use_numba` ``(enabled)`` inside a ``with`` block; the setting before it (or the environment's) after."""
+    global _enabled
+    was = _enabled
+    use_numba(enabled)
+    try:
+        yield
+    finally:
+        _enabled = was
 
 
 def numba_enabled() -> bool:
