@@ -35,6 +35,8 @@ def model_rows(report: dict) -> list[dict]:
                        max_s=res["max_s"] / s["batch"], peak_rss_mb=res["peak_rss_mb"], params=res["params"])
             if "cpu_median_s" in res:
                 row["cpu_per_image_s"] = res["cpu_median_s"] / s["batch"]
+            if "minor_faults_per_run" in res:
+                row["faults_per_run"] = res["minor_faults_per_run"]
             if res.get("flops"):
                 row["gflop_per_image"] = res["flops"] / s["batch"] / 1e9
                 row["gflops_achieved"] = res["flops"] / res["median_s"] / 1e9
@@ -76,7 +78,14 @@ def _fmt(x, spec=".3g"):
 
 
 def _allocator_note(report: dict) -> list[str]:
-    threshold = report.get("config", {}).get("malloc_mmap_threshold")
+    config = report.get("config", {})
+    if config.get("malloc_keep"):
+        from vrwkv.bench.runner import MALLOC_KEEP_ENV
+
+        settings = " ".join(f"{k}={v}" for k, v in MALLOC_KEEP_ENV.items())
+        return [f"Every measurement ran with {settings} (glibc keeps freed memory in the heap: temporaries reuse "
+                "mapped pages instead of page-faulting fresh ones)."]
+    threshold = config.get("malloc_mmap_threshold")
     if not threshold:
         return []
     return [f"Every measurement ran with MALLOC_MMAP_THRESHOLD_={threshold} (glibc: blocks of that size and larger are "
@@ -93,18 +102,19 @@ def write_markdown(report: dict) -> str:
         *_allocator_note(report),
         "",
         "| model | mode | size | batch | s/image (median) | min–max | CPU s/image | GFLOP/image | GFLOP/s | % of peak "
-        "| peak RSS (MB) | speed-up vs ViT (wall) | speed-up vs ViT (CPU) | memory vs ViT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS (MB) | page faults / run | speed-up vs ViT (wall) | speed-up vs ViT (CPU) | memory vs ViT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in model_rows(report):
         if r["error"]:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} ||||||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | {r['per_image_s']:.4g} | "
             f"{r['min_s']:.3g}–{r['max_s']:.3g} | {_fmt(r.get('cpu_per_image_s'), '.4g')} | "
             f"{_fmt(r.get('gflop_per_image'))} | {_fmt(r.get('gflops_achieved'), '.0f')} | "
-            f"{_fmt(r.get('pct_of_peak'), '.0f')} | {r['peak_rss_mb']:.0f} | {_fmt(r.get('speedup_vs_ref'), '.2f')} | "
+            f"{_fmt(r.get('pct_of_peak'), '.0f')} | {r['peak_rss_mb']:.0f} | {_fmt(r.get('faults_per_run'), '.0f')} | "
+            f"{_fmt(r.get('speedup_vs_ref'), '.2f')} | "
             f"{_fmt(r.get('cpu_speedup_vs_ref'), '.2f')} | {_fmt(r.get('memory_vs_ref'), '.2f')} |"
         )
     wr = wkv_rows(report)

@@ -48,6 +48,23 @@ class BenchConfig:
     # glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every measurement process, the same for both models; None: the
     # environment's. Small values (e.g. 131072) make peak RSS track live tensors instead of the heap's free holes.
     malloc_mmap_threshold: int | None = None
+    # keep freed memory in the heap (glibc: no mmap for blocks below 1 GiB, no trimming) in every measurement process,
+    # both models: temporaries then reuse pages already mapped instead of page-faulting fresh ones on every forward
+    malloc_keep: bool = False
+
+
+#: glibc's settings of :attr:`BenchConfig.malloc_keep`: blocks below 1 GiB come from the heap and freed memory stays
+#: in it (the default returns blocks above a threshold of at most 32 MB to the kernel on free, and trims the heap).
+MALLOC_KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def allocator_env(cfg: BenchConfig) -> dict[str, str] | None:
+    """The environment variables every measurement process gets for the allocator settings of ``cfg``."""
+    if cfg.malloc_keep and cfg.malloc_mmap_threshold:
+        raise ValueError("malloc_keep and malloc_mmap_threshold are alternatives: set one")
+    if cfg.malloc_keep:
+        return dict(MALLOC_KEEP_ENV)
+    return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)} if cfg.malloc_mmap_threshold else None
 
 
 def run_spec(spec: dict, timeout_s: float, env: dict[str, str] | None = None) -> dict:
@@ -113,7 +130,7 @@ def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -
 
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = plan(cfg)
-    env = {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)} if cfg.malloc_mmap_threshold else None
+    env = allocator_env(cfg)
     rows = []
     for i, spec in enumerate(specs, 1):
         t0 = time.perf_counter()

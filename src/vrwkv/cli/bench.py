@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="glibc MALLOC_MMAP_THRESHOLD_ for every measurement (both models): e.g. 131072 makes peak "
                         "RSS track live tensors rather than the allocator's retained heap")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help="keep freed memory in glibc's heap in every measurement (both models): MALLOC_MMAP_THRESHOLD_"
+                        "=1 GiB, MALLOC_TRIM_THRESHOLD_=1 TiB; temporaries then reuse mapped pages instead of "
+                        "page-faulting fresh ones on every forward")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--out", default=None, help="output directory (default: runs/bench-<date>)")
 
@@ -47,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--threads must be >= 1")
     if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
         raise CLIError("--malloc-mmap-threshold must be >= 0 bytes")
+    if args.malloc_keep and args.malloc_mmap_threshold:
+        raise CLIError("--malloc-keep and --malloc-mmap-threshold are alternatives: give one")
     cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
                       vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
                       timeout_s=args.timeout, compile_backend=args.compile, numba=args.numba, threads=args.threads,
-                      malloc_mmap_threshold=args.malloc_mmap_threshold)
+                      malloc_mmap_threshold=args.malloc_mmap_threshold, malloc_keep=args.malloc_keep)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_bench(cfg, out)
     print((out / "results.md").read_text())
