@@ -74,6 +74,24 @@ def test_rows_split_over_threads_give_the_same_result():
     assert torch.equal(fused(k, v, w, u, "official"), one)
 
 
+
+@pytest.mark.parametrize("official", [False, True])
+def test_kernel_rows_in_any_pieces_give_the_same_result(official):
+    """The forward kernel runs four rows in lockstep: pieces of any length from any row (groups of fewer rows, a row
+    out of range inside a group) give the rows of one call, bit for bit, and count the out-of-range rows."""
+    import numpy as np
+    from vrwkv.ops.wkv.fused_cpu_kernels import rows_kernel
+
+    k, v, w, u = random_inputs(3, 37, 5, seed=6)  # 15 rows, T odd
+    k[1, 4, 2] = 700.0  # row c·B + b = 2·3 + 1 = 7 out of range
+    kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k, v))
+    args = (kc, vc, w.numpy(), u.numpy())
+    whole, pieces = np.full_like(kc, 7.0), np.full_like(kc, 7.0)
+    assert rows_kernel(*args, whole, 5, 1e-6, official, 0, 15) == 1
+    assert sum(rows_kernel(*args, pieces, 5, 1e-6, official, r0, r1)
+               for r0, r1 in [(0, 1), (1, 4), (4, 9), (9, 10), (10, 15)]) == 1
+    assert np.array_equal(whole, pieces) and (whole[2, 1] == 7.0).all()  # the out-of-range row left unwritten
+
 def test_dispatch(fused_cpu_scan):
     """With the fused scan on: CPU float32 in the block path's range -> the fused scans (the same numbers as calling
     them; gradients through their backward); float64 or a single token -> the other paths."""

@@ -22,88 +22,7 @@ _ROUND = 6755399441055744.0  # 1.5·2^52: adding it rounds a float64 of magnitud
 _fast = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model="numpy")
 
 
-@_fast
-def _exp_shifted(kr, shift, out, scale):
-    """out[t] = e^{kr[t] - shift} for kr - shift in [-700, 0] (``scale``: float64 scratch of the same length): 2^m e^r
-    with m = round((kr - shift) log2 e). The rounding adds 1.5·2^52, which leaves m in the low mantissa bits, and
-    2^m is built from those bits with integer adds and shifts: no calls, no branches and no double-to-int64
-    conversion (AVX2 has no packed one), so all three loops vectorise."""
-    n = kr.shape[0]
-    for t in range(n):
-        z = np.float64(kr[t]) - shift
-        big = z * _LOG2E + _ROUND
-        m = big - _ROUND
-        r = (z - m * _LN2_HI) - m * _LN2_LO
-        out[t] = _C0 + r * (_C1 + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * (_C7 + r * (
-            _C8 + r * (_C9 + r * (_C10 + r * _C11))))))))))
-        scale[t] = big
-    bits = scale.view(np.int64)
-    for t in range(n):
-        bits[t] = (bits[t] + 1023) << 52  # big's own exponent bits shift out; m + 1023 lands in the exponent field
-    for t in range(n):
-        out[t] *= scale[t]
-
-
-@_fast
-def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
-    """Rows r0..r1 of the flattened (channel, batch) grid; returns how many rows were out of range (left
-    unwritten). Every recurrence is written ``S = e^{-w} S + e^{-w} z``: one FMA on the dependency chain (the
-    product e^{-w} z does not wait for S), the chains being the cost of a sequential scan."""
-    B, T = k.shape[1], k.shape[2]
-    x = np.empty(T)
-    p = np.empty(T)  # scratch of the exponential, then P_t = X_t v_t
-    right_num = np.empty(T)
-    right_den = np.empty(T)
-    unsafe = 0
-    for row in range(r0, r1):
-        c, b = row // B, row % B
-        kr, vr, yr = k[c, b], v[c, b], y[c, b]
-        hi, lo = -np.inf, np.inf
-        for t in range(T):
-            hi = max(hi, np.float64(kr[t]))
-            lo = min(lo, np.float64(kr[t]))
-        wc, uc = w[c], u[c]
-        if not (hi - lo + abs(wc) * T + abs(uc) <= MAX_ROW_RANGE):  # (also false for an infinite key)
-            unsafe += 1
-            continue
-        _exp_shifted(kr, hi, x, p)
-        for t in range(T):
-            p[t] = x[t] * np.float64(vr[t])
-        decay, bonus, grow = math.exp(-wc), math.exp(uc), math.exp(wc)
-        num = den = 0.0
-        for t in range(T - 1, -1, -1):  # R_t, then R_{t-1} = e^{-w} (R_t + P_t)
-            right_num[t], right_den[t] = num, den
-            num = decay * num + decay * p[t]
-            den = decay * den + decay * x[t]
-        if not official:
-            num = den = 0.0
-            for t in range(T):  # G_t, then G_{t+1} = e^{-w} (G_t + P_t)
-                yr[t] = (grow * (num + right_num[t]) + bonus * p[t]) / (grow * (den + right_den[t]) + bonus * x[t])
-                num = decay * num + decay * p[t]
-                den = decay * den + decay * x[t]
-            continue
-        own = math.expm1(wc)  # e^w - 1
-        num = den = 0.0
-        for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token)
-            yr[s] = (num + right_num[s] + bonus * p[s]) / ((1.0 + eps) * (den + right_den[s] + bonus * x[s]) + eps * x[s])
-            h_num, h_den = decay * p[s], decay * x[s]
-            o_num = o_den = 0.0
-            num = decay * num + decay * p[s]
-            den = decay * den + decay * x[s]
-            for t in range(s + 1, min(s + chunk, T)):
-                o_num = grow * o_num + p[t]
-                o_den = grow * o_den + x[t]
-                n_t = num + right_num[t] + own * (h_num - o_num) + bonus * p[t]
-                d_t = den + right_den[t] + own * (h_den - o_den) + bonus * x[t]
-                yr[t] = n_t / ((1.0 + eps) * d_t + eps * x[t])
-                num = decay * num + decay * p[t]
-                den = decay * den + decay * x[t]
-                h_num = decay * h_num + decay * p[t]
-                h_den = decay * h_den + decay * x[t]
-    return unsafe
-
-
-# ---- Four float64 lanes in one AVX2 register (LLVM <4 x double>), for the backward's four rows in lockstep. numba
+# ---- Four float64 lanes in one AVX2 register (LLVM <4 x double>), for the scans' four rows in lockstep. numba
 # does not vectorise a scan across rows itself: an inner loop over the rows keeps their state in memory (and the
 # arrays may alias), and it does not pack scalar code (its SLP vectoriser is off). Arithmetic on f64x4 values (and
 # numbers, broadcast) compiles to single vector instructions, contracted to FMAs like the scalar code; typed and
@@ -294,7 +213,8 @@ def store_block(typingctx, a, r0, r1, r2, r3, t, y0, y1, y2, y3):
 
 @intrinsic
 def _exponent_to_scale(typingctx, big):
-    """2^m from big = m + 1.5·2^52 (the integer m in the low mantissa bits), as in :func:`_exp_shifted`."""
+    """2^m from big = m + 1.5·2^52 (the integer m in the low mantissa bits, see :func:`_exp4`): integer adds and
+    shifts (AVX2 has no packed double-to-int64 conversion)."""
     if isinstance(big, _F64x4):
         def codegen(context, builder, sig, args):
             i64 = ir.VectorType(ir.IntType(64), 4)
@@ -310,7 +230,8 @@ _inline = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model=
 
 @_inline
 def _exp4(z):
-    """e^z for four z in [-700, 0]: the arithmetic of :func:`_exp_shifted` (the same X as the forward's)."""
+    """e^z for four z in [-700, 0]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
+    1.5·2^52, which leaves m in the low mantissa bits."""
     big = z * _LOG2E + _ROUND
     m = big - _ROUND
     r = (z - m * _LN2_HI) - m * _LN2_LO
@@ -348,6 +269,139 @@ def _inputs(x, p, g, t, shifted_key, value, grad):
 
 
 @_fast
+def _row_shift(k2, w, u, B, row):
+    """Whether the row (of k2: [C·B, T]) is in range (key range + |w|·T + |u| at most MAX_ROW_RANGE, false for an
+    infinite key), and its largest key."""
+    T = k2.shape[1]
+    high = vec4(-np.inf, -np.inf, -np.inf, -np.inf)
+    low = -high
+    for t in range(0, T - 3, 4):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
+        run = load_run(k2, row, t)
+        high, low = vmax(run, high), vmin(run, low)
+    hi = max(max(lane(high, 0), lane(high, 1)), max(lane(high, 2), lane(high, 3)))
+    lo = min(min(lane(low, 0), lane(low, 1)), min(lane(low, 2), lane(low, 3)))
+    for t in range(T // 4 * 4, T):
+        hi = max(hi, np.float64(k2[row, t]))
+        lo = min(lo, np.float64(k2[row, t]))
+    return hi - lo + abs(w[row // B]) * T + abs(u[row // B]) <= MAX_ROW_RANGE, hi
+
+
+@_inline
+def _right_step(x, p, right_p, right_x, t, num, den, decay, shifted_key, value):
+    """X_t, P_t and the right sums R_t (num, den) into the rows t of x, p, right_p, right_x; returns R_{t-1}."""
+    xt = _exp4(shifted_key)
+    pt = xt * value
+    store4(x, t, xt)
+    store4(p, t, pt)
+    store4(right_p, t, num)
+    store4(right_x, t, den)
+    return decay * num + decay * pt, decay * den + decay * xt
+
+
+@_inline
+def _paper_step(num, den, right_num, right_den, xt, pt, decay, grow, bonus):
+    """y_t of the paper formula from the left sums G_t (num, den) and the right sums; returns it and G_{t+1}."""
+    yt = (grow * (num + right_num) + bonus * pt) / (grow * (den + right_den) + bonus * xt)
+    return yt, decay * num + decay * pt, decay * den + decay * xt
+
+
+@_fast
+def _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x):
+    """y of the n (1 to 4) rows of the array rows (in range; shift: their largest keys) into y2, four rows in
+    lockstep, one per lane of f64x4 vectors (fewer rows: the last one repeats in the spare lanes); x, p, right_p,
+    right_x: [T, 4] float64 scratch."""
+    T = k2.shape[1]
+    last = n - 1
+    i0, i1, i2, i3 = 0, min(1, last), min(2, last), last
+    ra, rb, rc, rd = rows[i0], rows[i1], rows[i2], rows[i3]
+    wv = vec4(w[ra // B], w[rb // B], w[rc // B], w[rd // B])
+    decay, grow = _lanes_exp(-wv), _lanes_exp(wv)
+    bonus = _lanes_exp(vec4(u[ra // B], u[rb // B], u[rc // B], u[rd // B]))
+    hi = vec4(shift[i0], shift[i1], shift[i2], shift[i3])
+    whole = T // 4 * 4  # the tokens of whole blocks of four (transposed in and out as 4x4 blocks)
+    # right to left: X, P (the exponential fills the FP pipes that the latency of the sums' chains leaves idle), R
+    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    for t in range(T - 1, whole - 1, -1):
+        num, den = _right_step(x, p, right_p, right_x, t, num, den, decay, _gather(k2, ra, rb, rc, rd, t) - hi,
+                               _gather(v2, ra, rb, rc, rd, t))
+    for t in range(whole - 4, -1, -4):
+        keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+        # (constant indices: the tuples stay in registers)
+        num, den = _right_step(x, p, right_p, right_x, t + 3, num, den, decay, keys[3] - hi, values[3])
+        num, den = _right_step(x, p, right_p, right_x, t + 2, num, den, decay, keys[2] - hi, values[2])
+        num, den = _right_step(x, p, right_p, right_x, t + 1, num, den, decay, keys[1] - hi, values[1])
+        num, den = _right_step(x, p, right_p, right_x, t, num, den, decay, keys[0] - hi, values[0])
+    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    if not official:  # left to right: G_t, then G_{t+1} = e^{-w} (G_t + P_t); y transposed out block by block
+        for t in range(0, whole, 4):
+            y0, num, den = _paper_step(num, den, load4(right_p, t), load4(right_x, t), load4(x, t), load4(p, t),
+                                       decay, grow, bonus)
+            y1, num, den = _paper_step(num, den, load4(right_p, t + 1), load4(right_x, t + 1), load4(x, t + 1),
+                                       load4(p, t + 1), decay, grow, bonus)
+            y2_, num, den = _paper_step(num, den, load4(right_p, t + 2), load4(right_x, t + 2), load4(x, t + 2),
+                                        load4(p, t + 2), decay, grow, bonus)
+            y3, num, den = _paper_step(num, den, load4(right_p, t + 3), load4(right_x, t + 3), load4(x, t + 3),
+                                       load4(p, t + 3), decay, grow, bonus)
+            store_block(y2, ra, rb, rc, rd, t, y0, y1, y2_, y3)
+        for t in range(whole, T):
+            yt, num, den = _paper_step(num, den, load4(right_p, t), load4(right_x, t), load4(x, t), load4(p, t),
+                                       decay, grow, bonus)
+            _scatter(y2, ra, rb, rc, rd, t, yt)
+        return
+    own = _lanes_expm1(wv)  # e^w - 1
+    eps1 = 1.0 + eps
+    for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token); y -> R
+        xt, pt = load4(x, s), load4(p, s)
+        store4(right_p, s, (num + load4(right_p, s) + bonus * pt) / (eps1 * (den + load4(right_x, s) + bonus * xt)
+                                                                     + eps * xt))
+        h_num, h_den = decay * pt, decay * xt
+        o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+        num = decay * num + decay * pt
+        den = decay * den + decay * xt
+        for t in range(s + 1, min(s + chunk, T)):
+            xt, pt = load4(x, t), load4(p, t)
+            o_num = grow * o_num + pt
+            o_den = grow * o_den + xt
+            n_t = num + load4(right_p, t) + own * (h_num - o_num) + bonus * pt
+            d_t = den + load4(right_x, t) + own * (h_den - o_den) + bonus * xt
+            store4(right_p, t, n_t / (eps1 * d_t + eps * xt))
+            num = decay * num + decay * pt
+            den = decay * den + decay * xt
+            h_num = decay * h_num + decay * pt
+            h_den = decay * h_den + decay * xt
+    for t in range(0, whole, 4):
+        store_block(y2, ra, rb, rc, rd, t, load4(right_p, t), load4(right_p, t + 1), load4(right_p, t + 2),
+                    load4(right_p, t + 3))
+    for t in range(whole, T):
+        _scatter(y2, ra, rb, rc, rd, t, load4(right_p, t))
+
+
+@_fast
+def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
+    """Bi-WKV of rows r0..r1 of the flattened (channel, batch) grid (k, v, y: C-contiguous [C, B, T]; w, u: float64
+    [C]); returns how many rows were out of range (left unwritten). Per row X = e^{k - K} (K: the row's largest key),
+    P = X v, right to left the right sums R, left to right the left sums and y (:func:`_forward_rows`: four rows in
+    lockstep, as in :func:`rows_backward_kernel`). Every recurrence is written ``S = e^{-w} S + e^{-w} z``: one FMA
+    on the dependency chain."""
+    B, T = k.shape[1], k.shape[2]
+    k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
+    x, p, right_p, right_x = np.empty((T, 4)), np.empty((T, 4)), np.empty((T, 4)), np.empty((T, 4))
+    rows, shift = np.empty(4, np.int64), np.empty(4)
+    n = unsafe = 0
+    for row in range(r0, r1):  # each four rows in range run right after their check, their keys still in cache
+        in_range, hi = _row_shift(k2, w, u, B, row)
+        if in_range:
+            rows[n], shift[n] = row, hi
+            n += 1
+        else:
+            unsafe += 1
+        if n == 4 or (n > 0 and row == r1 - 1):
+            _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x)
+            n = 0
+    return unsafe
+
+
+@_fast
 def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1):
     """Backward of :func:`rows_kernel` for rows r0..r1 (same arguments as it, gy: the gradient of y, [C, B, T]):
     writes dk, dv ([C, B, T], the dtype of k) and the per-row partials dw_rows[row], du_rows[row] (float64 [C·B],
@@ -373,17 +427,8 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
     shift = np.empty(r1 - r0)
     n = unsafe = 0
     for row in range(r0, r1):
-        high = vec4(-np.inf, -np.inf, -np.inf, -np.inf)
-        low = -high
-        for t in range(0, T - 3, 4):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
-            run = load_run(k2, row, t)
-            high, low = vmax(run, high), vmin(run, low)
-        hi = max(max(lane(high, 0), lane(high, 1)), max(lane(high, 2), lane(high, 3)))
-        lo = min(min(lane(low, 0), lane(low, 1)), min(lane(low, 2), lane(low, 3)))
-        for t in range(T // 4 * 4, T):
-            hi = max(hi, np.float64(k2[row, t]))
-            lo = min(lo, np.float64(k2[row, t]))
-        if not (hi - lo + abs(w[row // B]) * T + abs(u[row // B]) <= MAX_ROW_RANGE):  # (also false for an infinite key)
+        in_range, hi = _row_shift(k2, w, u, B, row)
+        if not in_range:
             unsafe += 1
             continue
         rows[n], shift[n] = row, hi
