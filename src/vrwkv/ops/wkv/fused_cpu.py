@@ -25,7 +25,7 @@ autograd keeps only k and v.
 
 Why opt-in (:func:`use_numba`): the numba runtime (LLVM) adds ~120 MB to the process, and the first call in a process
 takes ~3 s (loading numba and the kernels; they compile once, then numba caches them on disk). Rows are split over
-``torch.get_num_threads()`` threads (the kernels release the GIL).
+``torch.get_num_threads()`` threads: PyTorch's own OpenMP team (:mod:`.fused_cpu_team`), or a pool of our own.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -113,7 +114,7 @@ def _forward(k, v, w, u, semantics: str, chunks: int, eps: float):
     y = torch.empty(C, B, T, dtype=k.dtype)
     inputs = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy())
     with torch.profiler.record_function("vrwkv::fused_bi_wkv"):  # (not a torch op: named in profiles this way)
-        unsafe = run_rows(_compiled_kernels()[0], (*inputs, y.numpy(), chunk, float(eps), semantics == "official"), C * B)
+        unsafe = run_rows(False, (*inputs, y.numpy(), chunk, float(eps), semantics == "official"), C * B)
     if unsafe:
         raise _OutOfRange
     return y.permute(1, 2, 0), (kc, vc, wd, ud, chunk)
@@ -137,17 +138,25 @@ class _FusedBiWKV(torch.autograd.Function):
         args = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy(), gyc.numpy(), ctx.chunk, float(ctx.eps), ctx.official,
                 dk.numpy(), dv.numpy(), dw_rows.numpy(), du_rows.numpy())
         with torch.profiler.record_function("vrwkv::fused_bi_wkv_backward"):
-            run_rows(_compiled_kernels()[1], args, C * B)  # (the forward checked every row's range)
+            run_rows(True, args, C * B)  # (the forward checked every row's range)
         dw, du = dw_rows.view(C, B).sum(1), du_rows.view(C, B).sum(1)
         return (dk.permute(1, 2, 0), dv.permute(1, 2, 0), dw.to(ctx.w_dtype), du.to(ctx.u_dtype), None, None, None)
 
 
-def run_rows(kernel, args: tuple, rows: int) -> int:
-    """``kernel(*args, r0, r1)`` over rows 0..rows in pieces on ``torch.get_num_threads()`` threads (the kernels
-    release the GIL); returns the sum of the kernels' results (rows out of range)."""
+def run_rows(backward: bool, args: tuple, rows: int) -> int:
+    """The forward kernel (or the backward) ``kernel(*args, r0, r1)`` over rows 0..rows on
+    ``torch.get_num_threads()`` threads; returns the rows out of range (summed over the pieces).
+
+    Threads: PyTorch's own OpenMP team where its runtime is found (:mod:`.fused_cpu_team`: no second pool competing
+    with its spinning workers), otherwise the caller and a pool of our own (the kernels release the GIL).
+    """
+    kernels = _compiled_kernels()
+    kernel = kernels.backward if backward else kernels.forward
     n = max(1, min(torch.get_num_threads(), rows))
     if n == 1:
         return kernel(*args, 0, rows)
+    if kernels.team is not None and use_openmp_team:
+        return kernels.team.run(backward, args, rows, n)
     # small pieces taken in turn by the caller and n - 1 pool threads: a thread slowed by other work on its core
     # (e.g. PyTorch's OpenMP workers still spinning after the previous op) takes fewer pieces
     step = max(1, rows // (8 * n))
@@ -167,6 +176,10 @@ def run_rows(kernel, args: tuple, rows: int) -> int:
     return work() + sum(f.result() for f in futures)
 
 
+#: Run the kernels on PyTorch's OpenMP team when its runtime is found (False: always our own thread pool).
+use_openmp_team = True
+
+
 def _thread_pool(size: int) -> ThreadPoolExecutor:
     """The worker threads (their own per process: a fork copies the pool object but not its threads)."""
     global _pool, _pool_key
@@ -179,12 +192,20 @@ def _thread_pool(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _compiled_kernels():
-    """The numba kernels (forward, backward), compiled at the first call (cached on disk by numba afterwards)."""
+class _Kernels(NamedTuple):
+    forward: object
+    backward: object
+    team: object  # fused_cpu_team.Team, or None without a known OpenMP runtime
+
+
+def _compiled_kernels() -> _Kernels:
+    """The numba kernels and the OpenMP team runner, made at the first call (numba caches the code on disk)."""
     global _kernels
     with _lock:
         if _kernels is None:
             from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel
+            from vrwkv.ops.wkv.fused_cpu_team import Team, openmp_runtime
 
-            _kernels = (rows_kernel, rows_backward_kernel)
+            runtime = openmp_runtime()
+            _kernels = _Kernels(rows_kernel, rows_backward_kernel, Team(runtime) if runtime is not None else None)
         return _kernels
