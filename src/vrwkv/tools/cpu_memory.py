@@ -3,10 +3,11 @@ fresh ones on every forward (opt-in; affects the whole process).
 
 glibc's malloc serves blocks above a threshold (adaptive, at most 32 MB) by ``mmap`` and unmaps them on free, and
 returns the top of its heap to the kernel when more than twice that is free. A network's activations are such blocks:
-VRWKV-T at 2048 px (16,384 tokens) allocates ~2.7 GB of temporaries per forward and, with these defaults, faults in
-~320,000 fresh 4 KiB pages (each zeroed and mapped by the kernel; unmapping also flushes the other cores' TLBs). With
-freed memory kept, that forward takes ~2.0 s instead of 2.6-3.3 s on two cores (``benchmarks/NOTES.md``); the
-process's peak memory is what its peak of live tensors needs, but it does not shrink after the peak.
+VRWKV-T at 2048 px (16,384 tokens) allocates ~2.7 GB of temporaries per forward and, depending on the heap's history,
+faults in between ~2,000 and ~320,000 fresh 4 KiB pages per forward (each zeroed and mapped by the kernel; unmapping
+also flushes the other cores' TLBs): in the worst case measured, 2.6-3.3 s instead of 2.0 s on two cores
+(``benchmarks/NOTES.md``). With freed memory kept there are none; the process's peak memory is what its peak of live
+tensors needs, but it does not shrink after the peak.
 
 The same from the shell, for any program: ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1099511627776``
 (what ``vrwkv bench --malloc-keep`` sets), or a caching allocator such as jemalloc or tcmalloc via ``LD_PRELOAD``.
