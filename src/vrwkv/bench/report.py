@@ -80,9 +80,9 @@ def _fmt(x, spec=".3g"):
 def _allocator_note(report: dict) -> list[str]:
     config = report.get("config", {})
     if config.get("malloc_keep"):
-        from vrwkv.bench.runner import MALLOC_KEEP_ENV
+        from vrwkv.tools.cpu_memory import KEEP_FREED_MEMORY_ENV
 
-        settings = " ".join(f"{k}={v}" for k, v in MALLOC_KEEP_ENV.items())
+        settings = " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY_ENV.items())
         return [f"Every measurement ran with {settings} (glibc keeps freed memory in the heap: temporaries reuse "
                 "mapped pages instead of page-faulting fresh ones)."]
     threshold = config.get("malloc_mmap_threshold")

@@ -53,17 +53,14 @@ class BenchConfig:
     malloc_keep: bool = False
 
 
-#: glibc's settings of :attr:`BenchConfig.malloc_keep`: blocks below 1 GiB come from the heap and freed memory stays
-#: in it (the default returns blocks above a threshold of at most 32 MB to the kernel on free, and trims the heap).
-MALLOC_KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-
-
 def allocator_env(cfg: BenchConfig) -> dict[str, str] | None:
     """The environment variables every measurement process gets for the allocator settings of ``cfg``."""
     if cfg.malloc_keep and cfg.malloc_mmap_threshold:
         raise ValueError("malloc_keep and malloc_mmap_threshold are alternatives: set one")
     if cfg.malloc_keep:
-        return dict(MALLOC_KEEP_ENV)
+        from vrwkv.tools.cpu_memory import KEEP_FREED_MEMORY_ENV
+
+        return dict(KEEP_FREED_MEMORY_ENV)
     return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)} if cfg.malloc_mmap_threshold else None
 
 

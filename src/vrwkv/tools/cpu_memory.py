@@ -18,13 +18,16 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["KEEP_FREED_MEMORY_ENV", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 #: Blocks below this come from the heap (larger ones, rare, are still mapped and returned on free).
 MMAP_THRESHOLD = 1 << 30
-#: Free memory at the top of the heap above this is returned to the kernel: in effect never.
+#: Free memory at the top of the heap above this is returned to the kernel: in effect never (mallopt takes an int;
+#: the environment variable below takes any size).
 TRIM_THRESHOLD = 2**31 - 1
+#: The same settings as environment variables, for a process started afterwards (``vrwkv bench --malloc-keep``).
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def keep_freed_memory() -> bool:

@@ -199,7 +199,7 @@ class _Kernels(NamedTuple):
 
 
 def _compiled_kernels() -> _Kernels:
-    """The numba kernels and the OpenMP team runner, made at the first call (numba caches the code on disk)."""
+    """The numba kernels and the OpenMP team runner, made at the first call (numba caches the kernels on disk)."""
     global _kernels
     with _lock:
         if _kernels is None:
