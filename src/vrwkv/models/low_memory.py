@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from vrwkv.layers import ChannelMix, SpatialMix, q_shift, resize_pos_embed, token_shift
+from vrwkv.layers import ChannelMix, SpatialMix, q_shift, token_shift
 
 
 def check_low_memory_support(model: nn.Module) -> None:
@@ -87,7 +87,7 @@ def _embed(model: nn.Module, images: torch.Tensor, hw: tuple[int, int], rows: in
     """Patch embedding plus position embedding, strip by strip of patch rows, into one ``[B, T, C]`` tensor."""
     H, W = hw
     p = model.patch_embed.patch_size
-    pos = resize_pos_embed(model.pos_embed, model.grid_size, hw, model.interpolate_mode)  # [1, T, C]
+    pos = model.pos_embed_for(hw)  # [1, T, C]
     x = None
     for h0, h1 in _row_chunks(H, rows):
         strip, _ = model.patch_embed(images[:, :, h0 * p : h1 * p])  # [B, (h1 - h0) * W, C]
