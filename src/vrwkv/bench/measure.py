@@ -10,12 +10,15 @@ Kinds:
   * ``wkv``: the Bi-WKV op (``impl``: "fast" = the default path, "fused" = the numba CPU scan, or the float64
     "reference") forward or forward+backward at one (B, T, C).
 
-``"numba": true`` in a model spec runs our model with the fused numba CPU scan (:func:`vrwkv.ops.use_numba`).
+``"numba": true`` in a model spec runs our model with the fused numba CPU scan (:func:`vrwkv.ops.use_numba`);
+``"onednn"`` sets :func:`vrwkv.ops.use_onednn` (default on; for timm's models, true also computes their
+``nn.Linear`` modules through it).
 
 Run: ``python -m vrwkv.bench.measure '{"kind": "model", "model": "vrwkv_tiny", "size": [224, 224], ...}'``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -25,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from vrwkv.bench.runner import is_ours
 
 def _timeit(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
     for _ in range(warmup):
@@ -70,9 +74,16 @@ def measure_model(spec: dict) -> dict:
     h, w = spec["size"]
     batch = spec["batch"]
     kwargs = dict(spec.get("model_kwargs", {}))
-    if not spec["model"].startswith(("vrwkv", "test_vrwkv")):
+    ours = is_ours(spec["model"])
+    if not ours:
         kwargs.setdefault("dynamic_img_size", True)  # timm ViT/DeiT at any resolution
     eager = timm.create_model(spec["model"], img_size=(h, w), **kwargs)
+    if not ours and spec.get("onednn"):  # timm's nn.Linear modules computed as ours (vrwkv.layers.Linear)
+        from vrwkv.layers import Linear
+
+        for module in eager.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = Linear
     model = eager
     if spec.get("compile"):  # the first (warm-up) call compiles; FLOPs are counted on the eager model
         from vrwkv.tools.compile import compile_model
@@ -104,9 +115,22 @@ def measure_model(spec: dict) -> dict:
 
 
 def measure_matmul_peak(spec: dict) -> dict:
+    """fp32 GFLOP/s of an n x n product through ``torch.mm`` (``backend="torch"``: the BLAS PyTorch was built with,
+    MKL on x86) or through oneDNN (``backend="onednn"``: :func:`vrwkv.ops.linear.linear`)."""
     n = spec.get("n", 2048)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    timing = _timeit(lambda: a @ b, warmup=2, repeats=spec.get("repeats", 5))
+    if spec.get("backend", "torch") == "onednn":
+        from vrwkv.ops.linear import _takes_onednn, linear
+
+        bt = b.t().contiguous()  # linear(a, bt) = a @ b
+        with torch.inference_mode():
+            if not _takes_onednn(a, bt, None):
+                raise RuntimeError("oneDNN's matmul is not available in this PyTorch (or VRWKV_ONEDNN=0)")
+        fn = lambda: linear(a, bt)  # noqa: E731
+    else:
+        fn = lambda: torch.mm(a, b)  # noqa: E731
+    with torch.inference_mode():
+        timing = _timeit(fn, warmup=2, repeats=spec.get("repeats", 5))
     return {**timing, "gflops": 2 * n**3 / timing["min_s"] / 1e9}
 
 
@@ -160,11 +184,13 @@ KINDS = {
 
 def measure(spec: dict) -> dict:
     """Run the measurement described by ``spec`` in this process (the fused numba scan on only where it asks)."""
+    from vrwkv.ops.linear import onednn_linears
     from vrwkv.ops.wkv.fused_cpu import numba_scans
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    with numba_scans(bool(spec.get("numba")) or spec.get("impl") == "fused"):
+    gemm = onednn_linears(spec["onednn"]) if "onednn" in spec else contextlib.nullcontext()  # (else: the default)
+    with numba_scans(bool(spec.get("numba")) or spec.get("impl") == "fused"), gemm:
         return KINDS[spec["kind"]](spec)
 
 

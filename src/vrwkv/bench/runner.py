@@ -51,6 +51,9 @@ class BenchConfig:
     # keep freed memory in the heap (glibc: no mmap for blocks below 1 GiB, no trimming) in every measurement process,
     # both models: temporaries then reuse pages already mapped instead of page-faulting fresh ones on every forward
     malloc_keep: bool = False
+    # also time the ViT with its Linears through oneDNN (as ours, by default) and ours with oneDNN off (F.linear):
+    # the GEMM library's share of the speed-up, apart from the architecture's (ops/linear/README.md)
+    onednn_variants: bool = False
 
 
 def allocator_env(cfg: BenchConfig) -> dict[str, str] | None:
@@ -83,7 +86,8 @@ def plan(cfg: BenchConfig) -> list[dict]:
     """All measurement specs of a run (machine peaks first). The two models of a pair are measured back to back for
     every (mode, size, batch): their ratio then compares measurements minutes apart at most, not the two ends of a
     long run over which the load of a shared host can drift."""
-    specs: list[dict] = [{"kind": "matmul_peak"}, {"kind": "copy_bandwidth"}]
+    specs: list[dict] = [{"kind": "matmul_peak", "backend": "torch"}, {"kind": "matmul_peak", "backend": "onednn"},
+                         {"kind": "copy_bandwidth"}]
     for pair in cfg.pairs:
         ours, ref = PAIRS[pair]
         for size in cfg.sizes + cfg.vrwkv_only_sizes:
@@ -98,6 +102,8 @@ def plan(cfg: BenchConfig) -> list[dict]:
                         specs.append(dict(spec, compile=cfg.compile_backend, warmup=max(cfg.warmup, 1)))
                     if cfg.numba and model == ours:  # the warm-up call loads (or compiles) the kernel
                         specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
+                    if cfg.onednn_variants:
+                        specs.append(dict(spec, onednn=model != ours))
         for size in cfg.train_sizes:
             for model in (ours, ref):
                 spec = dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
@@ -105,6 +111,8 @@ def plan(cfg: BenchConfig) -> list[dict]:
                 specs.append(spec)
                 if cfg.numba and model == ours:
                     specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
+                if cfg.onednn_variants:
+                    specs.append(dict(spec, onednn=model != ours))
     for T in cfg.wkv_T:
         impls = (("fast", False), ("fast", True)) + ((("fused", False), ("fused", True)) if cfg.numba else ()) + (
             ("reference", False),)
@@ -154,12 +162,24 @@ def describe(spec: dict) -> str:
         return (f"{display_name(spec)} {spec['mode']} {spec['size'][0]}x{spec['size'][1]} batch {spec['batch']}")
     if spec["kind"] == "wkv":
         return f"bi_wkv {spec['impl']}{' fwd+bwd' if spec['backward'] else ' fwd'} T={spec['T']} C={spec['C']}"
+    if spec["kind"] == "matmul_peak":
+        return f"matmul_peak ({spec.get('backend', 'torch')})"
     return spec["kind"]
 
 
 def display_name(spec: dict) -> str:
-    """Model name, with ``+<backend>`` for a torch.compile measurement and ``+numba`` for the fused CPU scan."""
-    return spec["model"] + (f"+{spec['compile']}" if spec.get("compile") else "") + ("+numba" if spec.get("numba") else "")
+    """Model name, with ``+<backend>`` for a torch.compile measurement, ``+numba`` for the fused CPU scan, and
+    ``+onednn`` / ``+F.linear`` where the Linears' GEMM is not the model's default (oneDNN for ours, F.linear for
+    timm's)."""
+    onednn = spec.get("onednn")
+    gemm = "" if onednn is None or onednn == is_ours(spec["model"]) else ("+onednn" if onednn else "+F.linear")
+    return (spec["model"] + (f"+{spec['compile']}" if spec.get("compile") else "") +
+            ("+numba" if spec.get("numba") else "") + gemm)
+
+
+def is_ours(model: str) -> bool:
+    """Whether ``model`` is one of our registered models (the others are timm's)."""
+    return model.startswith(("vrwkv", "test_vrwkv"))
 
 
 def summary(result: dict) -> str:

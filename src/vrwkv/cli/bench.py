@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numba", action="store_true",
                    help="also time our model (inference, training step) and the Bi-WKV op with the fused numba scans "
                         "(vrwkv.ops.use_numba; needs numba: pip install \"vrwkv[numba]\")")
+    p.add_argument("--onednn-variants", action="store_true",
+                   help="also time the ViT with its Linears through oneDNN (our models' default GEMM on the CPU) and "
+                        "ours with oneDNN off (F.linear): the GEMM library's share of the speed-up")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every measurement (default: torch's default, one per core)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
                       vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
                       timeout_s=args.timeout, compile_backend=args.compile, numba=args.numba, threads=args.threads,
-                      malloc_mmap_threshold=args.malloc_mmap_threshold, malloc_keep=args.malloc_keep)
+                      malloc_mmap_threshold=args.malloc_mmap_threshold, malloc_keep=args.malloc_keep,
+                      onednn_variants=args.onednn_variants)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     run_bench(cfg, out)
     print((out / "results.md").read_text())

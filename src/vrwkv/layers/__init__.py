@@ -1,5 +1,6 @@
 """Building blocks of the Vision-RWKV models (no model-level code here)."""
 from vrwkv.layers.channel_mix import ChannelMix
+from vrwkv.layers.linear import Linear
 from vrwkv.layers.patch_embed import PatchEmbed
 from vrwkv.layers.pos_embed import resize_pos_embed
 from vrwkv.layers.q_shift import SHIFT_MODES, make_shift, q_shift, token_shift
@@ -9,6 +10,7 @@ from vrwkv.layers.spatial_mix import WKV_MODES, WKV_SEMANTICS, SpatialMix
 __all__ = [
     "ChannelMix",
     "INIT_MODES",
+    "Linear",
     "PatchEmbed",
     "SHIFT_MODES",
     "SpatialMix",

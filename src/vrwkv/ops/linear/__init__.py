@@ -1,0 +1,80 @@
+"""The layers' matrix products on the CPU through oneDNN: :func:`linear` is ``F.linear`` (same float32 math), faster.
+
+Why: PyTorch's CPU ``torch.mm`` / ``F.linear`` call the BLAS it was built with (MKL for the x86 wheels). On AMD CPUs
+MKL takes a path without AVX-512: on this machine's AMD EPYC one core reached 80-95 GFLOP/s in float32 through
+``torch.mm`` and 190-213 GFLOP/s through oneDNN's matmul, which PyTorch ships too (``torch.ops.mkldnn``), for every
+shape of VRWKV-T (``[196 .. 16384, 192] x [192, 768]``, ``[.., 768] x [768, 192]``, ``[.., 192] x [192, 192]``) and
+for a 2048³ product (``ops/linear/README.md``). The results equal ``torch.mm``'s here (both sum over the inner
+dimension with FMAs), so the op only changes the speed.
+
+When: without autograd (the oneDNN op has no backward), on CPU float32 tensors, not under CPU autocast (its dtype
+policy is ``F.linear``'s), not while tracing, scripting or compiling (plain ops there), not under a dispatch mode
+(``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's op), and while enabled
+(:func:`use_onednn`; on by default where PyTorch has oneDNN; ``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is
+``F.linear`` itself.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear", "onednn_enabled", "onednn_linears", "use_onednn"]
+
+_enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
+
+
+def use_onednn(enabled: bool = True) -> None:
+    """Route :func:`linear` through oneDNN where it applies (see the module docstring), or not (``enabled=False``:
+    always ``F.linear``). Overrides the environment variable ``VRWKV_ONEDNN``."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+@contextmanager
+def onednn_linears(enabled: bool = True):
+    """:func:`use_onednn` ``(enabled)`` inside a ``with`` block; the setting before it (or the environment's) after."""
+    global _enabled
+    was = _enabled
+    use_onednn(enabled)
+    try:
+        yield
+    finally:
+        _enabled = was
+
+
+def onednn_enabled() -> bool:
+    """Whether :func:`linear` may use oneDNN: asked for (default yes) and PyTorch has it."""
+    wanted = _enabled if _enabled is not None else os.environ.get("VRWKV_ONEDNN", "1") not in ("", "0")
+    return wanted and _onednn_available()
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``; any strides.
+
+    ``linear(weight, rows)`` with ``rows [M, K]`` is the channel-major product ``weight @ rows^T`` ``[N, M]``.
+    """
+    if _takes_onednn(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False  # (checked first: the shape tests below would be recorded as constants)
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return False  # a dispatch mode sees aten ops only (FLOP counters, fake tensors): F.linear's aten::mm
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if x.dim() < 2 or weight.dim() != 2 or x.numel() == 0 or weight.numel() == 0:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not torch.is_autocast_enabled("cpu") and onednn_enabled()
