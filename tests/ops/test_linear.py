@@ -51,15 +51,42 @@ def test_strided_operands_and_the_channel_major_product():
     _close_to_float64(channel_major.t(), rows, w)
 
 
+@needs_onednn
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradients_equal_f_linear_and_run_onednn(with_bias):
+    torch.manual_seed(2)
+    x = torch.randn(3, 37, 48)[:, ::2].requires_grad_()  # a strided input
+    w = (torch.randn(24, 48) / 7).requires_grad_()
+    b = torch.randn(24, requires_grad=True) if with_bias else None
+    grad = torch.randn(3, 19, 24)
+    leaves = [t for t in (x, w, b) if t is not None]
+
+    def gradients(fn):
+        return torch.autograd.grad(fn(x, w, b), leaves, grad)
+
+    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: gradients(linear))
+    for ours, ref in zip(gradients(linear), gradients(F.linear)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # a backward that records a graph (second derivatives) is differentiable too: d/dx of <grad_w, ones>
+    def second(fn):
+        (d_w,) = torch.autograd.grad(fn(x, w, b), (w,), grad, create_graph=True)
+        return torch.autograd.grad(d_w.sum(), (x,))[0]
+
+    torch.testing.assert_close(second(linear), second(F.linear), rtol=1e-5, atol=1e-5)
+    # only the inputs that need a gradient get one
+    frozen_w = w.detach()
+    (d_x,) = torch.autograd.grad(linear(x, frozen_w).sum(), (x,))
+    torch.testing.assert_close(d_x, torch.ones(3, 19, 24) @ frozen_w)
+
+
 def test_falls_back_to_f_linear_where_onednn_does_not_apply():
     torch.manual_seed(2)
     x, w = torch.randn(2, 5, 16), torch.randn(8, 16)
-    # autograd: F.linear's own graph, gradients as F.linear's
-    leaf = w.clone().requires_grad_()
-    out = linear(x, leaf)
-    assert out.grad_fn is not None and "mkldnn::_linear_pointwise" not in _ops_run(lambda: linear(x, leaf))
-    out.sum().backward()
-    torch.testing.assert_close(leaf.grad, x.sum((0, 1)).expand(8, 16))
+    # torch.func transforms: F.linear (oneDNN's op has no batching rule)
+    batched = torch.func.vmap(lambda xs: linear(xs, w))(x)
+    torch.testing.assert_close(batched, F.linear(x, w))
+    d_w = torch.func.grad(lambda weight: linear(x, weight).sum())(w)
+    torch.testing.assert_close(d_w, x.sum((0, 1)).expand(8, 16))
     with torch.no_grad():
         # float64 (references, gradcheck): F.linear exactly
         assert torch.equal(linear(x.double(), w.double()), F.linear(x.double(), w.double()))
@@ -99,7 +126,7 @@ def test_layers_linear_is_nn_linear_computed_by_the_op():
     plain.load_state_dict(layer.state_dict())  # same parameters and names
     x = torch.randn(4, 16, requires_grad=True)
     out = layer(x)
-    out.sum().backward()  # autograd: F.linear's graph
+    out.sum().backward()
     torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(8, 16))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)

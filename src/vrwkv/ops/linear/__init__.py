@@ -7,9 +7,10 @@ shape of VRWKV-T (``[196 .. 16384, 192] x [192, 768]``, ``[.., 768] x [768, 192]
 for a 2048³ product (``ops/linear/README.md``). The results equal ``torch.mm``'s here (both sum over the inner
 dimension with FMAs), so the op only changes the speed.
 
-When: without autograd (the oneDNN op has no backward), on CPU float32 tensors, not under CPU autocast (its dtype
-policy is ``F.linear``'s), not while tracing, scripting or compiling (plain ops there), not under a dispatch mode
-(``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's op), and while enabled
+When: on CPU float32 tensors (with autograd through :class:`_Linear`, whose backward products are oneDNN's too), not
+under CPU autocast (its dtype policy is ``F.linear``'s), not while tracing, scripting or compiling (plain ops there),
+not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's op) or a
+``torch.func`` transform (no batching rule), and while enabled
 (:func:`use_onednn`; on by default where PyTorch has oneDNN; ``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is
 ``F.linear`` itself.
 """
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "onednn_enabled", "onednn_linears", "use_onednn"]
+__all__ = ["linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
 
@@ -59,13 +60,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``; any strides.
 
     ``linear(weight, rows)`` with ``rows [M, K]`` is the channel-major product ``weight @ rows^T`` ``[N, M]``.
+    Differentiable: with autograd the backward's two products run through oneDNN as well (:class:`_Linear`).
     """
-    if _takes_onednn(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    if not _takes_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.mm(a, b)`` for ``a [M, K]``, ``b [K, N]`` by :func:`linear` (``linear(a, b^T)``)."""
+    return linear(a, b.t())
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` with oneDNN products in the forward and the backward (``grad @ W``, ``grad^T @ x``). A backward
+    that itself records a graph (``create_graph=True``) runs through :func:`linear`'s ``F.linear`` path instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad
+        rows = grad.reshape(-1, grad.shape[-1])  # [M, N]
+        d_x = linear(grad, weight.t()) if needs_x else None  # grad @ W: [..., K]
+        d_w = linear(rows.t(), x.reshape(-1, x.shape[-1]).t()) if needs_w else None  # grad^T @ x: [N, K]
+        d_b = rows.sum(0) if needs_b and ctx.has_bias else None
+        return d_x, d_w, d_b
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN computes ``linear(x, weight, bias)``: CPU float32, outside the cases that need aten ops."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False  # (checked first: the shape tests below would be recorded as constants)
     if torch._C._len_torch_dispatch_stack() > 0:
@@ -75,6 +110,6 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return False  # torch.func transforms (vmap, grad, ...): oneDNN's op has no batching rule
     return not torch.is_autocast_enabled("cpu") and onednn_enabled()
