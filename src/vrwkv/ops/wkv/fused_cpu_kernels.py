@@ -585,3 +585,155 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
         dw_rows[ra], dw_rows[rb], dw_rows[rc], dw_rows[rd] = lane(dw_t, 0), lane(dw_t, 1), lane(dw_t, 2), lane(dw_t, 3)
         du_rows[ra], du_rows[rb], du_rows[rc], du_rows[rd] = lane(du, 0), lane(du, 1), lane(du, 2), lane(du, 3)
     return unsafe
+
+
+# ---- Token-major forward: k, v, y as C-contiguous [B, T, C]. The four lanes are four adjacent channels of one batch
+# element, contiguous in memory at every token: one load of four keys (values) per token and one store of four
+# outputs, no transposes. The arithmetic of each lane is that of rows_kernel's for its (channel, batch) row.
+@intrinsic
+def store_run(typingctx, a, r, t, x):
+    """a[r, t..t+3] = x rounded to a's dtype (a: a float [rows, n] array)."""
+    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and isinstance(x, _F64x4):
+        def codegen(context, builder, sig, args):
+            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
+            run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, 4))
+            builder.store(run, _pointer(context, builder, sig, args, 1, 2), align=align)
+            return context.get_dummy_value()
+        return types.none(a, r, t, x), codegen
+
+
+@intrinsic
+def where_negative(typingctx, r, a, b):
+    """a where r < 0 else b, lane by lane (b where r is NaN)."""
+    if all(isinstance(t, _F64x4) for t in (r, a, b)):
+        def codegen(context, builder, sig, args):
+            zero = ir.Constant(_V4, [0.0] * 4)
+            return builder.select(builder.fcmp_ordered("<", args[0], zero), args[1], args[2])
+        return f64x4(r, a, b), codegen
+
+
+@_inline
+def _sigmoid4(r):
+    """1 / (1 + e^{-r}) of four float64 (e^{-|r|} once: no overflow, no cancellation; NaN stays NaN)."""
+    e = _exp4(vmax(vec4(-700.0, -700.0, -700.0, -700.0), -(vmax(r, -r))))  # e^{-|r|}; (vmax(a, NaN) is NaN)
+    s = 1.0 / (1.0 + e)
+    return where_negative(r, e * s, s)
+
+
+@_fast
+def _lanes_shift(k2, w, u, base, T, col, channels):
+    """The largest key of each lane over the tokens base..base+T of k2 ([B·T, C]: lanes = columns col..col+3), and
+    how many of the lanes' channels (the numbers ``channels``; a channel repeated in spare lanes counts once) are out of
+    range (as :func:`_row_shift`)."""
+    high = vec4(-np.inf, -np.inf, -np.inf, -np.inf)
+    low = -high
+    for t in range(base, base + T):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
+        run = load_run(k2, t, col)
+        high, low = vmax(run, high), vmin(run, low)
+    unsafe = 0
+    prev = -1
+    for i in range(4):
+        c = channels[i]
+        if c != prev and not (lane(high, i) - lane(low, i) + abs(w[c]) * T + abs(u[c]) <= MAX_ROW_RANGE):
+            unsafe += 1
+        prev = c
+    return unsafe, high
+
+
+@_fast
+def _forward_lanes(k2, v2, y2, g2, gated, base, T, col, decay, grow, bonus, own, hi, chunk, eps, official, x, p,
+                   right_p, right_x):
+    """y of the tokens base..base+T (one batch element) of the columns col..col+3 of k2, v2, y2 ([B·T, C]) in
+    lockstep (the parameters of their channels as vectors; hi: their largest keys): the sweeps of
+    :func:`_forward_rows`, four channels at a time. If gated, y = sigmoid(g2) y (g2 may be y2: read first).
+    (Only intrinsics and array-free helpers in the loops with branches: numba reference-counts a helper's array
+    arguments there.)"""
+    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    for t in range(T - 1, -1, -1):  # right to left: X, P, R
+        num, den = _right_step(x, p, right_p, right_x, t, num, den, decay, load_run(k2, base + t, col) - hi,
+                               load_run(v2, base + t, col))
+    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    if not official:  # left to right: G_t, then G_{t+1} = e^{-w} (G_t + P_t), and y
+        for t in range(T):
+            yt, num, den = _paper_step(num, den, load4(right_p, t), load4(right_x, t), load4(x, t), load4(p, t),
+                                       decay, grow, bonus)
+            if gated:
+                yt = yt * _sigmoid4(load_run(g2, base + t, col))
+            store_run(y2, base + t, col, yt)
+        return
+    eps1 = 1.0 + eps
+    for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token)
+        xt, pt = load4(x, s), load4(p, s)
+        yt = (num + load4(right_p, s) + bonus * pt) / (eps1 * (den + load4(right_x, s) + bonus * xt) + eps * xt)
+        if gated:
+            yt = yt * _sigmoid4(load_run(g2, base + s, col))
+        store_run(y2, base + s, col, yt)
+        h_num, h_den = decay * pt, decay * xt
+        o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+        num = decay * num + decay * pt
+        den = decay * den + decay * xt
+        for t in range(s + 1, min(s + chunk, T)):
+            xt, pt = load4(x, t), load4(p, t)
+            o_num = grow * o_num + pt
+            o_den = grow * o_den + xt
+            n_t = num + load4(right_p, t) + own * (h_num - o_num) + bonus * pt
+            d_t = den + load4(right_x, t) + own * (h_den - o_den) + bonus * xt
+            yt = n_t / (eps1 * d_t + eps * xt)
+            if gated:
+                yt = yt * _sigmoid4(load_run(g2, base + t, col))
+            store_run(y2, base + t, col, yt)
+            num = decay * num + decay * pt
+            den = decay * den + decay * xt
+            h_num = decay * h_num + decay * pt
+            h_den = decay * h_den + decay * xt
+
+
+@_fast
+def tokens_kernel(k, v, w, u, y, g, gated, chunk, eps, official, g0, g1):
+    """Bi-WKV of the lane groups g0..g1 of token-major k, v, y (C-contiguous [B, T, C]; w, u: float64 [C]): group
+    b·G + j (G = ceil(C / 4)) is the channels 4j..4j+3 of batch element b. The last group of a C not a multiple of
+    4 has fewer: its channels are copied into [T, 4] scratch (the last one repeated in the spare lanes), computed
+    there and copied out. If gated, y = sigmoid(g) * WKV (g: [B, T, C] like y, or y itself: the gate is read before
+    y is written). Returns how many (channel, batch) rows were out of range: their whole group is left unwritten
+    (the caller then takes another path). The sweeps are :func:`rows_kernel`'s, lane by lane the same arithmetic."""
+    B, T, C = k.shape
+    groups = (C + 3) // 4
+    k2, v2, y2, g2 = k.reshape(-1, C), v.reshape(-1, C), y.reshape(-1, C), g.reshape(-1, C)
+    x, p, right_p, right_x = np.empty((T, 4)), np.empty((T, 4)), np.empty((T, 4)), np.empty((T, 4))
+    channels = np.empty(4, np.int64)
+    # [T, 4] copies of the columns of a last group (one of g0..g1 if C is not a multiple of 4)
+    n = T if C % 4 != 0 and g1 > g0 and (g0 // groups < (g1 - 1) // groups or (g1 - 1) % groups == groups - 1) else 0
+    tk, tv, ty, tg = np.empty((n, 4), k.dtype), np.empty((n, 4), k.dtype), np.empty((n, 4), k.dtype), np.empty((n, 4),
+                                                                                                           k.dtype)
+    unsafe = 0
+    for group in range(g0, g1):
+        b, c0 = group // groups, group % groups * 4
+        last = min(c0 + 3, C - 1)
+        for i in range(4):
+            channels[i] = min(c0 + i, last)
+        ca, cb, cc, cd = channels[0], channels[1], channels[2], channels[3]
+        full = last == c0 + 3
+        if full:
+            bad, hi = _lanes_shift(k2, w, u, b * T, T, c0, channels)
+        else:
+            for t in range(T):
+                for i in range(4):
+                    tk[t, i], tv[t, i], tg[t, i] = k2[b * T + t, channels[i]], v2[b * T + t, channels[i]], g2[
+                        b * T + t, channels[i]]
+            bad, hi = _lanes_shift(tk, w, u, 0, T, 0, channels)
+        if bad:
+            unsafe += bad
+            continue
+        wv = vec4(w[ca], w[cb], w[cc], w[cd])
+        decay, grow, own = _lanes_exp(-wv), _lanes_exp(wv), _lanes_expm1(wv)
+        bonus = _lanes_exp(vec4(u[ca], u[cb], u[cc], u[cd]))
+        if full:
+            _forward_lanes(k2, v2, y2, g2, gated, b * T, T, c0, decay, grow, bonus, own, hi, chunk, eps, official, x,
+                           p, right_p, right_x)
+        else:
+            _forward_lanes(tk, tv, ty, tg, gated, 0, T, 0, decay, grow, bonus, own, hi, chunk, eps, official, x, p,
+                           right_p, right_x)
+            for t in range(T):
+                for c in range(c0, C):
+                    y2[b * T + t, c] = ty[t, c - c0]
+    return unsafe
