@@ -1,5 +1,5 @@
-"""The token-major fused CPU Bi-WKV kernel (``tokens_kernel``: lanes = four adjacent channels of [B, T, C]) against
-the float64 references and the channel-major kernel, its tail groups (C not a multiple of 4), its out-of-range
+"""The token-major fused CPU Bi-WKV kernel (``tokens_kernel``: lanes = eight adjacent channels of [B, T, C]) against
+the float64 references and the channel-major kernel, its tail groups (C not a multiple of 8), its out-of-range
 fallback, and its threads (one, two on PyTorch's OpenMP team, two on our own pool)."""
 import numpy as np
 import pytest
@@ -36,7 +36,7 @@ def inputs(B, T, C, sign, seed):
 @pytest.mark.parametrize("semantics", ["paper", "official"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("B, T, C", [(1, 1, 20), (3, 7, 22), (1, 197, 20), (3, 197, 22), (1, 7, 192), (3, 197, 192),
-                                     (2, 33, 5), (1, 65, 3)])
+                                     (2, 33, 5), (1, 65, 3), (2, 9, 16)])
 def test_token_major_matches_the_reference_and_the_channel_major_kernel(semantics, sign, B, T, C):
     """Token-major k, v -> the token-major kernel, y C-contiguous: within the float64 reference's tolerances, and
     lane by lane the channel-major kernel's arithmetic (float64 to rounding, float32 here identical or one ulp)."""
@@ -58,39 +58,19 @@ def test_kernel_groups_in_any_pieces_give_the_same_result(official):
     the groups of one call, bit for bit; a row out of range leaves its group unwritten and is counted once."""
     from vrwkv.ops.wkv.fused_cpu_kernels import tokens_kernel
 
-    k, v, w, u = (x.float() for x in random_inputs(3, 37, 22, seed=6))  # 3 x 6 groups, the last of 2 channels
+    assert fused_cpu.TOKEN_LANES == 8
+    k, v, w, u = (x.float() for x in random_inputs(3, 37, 22, seed=6))  # 3 x 3 groups, the last of 6 channels
     w, u = w.double(), u.double()
-    k[1, 4, 9] = 700.0  # (channel 9, batch 1): group 1·6 + 2 = 8
-    k[2, 5, 21] = 700.0  # (channel 21, batch 2): the tail group 17 (channel 21 repeats in two spare lanes)
+    k[1, 4, 9] = 700.0  # (channel 9, batch 1): group 1·3 + 1 = 4
+    k[2, 5, 21] = 700.0  # (channel 21, batch 2): the tail group 8 (channel 21 repeats in two spare lanes)
     args = (k.numpy(), v.numpy(), w.numpy(), u.numpy())
     whole, pieces = np.full(k.shape, 7.0, np.float32), np.full(k.shape, 7.0, np.float32)
-    assert tokens_kernel(*args, whole, whole, False, 5, 1e-6, official, 0, 18) == 2
-    assert sum(tokens_kernel(*args, pieces, pieces, False, 5, 1e-6, official, g0, g1)
-               for g0, g1 in [(0, 1), (1, 5), (5, 6), (6, 11), (11, 12), (12, 17), (17, 18)]) == 2
+    assert tokens_kernel(*args, whole, 5, 1e-6, official, 0, 9) == 2
+    assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1)
+               for g0, g1 in [(0, 1), (1, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 9)]) == 2
     assert np.array_equal(whole, pieces)
-    assert (whole[1, :, 8:12] == 7.0).all() and (whole[2, :, 20:] == 7.0).all()  # the two groups left unwritten
-    assert (whole[1, :, :8] != 7.0).all() and (whole[2, :, :20] != 7.0).all()
-
-
-def test_gated_kernel_writes_sigmoid_of_the_gate_times_y():
-    """The kernel's gate (sigmoid(g) * y at the output store) against torch.sigmoid, in float64 and float32 (large
-    gates of both signs: no overflow; NaN propagates)."""
-    from vrwkv.ops.wkv.fused_cpu_kernels import tokens_kernel
-
-    for dtype in (torch.float64, torch.float32):
-        k, v, w, u = random_inputs(2, 41, 22, seed=8)
-        k, v = k.to(dtype), v.to(dtype)
-        g = torch.randn(2, 41, 22, dtype=dtype) * 5
-        g[0, 0, :4] = torch.tensor([800.0, -800.0, 1e30, float("nan")], dtype=dtype)
-        y, gated = torch.empty_like(k), torch.empty_like(k)
-        for official in (False, True):
-            args = (k.numpy(), v.numpy(), w.numpy(), u.numpy())
-            assert tokens_kernel(*args, y.numpy(), y.numpy(), False, 2, 1e-6, official, 0, 12) == 0
-            assert tokens_kernel(*args, gated.numpy(), g.numpy(), True, 2, 1e-6, official, 0, 12) == 0
-            expected = torch.sigmoid(g.double()) * y.double()
-            assert torch.equal(gated.isnan(), expected.isnan()) and gated[0, 0, 3].isnan()
-            finite = ~expected.isnan()
-            assert rel_err(gated[finite], expected[finite]) < (1e-14 if dtype == torch.float64 else 2e-7)
+    assert (whole[1, :, 8:16] == 7.0).all() and (whole[2, :, 16:] == 7.0).all()  # the two groups left unwritten
+    assert (whole[1, :, :8] != 7.0).all() and (whole[1, :, 16:] != 7.0).all() and (whole[2, :, :16] != 7.0).all()
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official"])

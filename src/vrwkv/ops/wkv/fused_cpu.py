@@ -90,7 +90,7 @@ def fused_cpu_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch
     Differentiable: the backward is a fused scan too (:class:`_FusedBiWKV`, it keeps k and v only).
 
     Layouts: without autograd, k and v both C-contiguous (token-major, e.g. from Linears) run the token-major kernel
-    (four adjacent channels per vector, :func:`~vrwkv.ops.wkv.fused_cpu_kernels.tokens_kernel`) and y is C-contiguous
+    (eight adjacent channels per vector, :func:`~vrwkv.ops.wkv.fused_cpu_kernels.tokens_kernel`) and y is C-contiguous
     [B, T, C]; otherwise the rows of channel-major [C, B, T] storage run (a transposed view of it is read as is,
     other layouts are copied once) and y is a [B, T, C] view of [C, B, T] storage (see :func:`token_major_inputs`).
 
@@ -124,11 +124,10 @@ def _forward_tokens(k, v, w, u, semantics: str, chunks: int, eps: float) -> torc
     wd, ud = (x.detach().to(torch.float64).contiguous() for x in (w, u))
     chunk = math.ceil(T / chunks) if semantics == "official" else T
     y = torch.empty(B, T, C, dtype=k.dtype)
-    yn = y.numpy()
-    args = (k.detach().numpy(), v.detach().numpy(), wd.numpy(), ud.numpy(), yn, yn, False, chunk, float(eps),
+    args = (k.detach().numpy(), v.detach().numpy(), wd.numpy(), ud.numpy(), y.numpy(), chunk, float(eps),
             semantics == "official")
     with torch.profiler.record_function("vrwkv::fused_bi_wkv"):
-        unsafe = run_kernel(TOKENS, args, B * ((C + 3) // 4))
+        unsafe = run_kernel(TOKENS, args, B * -(-C // TOKEN_LANES))
     if unsafe:
         raise _OutOfRange
     return y
@@ -173,8 +172,10 @@ class _FusedBiWKV(torch.autograd.Function):
 
 
 #: The kernels of :func:`run_kernel`: channel-major forward (``rows_kernel``) and backward (``rows_backward_kernel``),
-#: token-major forward (``tokens_kernel``, its units are lane groups of four channels).
+#: token-major forward (``tokens_kernel``, its units are lane groups of :data:`TOKEN_LANES` channels).
 FORWARD, BACKWARD, TOKENS = "forward", "backward", "tokens"
+#: Adjacent channels per vector of the token-major kernel.
+TOKEN_LANES = 8
 
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:

@@ -25,10 +25,9 @@ from numba.extending import intrinsic
 from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
 
-#: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, gated (token-major), units
-#: (rows or lane groups), units per piece, the next piece's first unit (taken by atomic adds), then the array
-#: addresses.
-_C, _B, _T, _CHUNK, _EPS, _OFFICIAL, _GATED, _UNITS, _STEP, _NEXT, _ARRAYS = range(11)
+#: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows or lane groups),
+#: units per piece, the next piece's first unit (taken by atomic adds), then the array addresses.
+_C, _B, _T, _CHUNK, _EPS, _OFFICIAL, _UNITS, _STEP, _NEXT, _ARRAYS = range(10)
 _MAX_ARRAYS = 9
 _RESULTS = _ARRAYS + _MAX_ARRAYS  # one slot per thread from here: rows out of range
 _MAX_THREADS = 256
@@ -99,16 +98,14 @@ class Team:
             body = self._bodies[key] = self._compile(kind, k.dtype.type)
         threads = min(threads, _MAX_THREADS, units)
         control = np.zeros(_RESULTS + _MAX_THREADS, dtype=np.int64)
-        scalars = [a for a in args if not isinstance(a, np.ndarray)]
-        gated = scalars.pop(0) if kind == TOKENS else False
-        chunk, eps, official = scalars
+        chunk, eps, official = (a for a in args if not isinstance(a, np.ndarray))
         if kind == TOKENS:
             B, T, C = k.shape
         else:
             C, B, T = k.shape
         # small pieces taken in turn: a thread slowed by other work on its core takes fewer
-        control[[_C, _B, _T, _CHUNK, _OFFICIAL, _GATED, _UNITS, _STEP]] = (
-            C, B, T, chunk, int(official), int(gated), units, max(1, units // (8 * threads)))
+        control[[_C, _B, _T, _CHUNK, _OFFICIAL, _UNITS, _STEP]] = (
+            C, B, T, chunk, int(official), units, max(1, units // (8 * threads)))
         control.view(np.float64)[_EPS] = eps
         for i, a in enumerate(arrays):
             if not a.flags.c_contiguous:
@@ -153,12 +150,11 @@ class Team:
                 control = numba.carray(data, (_RESULTS + _MAX_THREADS,), np.int64)
                 eps = numba.carray(data, (_RESULTS,), f64)[_EPS]
                 C, unsafe = control[_C], 0
-                k, v, w, u, y, g = (tokens3(control, 0), tokens3(control, 1), array1(control, 2, C),
-                                    array1(control, 3, C), tokens3(control, 4), tokens3(control, 5))
+                k, v, w, u, y = (tokens3(control, 0), tokens3(control, 1), array1(control, 2, C),
+                                 array1(control, 3, C), tokens3(control, 4))
                 r0, r1 = next_piece(control)
                 while r0 < r1:
-                    unsafe += tokens_kernel(k, v, w, u, y, g, control[_GATED] != 0, control[_CHUNK], eps,
-                                            control[_OFFICIAL] != 0, r0, r1)
+                    unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
                     r0, r1 = next_piece(control)
                 control[_RESULTS + thread_num()] = unsafe
         elif kind == FORWARD:
