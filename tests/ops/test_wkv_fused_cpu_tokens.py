@@ -58,19 +58,22 @@ def test_kernel_groups_in_any_pieces_give_the_same_result(official):
     the groups of one call, bit for bit; a row out of range leaves its group unwritten and is counted once."""
     from vrwkv.ops.wkv.fused_cpu_kernels import tokens_kernel
 
-    assert fused_cpu.TOKEN_LANES == 8
-    k, v, w, u = (x.float() for x in random_inputs(3, 37, 22, seed=6))  # 3 x 3 groups, the last of 6 channels
+    assert (fused_cpu.TOKEN_LANES, fused_cpu.TOKEN_UNIT) == (8, 16)
+    k, v, w, u = (x.float() for x in random_inputs(3, 37, 22, seed=6))  # 3 x 2 units, the last of 6 channels
     w, u = w.double(), u.double()
-    k[1, 4, 9] = 700.0  # (channel 9, batch 1): group 1·3 + 1 = 4
-    k[2, 5, 21] = 700.0  # (channel 21, batch 2): the tail group 8 (channel 21 repeats in two spare lanes)
+    k[1, 4, 9] = 700.0  # (channel 9, batch 1): unit 1·2 + 0, its group 8..15
+    k[2, 5, 21] = 700.0  # (channel 21, batch 2): unit 5, the tail group (channel 21 repeats in two spare lanes)
     args = (k.numpy(), v.numpy(), w.numpy(), u.numpy())
     whole, pieces = np.full(k.shape, 7.0, np.float32), np.full(k.shape, 7.0, np.float32)
-    assert tokens_kernel(*args, whole, 5, 1e-6, official, 0, 9) == 2
+    assert tokens_kernel(*args, whole, 5, 1e-6, official, 0, 6) == 2
     assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1)
-               for g0, g1 in [(0, 1), (1, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 9)]) == 2
+               for g0, g1 in [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6)]) == 2
     assert np.array_equal(whole, pieces)
     assert (whole[1, :, 8:16] == 7.0).all() and (whole[2, :, 16:] == 7.0).all()  # the two groups left unwritten
     assert (whole[1, :, :8] != 7.0).all() and (whole[1, :, 16:] != 7.0).all() and (whole[2, :, :16] != 7.0).all()
+    pieces[:] = 7.0
+    assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1) for g0, g1 in [(0, 3), (3, 6)]) == 2
+    assert np.array_equal(whole, pieces)
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official"])

@@ -132,7 +132,7 @@ def _forward_tokens(k, v, w, u, semantics: str, chunks: int, eps: float) -> torc
     args = (k.detach().numpy(), v.detach().numpy(), wd.numpy(), ud.numpy(), y.numpy(), chunk, float(eps),
             semantics == "official")
     with torch.profiler.record_function("vrwkv::fused_bi_wkv"):
-        unsafe = run_kernel(TOKENS, args, B * -(-C // TOKEN_LANES))
+        unsafe = run_kernel(TOKENS, args, B * -(-C // TOKEN_UNIT))
     if unsafe:
         raise _OutOfRange
     return y
@@ -177,10 +177,11 @@ class _FusedBiWKV(torch.autograd.Function):
 
 
 #: The kernels of :func:`run_kernel`: channel-major forward (``rows_kernel``) and backward (``rows_backward_kernel``),
-#: token-major forward (``tokens_kernel``, its units are lane groups of :data:`TOKEN_LANES` channels).
+#: token-major forward (``tokens_kernel``, its units are :data:`TOKEN_UNIT` channels of a batch element).
 FORWARD, BACKWARD, TOKENS = "forward", "backward", "tokens"
-#: Adjacent channels per vector of the token-major kernel.
-TOKEN_LANES = 8
+#: Adjacent channels per vector of the token-major kernel, and per unit (a cache line of float32: two threads writing
+#: the two halves of a line at once made the kernel 1.7x slower on two threads).
+TOKEN_LANES, TOKEN_UNIT = 8, 16
 
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:

@@ -731,46 +731,48 @@ def _forward_lanes(k2, v2, y2, base, T, col, params, hi, chunk, eps, official, x
 
 @_fast
 def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
-    """Bi-WKV of the lane groups g0..g1 of token-major k, v, y (C-contiguous [B, T, C]; w, u: float64 [C]): group
-    b·G + j (G = ceil(C / 8)) is the channels 8j..8j+7 of batch element b. The last group of a C not a multiple of
-    8 has fewer: its channels are copied into [T, 8] scratch (the last one repeated in the spare lanes), computed
-    there and copied out. Returns how many (channel, batch) rows were out of range: their whole group is left
-    unwritten (the caller then takes another path). The sweeps are :func:`rows_kernel`'s, lane by lane the same
-    arithmetic."""
+    """Bi-WKV of the units g0..g1 of token-major k, v, y (C-contiguous [B, T, C]; w, u: float64 [C]): unit b·U + j
+    (U = ceil(C / 16)) is the channels 16j..16j+15 of batch element b, a cache line of float32, as two lane groups of
+    eight run one after the other (units of a whole line: two threads never write halves of one line at the same
+    time). A last group of a C not a multiple of 8 has fewer channels: they are copied into [T, 8] scratch (the last
+    one repeated in the spare lanes), computed there and copied out. Returns how many (channel, batch) rows were out
+    of range: their whole group is left unwritten (the caller then takes another path). The sweeps are
+    :func:`rows_kernel`'s, lane by lane the same arithmetic."""
     B, T, C = k.shape
-    groups = (C + 7) // 8
+    units = (C + 15) // 16
     k2, v2, y2 = k.reshape(-1, C), v.reshape(-1, C), y.reshape(-1, C)
     x, p, right_p, right_x = np.empty((T, 8)), np.empty((T, 8)), np.empty((T, 8)), np.empty((T, 8))
     params, channels = np.empty((4, 8)), np.empty(8, np.int64)
-    # [T, 8] copies of the columns of a last group (one of g0..g1 if C is not a multiple of 8)
-    n = T if C % 8 != 0 and g1 > g0 and (g0 // groups < (g1 - 1) // groups or (g1 - 1) % groups == groups - 1) else 0
+    # [T, 8] copies of the columns of a last group (in one of the units g0..g1 if C is not a multiple of 8)
+    n = T if C % 8 != 0 and g1 > g0 and (g0 // units < (g1 - 1) // units or (g1 - 1) % units == units - 1) else 0
     tk, tv, ty = np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype)
     unsafe = 0
-    for group in range(g0, g1):
-        b, c0 = group // groups, group % groups * 8
-        last = min(c0 + 7, C - 1)
-        for i in range(8):
-            c = min(c0 + i, last)
-            channels[i] = c
-            params[0, i], params[1, i], params[2, i] = math.exp(-w[c]), math.exp(w[c]), math.expm1(w[c])
-            params[3, i] = math.exp(u[c])
-        full = last == c0 + 7
-        if full:
-            bad, hi = _lanes_shift(k2, w, u, b * T, T, c0, channels)
-        else:
-            for t in range(T):
-                for i in range(8):
-                    c = channels[i]
-                    tk[t, i], tv[t, i] = k2[b * T + t, c], v2[b * T + t, c]
-            bad, hi = _lanes_shift(tk, w, u, 0, T, 0, channels)
-        if bad:
-            unsafe += bad
-            continue
-        if full:
-            _forward_lanes(k2, v2, y2, b * T, T, c0, params, hi, chunk, eps, official, x, p, right_p, right_x)
-        else:
-            _forward_lanes(tk, tv, ty, 0, T, 0, params, hi, chunk, eps, official, x, p, right_p, right_x)
-            for t in range(T):
-                for c in range(c0, C):
-                    y2[b * T + t, c] = ty[t, c - c0]
+    for unit in range(g0, g1):
+        b, first = unit // units, unit % units * 16
+        for c0 in range(first, min(first + 16, C), 8):
+            last = min(c0 + 7, C - 1)
+            for i in range(8):
+                c = min(c0 + i, last)
+                channels[i] = c
+                params[0, i], params[1, i], params[2, i] = math.exp(-w[c]), math.exp(w[c]), math.expm1(w[c])
+                params[3, i] = math.exp(u[c])
+            full = last == c0 + 7
+            if full:
+                bad, hi = _lanes_shift(k2, w, u, b * T, T, c0, channels)
+            else:
+                for t in range(T):
+                    for i in range(8):
+                        c = channels[i]
+                        tk[t, i], tv[t, i] = k2[b * T + t, c], v2[b * T + t, c]
+                bad, hi = _lanes_shift(tk, w, u, 0, T, 0, channels)
+            if bad:
+                unsafe += bad
+                continue
+            if full:
+                _forward_lanes(k2, v2, y2, b * T, T, c0, params, hi, chunk, eps, official, x, p, right_p, right_x)
+            else:
+                _forward_lanes(tk, tv, ty, 0, T, 0, params, hi, chunk, eps, official, x, p, right_p, right_x)
+                for t in range(T):
+                    for c in range(c0, C):
+                        y2[b * T + t, c] = ty[t, c - c0]
     return unsafe
