@@ -77,14 +77,15 @@ def test_kernel_groups_in_any_pieces_give_the_same_result(official):
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official"])
-def test_out_of_range_rows_return_none_and_bi_wkv_falls_back(fused_cpu_scan, semantics):
+def test_out_of_range_rows_return_none_and_bi_wkv_falls_back(fused_cpu_scan, monkeypatch, semantics):
     """A row beyond the float64 range (in a full group, in the tail group, or an infinite key): no fused result on
-    one or two threads; bi_wkv runs the block path instead."""
+    one thread, two on the OpenMP team or on our pool; bi_wkv runs the block path instead."""
     k, v, w, u = (x.float() for x in random_inputs(2, 50, 22, seed=2))
     for channel in (5, 21):
         bad = k.clone()
         bad[1, 10, channel] = 650.0
-        for threads in (1, 2):
+        for threads, team in ((1, True), (2, True), (2, False)):
+            monkeypatch.setattr(fused_cpu, "use_openmp_team", team)
             torch.set_num_threads(threads)
             assert fused(bad, v, w, u, semantics) is None
         with torch.inference_mode():

@@ -186,7 +186,7 @@ TOKEN_LANES, TOKEN_UNIT = 8, 16
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:
     """The kernel of ``kind`` (:data:`FORWARD`, :data:`BACKWARD`, :data:`TOKENS`), ``kernel(*args, r0, r1)``, over
-    its units (rows, lane groups) 0..rows on ``torch.get_num_threads()`` threads; returns the rows out of range
+    its units (rows, channel units) 0..rows on ``torch.get_num_threads()`` threads; returns the rows out of range
     (summed over the pieces).
 
     Threads: PyTorch's own OpenMP team where its runtime is found (:mod:`.fused_cpu_team`: no second pool competing

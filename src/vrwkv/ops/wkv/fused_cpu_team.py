@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
 
-#: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows or lane groups),
+#: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows, channel units),
 #: units per piece, the next piece's first unit (taken by atomic adds), then the array addresses.
 _C, _B, _T, _CHUNK, _EPS, _OFFICIAL, _UNITS, _STEP, _NEXT, _ARRAYS = range(10)
 _MAX_ARRAYS = 9
@@ -88,7 +88,7 @@ class Team:
 
     def run(self, kind: str, args: tuple, units: int, threads: int) -> int:
         """The kernel of ``kind`` (:data:`FORWARD` ``rows_kernel``, :data:`BACKWARD` ``rows_backward_kernel``,
-        :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (lane groups) on ``threads`` OpenMP threads, for the
+        :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (channel units) on ``threads`` OpenMP threads, for the
         same ``args`` as the kernel minus the range (r0, r1); returns the rows out of range."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         k, w = arrays[0], arrays[2]
