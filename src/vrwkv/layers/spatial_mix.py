@@ -152,7 +152,8 @@ class SpatialMix(nn.Module):
 
         Why: ``X @ W^T`` Linears reach 75-87 % of the CPU's matmul peak against 59-64 % for the channel-major
         ``W @ X^T`` of the same size, and the token-major kernel reads k, v and writes y in that layout (eight
-        adjacent channels per vector load and store; faster than the channel-major rows too). Training stays channel-major (the fused backward is).
+        adjacent channels per vector load and store; faster than the channel-major rows too). Training stays
+        channel-major (as the fused backward is).
         """
         if not (token_major_fused_inference and self.channel_major) or torch.is_grad_enabled():
             return False

@@ -598,8 +598,8 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
 # ---- Token-major forward: k, v, y as C-contiguous [B, T, C]. The lanes are TOKEN_LANES (8) adjacent channels of
 # one batch element, contiguous in memory at every token: one load of eight keys (values) per token and one store of
 # eight outputs, no transposes, in f64x8 vectors (one AVX-512 register; two AVX2 ones: two chains per sweep). Eight
-# float32 channels are half a cache line: a line of k, v is read by two groups. The arithmetic of each lane is that
-# of rows_kernel's for its (channel, batch) row.
+# float32 channels are half a cache line: a unit of the kernel is a line's 16 channels, its two groups in turn. The
+# arithmetic of each lane is that of rows_kernel's for its (channel, batch) row.
 @intrinsic
 def splat8(typingctx, x):
     """The f64x8 vector of eight x."""
