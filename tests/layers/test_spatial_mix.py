@@ -228,3 +228,94 @@ def test_gated_output_keeps_r_and_y_only_and_matches_the_formula():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         gated_output_channel_major(r, y, weight)
     assert len(saved) == 3 and saved[0] is r and saved[1] is y
+
+
+def test_token_major_inference_predicate(fused_cpu_scan, monkeypatch):
+    """Token-major k, v, r into the fused scan's token-major kernel exactly in inference on CPU float32/float64 with
+    the fused scans on and the channel-major path otherwise applying (not for key_norm, the causal WKV, autograd,
+    half precision, the scans off, or the module flag off)."""
+    from vrwkv.layers import spatial_mix
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
+
+    m, x = SpatialMix(8, 0, 2), torch.randn(1, 6, 8)
+    assert not m.token_major_inference(x)  # autograd on: the training path
+    with torch.no_grad():
+        assert m.token_major_inference(x) and m.token_major_inference(x.double())
+        assert SpatialMix(8, 0, 2, shift_mode="none").token_major_inference(x)
+        assert not m.token_major_inference(x.bfloat16())
+        assert not SpatialMix(8, 0, 2, key_norm=True).token_major_inference(x)
+        assert not SpatialMix(8, 0, 2, wkv_mode="causal").token_major_inference(x)
+        with numba_scans(False):
+            assert not m.token_major_inference(x)
+        monkeypatch.setattr(spatial_mix, "token_major_fused_inference", False)
+        assert not m.token_major_inference(x)
+
+
+def _paths(m, x, hw):
+    """m(x, hw) without autograd: numba on token-major, numba on channel-major (the module flag off), numba off."""
+    from vrwkv.layers import spatial_mix
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
+
+    out = {}
+    with torch.inference_mode():
+        with numba_scans():
+            assert m.token_major_inference(x) if hasattr(m, "token_major_inference") else True
+            out["token_major"] = m(x, hw) if hw is not None else m(x)
+            spatial_mix.token_major_fused_inference = False
+            try:
+                out["channel_major"] = m(x, hw) if hw is not None else m(x)
+            finally:
+                spatial_mix.token_major_fused_inference = True
+        with numba_scans(False):
+            out["no_numba"] = m(x, hw) if hw is not None else m(x)
+    return out
+
+
+@pytest.mark.parametrize("semantics", ["official", "paper"])
+@pytest.mark.parametrize("shift_mode, C", [("q_shift", 20), ("q_shift", 22), ("none", 22)])
+def test_token_major_inference_matches_the_channel_major_path(semantics, shift_mode, C):
+    """The fused token-major inference path against the channel-major one and the block path (numba off) in float32
+    (matmul orders differ: within float32 rounding), and against the plain formula in float64; odd grid, batch 3."""
+    torch.manual_seed(6)
+    H, W = 7, 9  # T = 63: odd, more than one official kernel chunk
+    m = _perturbed(SpatialMix(C, 1, 3, shift_mode=shift_mode, wkv_semantics=semantics)).eval()
+    x = torch.randn(3, H * W, C)
+    out = _paths(m, x, (H, W))
+    assert out["token_major"].shape == (3, H * W, C) and out["token_major"].is_contiguous()
+    assert rel_err(out["token_major"], out["channel_major"]) < 2e-6
+    assert rel_err(out["token_major"], out["no_numba"]) < 1e-5
+    m64, x64 = m.double(), x.double()
+    out64 = _paths(m64, x64, (H, W))
+    if m.shift is not None:
+        with torch.inference_mode():
+            assert rel_err(out64["token_major"], _token_major_formula(m64, x64, (H, W))) < 1e-12
+    assert rel_err(out64["token_major"], out64["no_numba"]) < 1e-12
+
+
+def test_token_major_inference_of_the_model(fused_cpu_scan):
+    """VRWKV-T features in inference: the token-major path against the channel-major one and numba off."""
+    import vrwkv
+
+    torch.manual_seed(0)
+    model = vrwkv.create_model("vrwkv_tiny", num_classes=0).eval()
+    x = torch.randn(2, 3, 112, 112)
+    out = _paths(model, x, None)
+    assert rel_err(out["token_major"], out["channel_major"]) < 1e-5
+    assert rel_err(out["token_major"], out["no_numba"]) < 1e-5
+
+
+def test_training_with_the_fused_scans_stays_channel_major(fused_cpu_scan, monkeypatch):
+    """With autograd the forward and the gradients do not depend on the inference flag: the channel-major path."""
+    from vrwkv.layers import spatial_mix
+
+    torch.manual_seed(7)
+    m = _perturbed(SpatialMix(12, 1, 3))
+    x = torch.randn(2, 35, 12, requires_grad=True)
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(spatial_mix, "token_major_fused_inference", flag)
+        assert not m.token_major_inference(x)
+        out = m(x, (5, 7))
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, *m.parameters()])))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.equal(a, b) and all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))

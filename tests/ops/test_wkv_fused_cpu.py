@@ -21,16 +21,27 @@ def fused(k, v, w, u, semantics, chunks=KERNEL_CHUNKS):
     return fused_cpu_bi_wkv(k, v, w, u, semantics, chunks, KERNEL_EPS)
 
 
+def channel_major(x):
+    """x [B, T, C] as a view of channel-major [C, B, T] storage."""
+    return x.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("layout", ["token_major", "channel_major"])
 @pytest.mark.parametrize("semantics", ["paper", "official"])
 @pytest.mark.parametrize("T", [2, 3, 5, 32, 33, 65, 197, 300])
-def test_fused_matches_reference(semantics, T):
+def test_fused_matches_reference(semantics, T, layout):
+    """Both kernels (token-major inputs: the token-major one, y token-major; channel-major views: the rows of their
+    storage, y a view of [C, B, T] storage)."""
     k, v, w, u = random_inputs(2, T, 5, seed=T)
     ref = reference(semantics, k, v, w, u)
+    if layout == "channel_major":
+        k, v = channel_major(k), channel_major(v)
     y64 = fused(k, v, w, u, semantics)
     assert y64.dtype == torch.float64 and y64.shape == k.shape
     assert rel_err(y64, ref) < TOL64[semantics]
     y32 = fused(*(x.float() for x in (k, v, w, u)), semantics=semantics)
-    assert y32.dtype == torch.float32 and y32.permute(2, 0, 1).is_contiguous()  # a view of [C, B, T] storage
+    assert y32.dtype == torch.float32 and y32.shape == k.shape
+    assert (y32.is_contiguous() if layout == "token_major" else y32.permute(2, 0, 1).is_contiguous())
     assert rel_err(y32, ref) < TOL32[semantics]
 
 

@@ -12,10 +12,15 @@ from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
 from vrwkv.ops import bi_wkv, causal_wkv
+from vrwkv.ops.wkv.fused_cpu import numba_enabled
 
 WkvMode = Literal["bidirectional", "causal"]
 WKV_MODES: tuple[str, ...] = ("bidirectional", "causal")
 WKV_SEMANTICS: tuple[str, ...] = ("official", "paper")
+
+#: Inference with the fused numba Bi-WKV runs k, v, r token-major (:meth:`SpatialMix.token_major_inference`);
+#: False: channel-major as in training (for A/B measurements).
+token_major_fused_inference = True
 
 
 class SpatialMix(nn.Module):
@@ -105,6 +110,13 @@ class SpatialMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
+        if self.token_major_inference(x):  # the shift-and-mix Linears into the token-major fused Bi-WKV
+            if self.shift is None:
+                k, v, r = self.project(self.token_mix(x, hw))
+            else:  # (one reused mix buffer, Linears: [B, T, C] each)
+                weights = (self.key.weight, self.value.weight, self.receptance.weight)
+                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights)
+            return self.gate_output(r, self.wkv(k, v, x.shape[1]))
         if self.channel_major:
             if self.shift is None:
                 k, v, r = self.project_channel_major(self.token_mix(x, hw))
@@ -119,14 +131,35 @@ class SpatialMix(nn.Module):
 
     @property
     def channel_major(self) -> bool:
-        """Whether :meth:`forward` runs the projections and the gate channel-major (``[C, B, T]`` storage).
+        """Whether :meth:`forward` runs the projections and the gate channel-major (``[C, B, T]`` storage), except
+        in inference with the fused numba Bi-WKV (:meth:`token_major_inference`).
 
-        The Bi-WKV works channel-major: fed token-major k and v it transposes both, and its channel-major result
-        made the gate a third transpose. Channel-major projections cost the same as Linears, so this path is faster
-        at every size measured (224 px batch 8 to 2048 px, inference and training; ``benchmarks/NOTES.md``).
-        Token-major remains for ``key_norm`` (a LayerNorm over C) and the causal WKV (a token-major scan).
+        The block-matrix Bi-WKV and the fused scans' training kernels work channel-major: fed token-major k and v
+        they transpose both, and their channel-major result made the gate a third transpose. Channel-major
+        projections cost about what Linears do, so this path is faster with them (224 px batch 8 to 2048 px,
+        inference and training; ``benchmarks/NOTES.md``). Token-major remains for ``key_norm`` (a LayerNorm over C)
+        and the causal WKV (a token-major scan).
         """
         return self.wkv_mode == "bidirectional" and self.key_norm is None
+
+    def token_major_inference(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` of ``x`` runs k, v, r token-major (Linears, ``[B, T, C]``) into the fused numba
+        Bi-WKV's token-major kernel, instead of the :attr:`channel_major` path: inference (no autograd) on CPU
+        float32/float64 tensors with the fused scans on (:func:`vrwkv.ops.use_numba`), the channel-major path
+        otherwise applying, not tracing or compiling (the scans are opaque to graphs), and
+        :data:`token_major_fused_inference`. (float64, and decays beyond the block path's range, run the chunked
+        scans, themselves token-major.)
+
+        Why: ``X @ W^T`` Linears reach 75-87 % of the CPU's matmul peak against 59-64 % for the channel-major
+        ``W @ X^T`` of the same size, and the token-major kernel reads k, v and writes y in that layout (eight
+        adjacent channels per vector load and store; faster than the channel-major rows too). Training stays
+        channel-major (as the fused backward is).
+        """
+        if not (token_major_fused_inference and self.channel_major) or torch.is_grad_enabled():
+            return False
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not numba_enabled():
+            return False
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
 
     # The forward in stages, so that a caller can run the per-token stages on token chunks (low-memory inference)
     # and the WKV, which needs every token, on channel groups.

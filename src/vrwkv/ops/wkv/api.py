@@ -40,7 +40,8 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
 
     Returns:
         torch.Tensor: ``[B, T, C]`` in the dtype of ``k`` (possibly a transposed view of channel-major storage; pass
-        k and v as ``x.transpose(1, 2)`` views of ``[B, C, T]`` tensors to skip the op's own layout change).
+        k and v as ``x.transpose(1, 2)`` views of ``[B, C, T]`` tensors to skip the op's own layout change; the fused
+        CPU scans without autograd also take contiguous ``[B, T, C]`` k, v as they are, and return y contiguous).
         Half-precision inputs are computed in float32.
 
     Examples::

@@ -26,50 +26,57 @@ _fast = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model="n
 # does not vectorise a scan across rows itself: an inner loop over the rows keeps their state in memory (and the
 # arrays may alias), and it does not pack scalar code (its SLP vectoriser is off). Arithmetic on f64x4 values (and
 # numbers, broadcast) compiles to single vector instructions, contracted to FMAs like the scalar code; typed and
-# lowered directly (as @overload functions they took ~1.5 s more to compile).
+# lowered directly (as @overload functions they took ~1.5 s more to compile). The same type with eight lanes,
+# f64x8 (one AVX-512 register, or two AVX2 ones), for the token-major kernel.
 _V4 = ir.VectorType(ir.DoubleType(), 4)
 
 
 class _F64x4(types.Type):
-    def __init__(self):
-        super().__init__(name="f64x4")
+    """float64 lanes in one LLVM vector: f64x4 (4 lanes), f64x8 (8)."""
+
+    def __init__(self, lanes: int = 4):
+        self.lanes = lanes
+        super().__init__(name=f"f64x{lanes}")
 
 
-f64x4 = _F64x4()
+f64x4, f64x8 = _F64x4(4), _F64x4(8)
 
 
 @register_model(_F64x4)
 class _F64x4Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V4)
+        super().__init__(dmm, fe_type, ir.VectorType(ir.DoubleType(), fe_type.lanes))
 
 
 def _is_number(ty):
     return isinstance(ty, (types.Float, types.Integer))
 
 
-def _as_vector(context, builder, ty, value):
+def _as_vector(context, builder, ty, value, lanes=4):
     if isinstance(ty, _F64x4):
         return value
-    scalar = builder.insert_element(ir.Constant(_V4, ir.Undefined), context.cast(builder, value, ty, types.float64),
+    vector = ir.VectorType(ir.DoubleType(), lanes)
+    scalar = builder.insert_element(ir.Constant(vector, ir.Undefined), context.cast(builder, value, ty, types.float64),
                                     ir.IntType(32)(0))
-    broadcast = ir.Constant(ir.VectorType(ir.IntType(32), 4), [0] * 4)
-    return builder.shuffle_vector(scalar, ir.Constant(_V4, ir.Undefined), broadcast)
+    broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    return builder.shuffle_vector(scalar, ir.Constant(vector, ir.Undefined), broadcast)
 
 
 def _operands(a, b):
-    return all(isinstance(t, _F64x4) or _is_number(t) for t in (a, b))
+    vectors = {t for t in (a, b) if isinstance(t, _F64x4)}
+    return len(vectors) == 1 and all(isinstance(t, _F64x4) or _is_number(t) for t in (a, b))
 
 
 class _Arithmetic(AbstractTemplate):
     def generic(self, args, kws):
-        if len(args) == 2 and not kws and any(isinstance(t, _F64x4) for t in args) and _operands(*args):
-            return signature(f64x4, *args)
+        if len(args) == 2 and not kws and _operands(*args):
+            return signature(next(t for t in args if isinstance(t, _F64x4)), *args)
 
 
 def _define_operator(operators, instruction):
     def lower(context, builder, sig, args):
-        x, y = (_as_vector(context, builder, t, value) for t, value in zip(sig.args, args))
+        lanes = sig.return_type.lanes
+        x, y = (_as_vector(context, builder, t, value, lanes) for t, value in zip(sig.args, args))
         return getattr(builder, instruction)(x, y, flags=("contract",))
     for op in operators:
         infer_global(op)(type("_Arithmetic_" + op.__name__, (_Arithmetic,), {"key": op}))
@@ -87,7 +94,7 @@ for _operators, _instruction in (((operator.add, operator.iadd), "fadd"), ((oper
 class _Negation(AbstractTemplate):
     def generic(self, args, kws):
         if len(args) == 1 and not kws and isinstance(args[0], _F64x4):
-            return signature(f64x4, *args)
+            return signature(args[0], *args)
 
 
 @lower_builtin(operator.neg, _F64x4)
@@ -98,10 +105,10 @@ def _negate(context, builder, sig, args):
 def _select(predicate):
     @intrinsic
     def apply(typingctx, a, b):
-        if isinstance(a, _F64x4) and isinstance(b, _F64x4):
+        if isinstance(a, _F64x4) and a == b:
             def codegen(context, builder, sig, args):
                 return builder.select(builder.fcmp_ordered(predicate, args[0], args[1]), args[0], args[1])
-            return f64x4(a, b), codegen
+            return a(a, b), codegen
     return apply
 
 
@@ -134,16 +141,16 @@ def _is_matrix(a, dtype=None):
             and dtype in (None, a.dtype))
 
 
-def _pointer(context, builder, sig, args, row, column=None):
+def _pointer(context, builder, sig, args, row, column=None, lanes=4):
     """Pointer to a[row, column] (a = args[0]; row, column: positions in args, column None: 0) as a pointer to a
-    4-vector of a's dtype."""
+    vector of ``lanes`` of a's dtype."""
     array_type, array = sig.args[0], context.make_array(sig.args[0])(context, builder, args[0])
     index = [ir.Constant(ir.IntType(64), 0) if n is None else context.cast(builder, args[n], sig.args[n], types.intp)
              for n in (row, column)]
     ptr = cgutils.get_item_pointer2(context, builder, array.data, cgutils.unpack_tuple(builder, array.shape),
                                     cgutils.unpack_tuple(builder, array.strides), array_type.layout, index,
                                     wraparound=False, boundscheck=False)
-    return builder.bitcast(ptr, ir.VectorType(context.get_data_type(array_type.dtype), 4).as_pointer())
+    return builder.bitcast(ptr, ir.VectorType(context.get_data_type(array_type.dtype), lanes).as_pointer())
 
 
 @intrinsic
@@ -217,10 +224,11 @@ def _exponent_to_scale(typingctx, big):
     shifts (AVX2 has no packed double-to-int64 conversion)."""
     if isinstance(big, _F64x4):
         def codegen(context, builder, sig, args):
-            i64 = ir.VectorType(ir.IntType(64), 4)
-            bits = builder.add(builder.bitcast(args[0], i64), ir.Constant(i64, [1023] * 4))
-            return builder.bitcast(builder.shl(bits, ir.Constant(i64, [52] * 4)), _V4)
-        return f64x4(big), codegen
+            n = sig.args[0].lanes
+            i64 = ir.VectorType(ir.IntType(64), n)
+            bits = builder.add(builder.bitcast(args[0], i64), ir.Constant(i64, [1023] * n))
+            return builder.bitcast(builder.shl(bits, ir.Constant(i64, [52] * n)), ir.VectorType(ir.DoubleType(), n))
+        return big(big), codegen
 
 
 # (inlined by numba; it reference-counts array arguments and prunes that only in straight-line code: no helper with
@@ -230,7 +238,7 @@ _inline = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model=
 
 @_inline
 def _exp4(z):
-    """e^z for four z in [-700, 0]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
+    """e^z for the lanes z in [-700, 0]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
     1.5·2^52, which leaves m in the low mantissa bits."""
     big = z * _LOG2E + _ROUND
     m = big - _ROUND
@@ -584,4 +592,187 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
         du = bonus * du
         dw_rows[ra], dw_rows[rb], dw_rows[rc], dw_rows[rd] = lane(dw_t, 0), lane(dw_t, 1), lane(dw_t, 2), lane(dw_t, 3)
         du_rows[ra], du_rows[rb], du_rows[rc], du_rows[rd] = lane(du, 0), lane(du, 1), lane(du, 2), lane(du, 3)
+    return unsafe
+
+
+# ---- Token-major forward: k, v, y as C-contiguous [B, T, C]. The lanes are TOKEN_LANES (8) adjacent channels of
+# one batch element, contiguous in memory at every token: one load of eight keys (values) per token and one store of
+# eight outputs, no transposes, in f64x8 vectors (one AVX-512 register; two AVX2 ones: two chains per sweep). Eight
+# float32 channels are half a cache line: a unit of the kernel is a line's 16 channels, its two groups in turn. The
+# arithmetic of each lane is that of rows_kernel's for its (channel, batch) row.
+@intrinsic
+def splat8(typingctx, x):
+    """The f64x8 vector of eight x."""
+    if _is_number(x):
+        def codegen(context, builder, sig, args):
+            return _as_vector(context, builder, sig.args[0], args[0], 8)
+        return f64x8(x), codegen
+
+
+@intrinsic
+def load8(typingctx, a, t):
+    """Row t of a float64 [n, 8] array."""
+    if _is_matrix(a, types.float64) and isinstance(t, types.Integer):
+        def codegen(context, builder, sig, args):
+            return builder.load(_pointer(context, builder, sig, args, 1, lanes=8), align=8)
+        return f64x8(a, t), codegen
+
+
+@intrinsic
+def store8(typingctx, a, t, x):
+    """Row t of a float64 [n, 8] array = x."""
+    if _is_matrix(a, types.float64) and isinstance(t, types.Integer) and x == f64x8:
+        def codegen(context, builder, sig, args):
+            builder.store(args[2], _pointer(context, builder, sig, args, 1, lanes=8), align=8)
+            return context.get_dummy_value()
+        return types.none(a, t, x), codegen
+
+
+@intrinsic
+def load_run8(typingctx, a, r, t):
+    """a[r, t..t+7] (a: a float [rows, n] array) as float64."""
+    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer):
+        def codegen(context, builder, sig, args):
+            run = builder.load(_pointer(context, builder, sig, args, 1, 2, lanes=8),
+                               align=sig.args[0].dtype.bitwidth // 8)
+            wide = ir.VectorType(ir.DoubleType(), 8)
+            return run if run.type == wide else builder.fpext(run, wide)
+        return f64x8(a, r, t), codegen
+
+
+@intrinsic
+def store_run8(typingctx, a, r, t, x):
+    """a[r, t..t+7] = x rounded to a's dtype (a: a float [rows, n] array)."""
+    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and x == f64x8:
+        def codegen(context, builder, sig, args):
+            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
+            run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, 8))
+            builder.store(run, _pointer(context, builder, sig, args, 1, 2, lanes=8), align=align)
+            return context.get_dummy_value()
+        return types.none(a, r, t, x), codegen
+
+
+@_inline
+def _right_step8(x, p, right_p, right_x, t, num, den, decay, shifted_key, value):
+    """:func:`_right_step` of eight lanes ([T, 8] scratch)."""
+    xt = _exp4(shifted_key)
+    pt = xt * value
+    store8(x, t, xt)
+    store8(p, t, pt)
+    store8(right_p, t, num)
+    store8(right_x, t, den)
+    return decay * num + decay * pt, decay * den + decay * xt
+
+
+@_fast
+def _lanes_shift(k2, w, u, base, T, col, channels):
+    """The largest key of each lane over the tokens base..base+T of k2 ([B·T, C]: lanes = columns col..col+7), and
+    how many of the lanes' channels (the numbers ``channels``; a channel repeated in spare lanes counts once) are out
+    of range (as :func:`_row_shift`)."""
+    high = splat8(-np.inf)
+    low = -high
+    for t in range(base, base + T):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
+        run = load_run8(k2, t, col)
+        high, low = vmax(run, high), vmin(run, low)
+    unsafe = 0
+    prev = -1
+    for i in range(8):
+        c = channels[i]
+        if c != prev and not (lane(high, i) - lane(low, i) + abs(w[c]) * T + abs(u[c]) <= MAX_ROW_RANGE):
+            unsafe += 1
+        prev = c
+    return unsafe, high
+
+
+@_fast
+def _forward_lanes(k2, v2, y2, base, T, col, params, hi, chunk, eps, official, x, p, right_p, right_x):
+    """y of the tokens base..base+T (one batch element) of the columns col..col+7 of k2, v2, y2 ([B·T, C]) in
+    lockstep (params: rows e^{-w}, e^w, e^w - 1, e^u of their channels; hi: their largest keys): the sweeps of
+    :func:`_forward_rows`, eight channels at a time. (No helpers with array arguments in the loops with branches:
+    numba reference-counts them there.)"""
+    decay, grow, own, bonus = load8(params, 0), load8(params, 1), load8(params, 2), load8(params, 3)
+    num = den = splat8(0.0)
+    for t in range(T - 1, -1, -1):  # right to left: X, P, R
+        num, den = _right_step8(x, p, right_p, right_x, t, num, den, decay, load_run8(k2, base + t, col) - hi,
+                                load_run8(v2, base + t, col))
+    num = den = splat8(0.0)
+    if not official:  # left to right: G_t, then G_{t+1} = e^{-w} (G_t + P_t), and y
+        for t in range(T):
+            xt, pt = load8(x, t), load8(p, t)
+            n_t = grow * (num + load8(right_p, t)) + bonus * pt
+            d_t = grow * (den + load8(right_x, t)) + bonus * xt
+            num = decay * num + decay * pt
+            den = decay * den + decay * xt
+            store_run8(y2, base + t, col, n_t / d_t)
+        return
+    eps1 = 1.0 + eps
+    for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token)
+        xt, pt = load8(x, s), load8(p, s)
+        n_t = num + load8(right_p, s) + bonus * pt
+        d_t = eps1 * (den + load8(right_x, s) + bonus * xt) + eps * xt
+        store_run8(y2, base + s, col, n_t / d_t)
+        h_num, h_den = decay * pt, decay * xt
+        o_num = o_den = splat8(0.0)
+        num = decay * num + decay * pt
+        den = decay * den + decay * xt
+        for t in range(s + 1, min(s + chunk, T)):
+            xt, pt = load8(x, t), load8(p, t)
+            o_num = grow * o_num + pt
+            o_den = grow * o_den + xt
+            n_t = num + load8(right_p, t) + own * (h_num - o_num) + bonus * pt
+            d_t = den + load8(right_x, t) + own * (h_den - o_den) + bonus * xt
+            d_t = eps1 * d_t + eps * xt
+            store_run8(y2, base + t, col, n_t / d_t)
+            num = decay * num + decay * pt
+            den = decay * den + decay * xt
+            h_num = decay * h_num + decay * pt
+            h_den = decay * h_den + decay * xt
+
+
+@_fast
+def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
+    """Bi-WKV of the units g0..g1 of token-major k, v, y (C-contiguous [B, T, C]; w, u: float64 [C]): unit b·U + j
+    (U = ceil(C / 16)) is the channels 16j..16j+15 of batch element b, a cache line of float32, as two lane groups of
+    eight run one after the other (units of a whole line: two threads never write halves of one line at the same
+    time). A last group of a C not a multiple of 8 has fewer channels: they are copied into [T, 8] scratch (the last
+    one repeated in the spare lanes), computed there and copied out. Returns how many (channel, batch) rows were out
+    of range: their whole group is left unwritten (the caller then takes another path). The sweeps are
+    :func:`rows_kernel`'s, lane by lane the same arithmetic."""
+    B, T, C = k.shape
+    units = (C + 15) // 16
+    k2, v2, y2 = k.reshape(-1, C), v.reshape(-1, C), y.reshape(-1, C)
+    x, p, right_p, right_x = np.empty((T, 8)), np.empty((T, 8)), np.empty((T, 8)), np.empty((T, 8))
+    params, channels = np.empty((4, 8)), np.empty(8, np.int64)
+    # [T, 8] copies of the columns of a last group (in one of the units g0..g1 if C is not a multiple of 8)
+    n = T if C % 8 != 0 and g1 > g0 and (g0 // units < (g1 - 1) // units or (g1 - 1) % units == units - 1) else 0
+    tk, tv, ty = np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype)
+    unsafe = 0
+    for unit in range(g0, g1):
+        b, first = unit // units, unit % units * 16
+        for c0 in range(first, min(first + 16, C), 8):
+            last = min(c0 + 7, C - 1)
+            for i in range(8):
+                c = min(c0 + i, last)
+                channels[i] = c
+                params[0, i], params[1, i], params[2, i] = math.exp(-w[c]), math.exp(w[c]), math.expm1(w[c])
+                params[3, i] = math.exp(u[c])
+            full = last == c0 + 7
+            if full:
+                bad, hi = _lanes_shift(k2, w, u, b * T, T, c0, channels)
+            else:
+                for t in range(T):
+                    for i in range(8):
+                        c = channels[i]
+                        tk[t, i], tv[t, i] = k2[b * T + t, c], v2[b * T + t, c]
+                bad, hi = _lanes_shift(tk, w, u, 0, T, 0, channels)
+            if bad:
+                unsafe += bad
+                continue
+            if full:
+                _forward_lanes(k2, v2, y2, b * T, T, c0, params, hi, chunk, eps, official, x, p, right_p, right_x)
+            else:
+                _forward_lanes(tk, tv, ty, 0, T, 0, params, hi, chunk, eps, official, x, p, right_p, right_x)
+                for t in range(T):
+                    for c in range(c0, C):
+                        y2[b * T + t, c] = ty[t, c - c0]
     return unsafe

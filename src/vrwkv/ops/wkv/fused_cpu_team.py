@@ -22,11 +22,12 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel
+from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
+from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
 
-#: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, rows per piece, the next
-#: piece's first row (taken by atomic adds), then the array addresses.
-_C, _B, _T, _CHUNK, _EPS, _OFFICIAL, _STEP, _NEXT, _ARRAYS = range(9)
+#: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows, channel units),
+#: units per piece, the next piece's first unit (taken by atomic adds), then the array addresses.
+_C, _B, _T, _CHUNK, _EPS, _OFFICIAL, _UNITS, _STEP, _NEXT, _ARRAYS = range(10)
 _MAX_ARRAYS = 9
 _RESULTS = _ARRAYS + _MAX_ARRAYS  # one slot per thread from here: rows out of range
 _MAX_THREADS = 256
@@ -74,7 +75,8 @@ def _fetch_add(typingctx, array, index, value):
 
 
 class Team:
-    """Runs the forward and backward kernels as OpenMP parallel regions of ``runtime``."""
+    """Runs the kernels (channel-major forward and backward, token-major forward) as OpenMP parallel regions of
+    ``runtime``."""
 
     def __init__(self, runtime: ctypes.CDLL):
         thread_num = ctypes.CFUNCTYPE(ctypes.c_int)(("omp_get_thread_num", runtime))
@@ -84,22 +86,26 @@ class Team:
         self._bodies = {}
         self._thread_num = thread_num
 
-    def run(self, backward: bool, args: tuple, rows: int, threads: int) -> int:
-        """The kernel (``rows_kernel``, or ``rows_backward_kernel`` if ``backward``) over ``rows`` rows on
-        ``threads`` OpenMP threads, for the same ``args`` as the kernel minus (r0, r1); returns the rows out of
-        range."""
+    def run(self, kind: str, args: tuple, units: int, threads: int) -> int:
+        """The kernel of ``kind`` (:data:`FORWARD` ``rows_kernel``, :data:`BACKWARD` ``rows_backward_kernel``,
+        :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (channel units) on ``threads`` OpenMP threads, for the
+        same ``args`` as the kernel minus the range (r0, r1); returns the rows out of range."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         k, w = arrays[0], arrays[2]
-        key = (backward, k.dtype.str)
+        key = (kind, k.dtype.str)
         body = self._bodies.get(key)
         if body is None:
-            body = self._bodies[key] = self._compile(backward, k.dtype.type)
-        threads = min(threads, _MAX_THREADS, rows)
+            body = self._bodies[key] = self._compile(kind, k.dtype.type)
+        threads = min(threads, _MAX_THREADS, units)
         control = np.zeros(_RESULTS + _MAX_THREADS, dtype=np.int64)
         chunk, eps, official = (a for a in args if not isinstance(a, np.ndarray))
-        C, B, T = k.shape
+        if kind == TOKENS:
+            B, T, C = k.shape
+        else:
+            C, B, T = k.shape
         # small pieces taken in turn: a thread slowed by other work on its core takes fewer
-        control[[_C, _B, _T, _CHUNK, _OFFICIAL, _STEP]] = C, B, T, chunk, int(official), max(1, rows // (8 * threads))
+        control[[_C, _B, _T, _CHUNK, _OFFICIAL, _UNITS, _STEP]] = (
+            C, B, T, chunk, int(official), units, max(1, units // (8 * threads)))
         control.view(np.float64)[_EPS] = eps
         for i, a in enumerate(arrays):
             if not a.flags.c_contiguous:
@@ -111,7 +117,7 @@ class Team:
         self._parallel(body.address, control.ctypes.data, threads, 0)  # (ctypes releases the GIL meanwhile)
         return int(control[_RESULTS : _RESULTS + threads].sum())
 
-    def _compile(self, backward: bool, dtype):
+    def _compile(self, kind: str, dtype):
         """The parallel region's body for one kernel and dtype, compiled once per process (~0.4 s; the kernels it
         calls come from numba's disk cache, but the body itself calls a ctypes function pointer, which numba does not
         cache)."""
@@ -119,21 +125,39 @@ class Team:
         f64 = np.float64
 
         def next_piece(control):
-            rows = control[_C] * control[_B]
+            units = control[_UNITS]
             start = _fetch_add(control, _NEXT, control[_STEP])
-            return min(start, rows), min(start + control[_STEP], rows)
+            return min(start, units), min(start + control[_STEP], units)
 
         def array3(control, i):
             shape = (control[_C], control[_B], control[_T])
             return numba.carray(_address_as_pointer(control[_ARRAYS + i]), shape, dtype)
 
+        def tokens3(control, i):
+            shape = (control[_B], control[_T], control[_C])
+            return numba.carray(_address_as_pointer(control[_ARRAYS + i]), shape, dtype)
+
         def array1(control, i, n):
             return numba.carray(_address_as_pointer(control[_ARRAYS + i]), (n,), f64)
 
-        next_piece, array3, array1 = (numba.njit(inline="always")(f) for f in (next_piece, array3, array1))
+        next_piece, array3, tokens3, array1 = (numba.njit(inline="always")(f)
+                                               for f in (next_piece, array3, tokens3, array1))
         signature = types.void(types.voidptr)
 
-        if not backward:
+        if kind == TOKENS:
+            @numba.cfunc(signature, nopython=True)
+            def body(data):
+                control = numba.carray(data, (_RESULTS + _MAX_THREADS,), np.int64)
+                eps = numba.carray(data, (_RESULTS,), f64)[_EPS]
+                C, unsafe = control[_C], 0
+                k, v, w, u, y = (tokens3(control, 0), tokens3(control, 1), array1(control, 2, C),
+                                 array1(control, 3, C), tokens3(control, 4))
+                r0, r1 = next_piece(control)
+                while r0 < r1:
+                    unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
+                    r0, r1 = next_piece(control)
+                control[_RESULTS + thread_num()] = unsafe
+        elif kind == FORWARD:
             @numba.cfunc(signature, nopython=True)
             def body(data):
                 control = numba.carray(data, (_RESULTS + _MAX_THREADS,), np.int64)
