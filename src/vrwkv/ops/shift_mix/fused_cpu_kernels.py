@@ -3,7 +3,8 @@
 
 The parallel region's body is a ``cfunc`` per dtype that reads everything from an int64 control block (shapes,
 addresses) and takes pieces of grid rows by an atomic counter in the block. It calls nothing through a pointer, so
-numba caches it on disk like the kernel: a new process loads both without compiling.
+numba caches it on disk like the kernel: a new process loads both without compiling. (The cache follows this file's
+source only: after editing :mod:`vrwkv.ops._simd`, delete ``__pycache__/fused_cpu_kernels*.nb[ic]``.)
 """
 import numba
 import numpy as np
