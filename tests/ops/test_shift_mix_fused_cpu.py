@@ -79,6 +79,14 @@ def test_rejects_bad_inputs(numba_on):
         fused_q_shift_lerp(x, (3, 4), torch.rand(8), tokens=(5, 13))
     with pytest.raises(ValueError, match="out must be"):
         fused_q_shift_lerp(x, (3, 4), torch.rand(8), out=torch.empty(12, 7))
+    with pytest.raises(ValueError, match="x must be"):
+        fused_q_shift_lerp(torch.randn(1, 8, 12).transpose(1, 2), (3, 4), torch.rand(8))
+    with pytest.raises(ValueError, match="x must be"):
+        fused_q_shift_lerp(x.half(), (3, 4), torch.rand(8).half())
+    with pytest.raises(ValueError, match="mu must"):
+        fused_q_shift_lerp(x, (3, 4), torch.rand(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mu must"):
+        fused_q_shift_lerp(x, (3, 4), torch.rand(7))
 
 
 def test_applies_only_to_cpu_float_inference_with_numba():

@@ -64,12 +64,18 @@ def fused_q_shift_lerp(
         mu: the mix weights, ``C`` values (e.g. ``[1, 1, C]``), x's dtype.
         shift_pixel, channel_gamma: the Q-Shift's (see :func:`vrwkv.ops.shift_mix.q_shift`).
         tokens: only the token rows ``[t0, t1)`` of the ``B * T`` rows (neighbours are still read from all of x).
-        out: where to write: a contiguous tensor of x's dtype with ``(t1 - t0) * C`` elements.
+        out: where to write: a contiguous tensor of x's dtype with ``(t1 - t0) * C`` elements (not overlapping x).
 
     Returns:
         ``[B, T, C]``, or ``[t1 - t0, C]`` if ``tokens`` is given (``out``'s storage when given).
     """
+    if not (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 3 and x.is_contiguous()):
+        raise ValueError(f"fused_q_shift_lerp: x must be a contiguous [B, T, C] float32 or float64 CPU tensor, got "
+                         f"{x.dtype} {list(x.shape)} on {x.device}")
     B, T, C = x.shape
+    if mu.device != x.device or mu.dtype != x.dtype or mu.numel() != C:
+        raise ValueError(f"fused_q_shift_lerp: mu must have {C} values of {x.dtype} on the CPU, got {mu.numel()} "
+                         f"of {mu.dtype} on {mu.device}")
     H, W = hw
     if H * W != T:
         raise ValueError(f"q_shift: grid {H}x{W} does not match {T} tokens")
@@ -86,13 +92,13 @@ def fused_q_shift_lerp(
         raise ValueError(f"fused_q_shift_lerp: out must be a contiguous {x.dtype} tensor of {(t1 - t0) * C} elements")
     weights = mu if mu.is_contiguous() else mu.contiguous()  # (C values: any shape; read through its address)
     if t1 > t0 and C:
-        kernels = _kernels()
+        kernels, zero = _kernels(), _zero_row(x.dtype, C)  # (referenced here until the kernel is done)
         grid_rows = (t1 + W - 1) // W - t0 // W
         threads = 1 if (t1 - t0) * C < GRAIN_SIZE else max(1, min(torch.get_num_threads(), grid_rows))
         # the control block (fused_cpu_kernels.ROWS ... ZERO)
         control = np.array([B * T, C, H, W, int(C * channel_gamma), shift_pixel, t0, t1,
                             max(1, grid_rows // (8 * threads)), 0, x.data_ptr(), out.data_ptr(), weights.data_ptr(),
-                            _zero_row(x.dtype, C).data_ptr()], dtype=np.int64)
+                            zero.data_ptr()], dtype=np.int64)
         if torch._C._autograd._profiler_enabled():  # named in profiles (not a torch op); ~5 us otherwise
             with torch.profiler.record_function("vrwkv::fused_q_shift_lerp"):
                 _run(kernels, _DTYPES[x.dtype], control, threads)
