@@ -43,7 +43,13 @@ def shift_mix(x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mix: torch.T
     _check(x, mix)
     if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
         return _ShiftMix.apply(x, mix, hw, shift)
-    return torch.lerp(shift(x, hw), x, mix)
+    mix_into = fused_mixer(x, hw, shift, mix)
+    if mix_into is None:
+        return torch.lerp(shift(x, hw), x, mix)
+    mixes = x.new_empty((mix.shape[0], *x.shape))  # [n, B, T, C]
+    for i in range(mix.shape[0]):
+        mix_into(i, mixes[i])
+    return mixes
 
 
 def shift_mix_linear(
@@ -95,10 +101,12 @@ def fused_mixer(x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mus: Seque
     float64, no autograd: :func:`vrwkv.ops.shift_mix.fused_applies`), a function writing the mix
     ``lerp(shift(x), x, mus[i])`` into a buffer straight from ``x``; otherwise None.
 
-    Not for tracing or compiling: there the mixers keep plain ops.
+    None when tracing or compiling (the kernel is invisible to them): there the mixers keep plain ops.
     """
     parameters = q_shift_parameters(shift)
     if parameters is None or not all(fused_applies(x, mu) for mu in mus):
+        return None
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
 
     def mix_into(i, out, tokens=None):
