@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
-from vrwkv.layers.shift_mix import shift_mix_linear
+from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
 
 
 #: Tokens per chunk of the inference forward (:meth:`ChannelMix._inference_in_token_chunks`): a [2048, 4·192]
@@ -139,18 +139,21 @@ class ChannelMix(nn.Module):
         """
         B, T, C = x.shape
         rows = x.reshape(B * T, C)
-        shifted = rows if self.shift is None else self.shift(x, hw).reshape(B * T, C)
+        mix_into = None
+        if self.shift is not None:  # the fused kernel mixes each chunk straight from x; else from shift(x) once
+            mus = (self.spatial_mix_k[0, 0], self.spatial_mix_r[0, 0])
+            mix_into = fused_mixer(x, hw, self.shift, mus) or lerp_mixer(x, self.shift(x, hw), mus)
         out = None
         mixed = rows.new_empty(min(INFERENCE_CHUNK_TOKENS, B * T), C)
         for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
             chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
-            x_c, s_c, buf = rows[chunk], shifted[chunk], mixed[: chunk.stop - chunk.start]
-            xk = x_c if self.shift is None else torch.lerp(s_c, x_c, self.spatial_mix_k[0, 0], out=buf)
+            x_c, buf, tokens = rows[chunk], mixed[: chunk.stop - chunk.start], (chunk.start, chunk.stop)
+            xk = x_c if mix_into is None else mix_into(0, buf, tokens)
             k = self.key(xk).relu_().square_()  # [n, hidden]
             if self.key_norm is not None:
                 k = self.key_norm(k)
             value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
-            xr = x_c if self.shift is None else torch.lerp(s_c, x_c, self.spatial_mix_r[0, 0], out=buf)
+            xr = x_c if mix_into is None else mix_into(1, buf, tokens)
             gated = value.mul_(self.receptance(xr).sigmoid_())  # [n, C], in the matmul's dtype (autocast)
             if chunk.stop - chunk.start == B * T:  # one chunk: no copy
                 return gated.view(B, T, -1)

@@ -3,7 +3,9 @@
 ``x * mu + shift(x) * (1 - mu)`` (spec §1.4-1.5) through autograd keeps ``shift(x)`` and ``x`` for the lerp's backward
 and, when Linears consume the mixes, the stacked mixes ``[n, B, T, C]`` for their weight gradients: ``n + 2`` token
 tensors. The mixes are one pass from ``x``, so the functions here keep only ``x`` and recompute ``shift(x)`` (and the
-mixes) in the backward; matmuls are never recomputed. Without autograd they are the plain formula.
+mixes) in the backward; matmuls are never recomputed. Without autograd they are the plain formula, or for the plain Q-Shift on the CPU with numba enabled
+(:func:`vrwkv.ops.use_numba`) the fused kernel of :mod:`vrwkv.ops.shift_mix`, which writes each mix straight from x
+(no ``shift(x)`` tensor), bit-identical.
 
 The shift can be any differentiable function of ``x`` (the Q-Shift, the 1-D token shift, MAE's shift of the visible
 tokens, ...): its transpose in the backward is autograd's vector-Jacobian product of the recomputed shift.
@@ -15,6 +17,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from vrwkv.layers.q_shift import q_shift_parameters
+from vrwkv.ops.shift_mix import fused_applies, fused_q_shift_lerp
 
 #: ``shift(x [B, T, C], hw) -> [B, T, C]``; ``hw`` is passed through (the patch grid, or whatever the shift takes)
 ShiftFn = Callable[[torch.Tensor, object], torch.Tensor]
@@ -38,7 +43,13 @@ def shift_mix(x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mix: torch.T
     _check(x, mix)
     if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
         return _ShiftMix.apply(x, mix, hw, shift)
-    return torch.lerp(shift(x, hw), x, mix)
+    mix_into = fused_mixer(x, hw, shift, mix)
+    if mix_into is None:
+        return torch.lerp(shift(x, hw), x, mix)
+    mixes = x.new_empty((mix.shape[0], *x.shape))  # [n, B, T, C]
+    for i in range(mix.shape[0]):
+        mix_into(i, mixes[i])
+    return mixes
 
 
 def shift_mix_linear(
@@ -76,7 +87,44 @@ def shift_mix_linear(
         return _ShiftMixLinear.apply(x, mix, hw, shift, channel_major, *weights)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing for export loses writes into buffers)
         return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
-    return _project_each(x, shift(x, hw), mix, weights, channel_major)
+    mix_into = fused_mixer(x, hw, shift, mix) or lerp_mixer(x, shift(x, hw), mix)
+    return _project_each(x, mix_into, weights, channel_major)
+
+
+#: ``mix_into(i, out, tokens=None)``: mix i written into ``out`` (all tokens, or the token rows ``tokens = (t0, t1)``
+#: of the ``B * T``) and returned
+MixInto = Callable[..., torch.Tensor]
+
+
+def fused_mixer(x: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, mus: Sequence[torch.Tensor]) -> MixInto | None:
+    """When the fused shift-and-mix kernel takes them (``shift`` the plain Q-Shift, numba enabled, CPU float32 or
+    float64, no autograd: :func:`vrwkv.ops.shift_mix.fused_applies`), a function writing the mix
+    ``lerp(shift(x), x, mus[i])`` into a buffer straight from ``x``; otherwise None.
+
+    None when tracing or compiling (the kernel is invisible to them): there the mixers keep plain ops.
+    """
+    parameters = q_shift_parameters(shift)
+    if parameters is None or not all(fused_applies(x, mu) for mu in mus):
+        return None
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+
+    def mix_into(i, out, tokens=None):
+        return fused_q_shift_lerp(x, hw, mus[i], *parameters, tokens=tokens, out=out)
+    return mix_into
+
+
+def lerp_mixer(x: torch.Tensor, shifted: torch.Tensor, mus: Sequence[torch.Tensor]) -> MixInto:
+    """The plain mixer: ``torch.lerp(shifted, x, mus[i], out=out)`` (on the token rows ``tokens`` if given)."""
+    B, T, C = x.shape
+    x_rows, shifted_rows = x.reshape(B * T, C), shifted.reshape(B * T, C)
+
+    def mix_into(i, out, tokens=None):
+        if tokens is None:
+            return torch.lerp(shifted, x, mus[i], out=out)
+        rows = slice(*tokens)
+        return torch.lerp(shifted_rows[rows], x_rows[rows], mus[i], out=out)
+    return mix_into
 
 
 def project_mixes(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_major: bool) -> tuple[torch.Tensor, ...]:
@@ -92,7 +140,7 @@ def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool)
     return torch.mm(weight, mixed.reshape(B * T, C).t()).view(-1, B, T)
 
 
-def _project_each(x: torch.Tensor, shifted: torch.Tensor, mix: torch.Tensor, weights: Sequence[torch.Tensor],
+def _project_each(x: torch.Tensor, mix_into: MixInto, weights: Sequence[torch.Tensor],
                   channel_major: bool) -> tuple[torch.Tensor, ...]:
     """:func:`project_mixes` without the stacked mixes: each mix is written into one reused ``[B, T, C]`` buffer and
     projected at once. The same passes, a third of the memory, and no ``[n, B, T, C]`` allocation: above glibc's mmap
@@ -101,8 +149,7 @@ def _project_each(x: torch.Tensor, shifted: torch.Tensor, mix: torch.Tensor, wei
     mixed = torch.empty_like(x)
     out = []
     for i, w in enumerate(weights):
-        torch.lerp(shifted, x, mix[i], out=mixed)
-        out.append(_project_one(mixed, w, channel_major))
+        out.append(_project_one(mix_into(i, mixed), w, channel_major))
     return tuple(out)
 
 
