@@ -10,6 +10,7 @@ from vrwkv.layers import make_shift  # noqa: E402
 from vrwkv.layers import q_shift  # noqa: E402
 from vrwkv.layers.q_shift import q_shift_parameters  # noqa: E402
 from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear  # noqa: E402
+from vrwkv.ops.linear import linear  # noqa: E402
 from vrwkv.ops.shift_mix import fused_cpu  # noqa: E402
 from vrwkv.ops.wkv.fused_cpu import numba_scans  # noqa: E402
 
@@ -44,11 +45,11 @@ def test_shift_mix_and_its_projections_use_the_kernel_in_inference(kernel_calls)
         assert torch.equal(shift_mix(x, (H, W), shift, mix), expected)
         assert len(kernel_calls) == 3
         for m, w, p in zip(expected, weights, shift_mix_linear(x, (H, W), shift, mix, weights)):
-            assert torch.equal(p, torch.nn.functional.linear(m, w))
+            assert torch.equal(p, linear(m, w))  # (the product the layers use: oneDNN's on the CPU)
         assert len(kernel_calls) == 6
         projections = shift_mix_linear(x, (H, W), shift, mix, weights, channel_major=True)
         for m, w, p in zip(expected, weights, projections):
-            assert torch.equal(p, torch.mm(w, m.reshape(-1, C).t()).view(-1, B, H * W))
+            assert torch.equal(p, linear(w, m.reshape(-1, C)).view(-1, B, H * W))  # w @ m^T
         traced = torch.jit.trace(lambda t: shift_mix(t, (H, W), shift, mix), x)  # tracing keeps plain ops
         calls = len(kernel_calls)
         assert torch.equal(traced(x), expected) and len(kernel_calls) == calls

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from vrwkv.layers.linear import Linear
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
+from vrwkv.ops.linear import linear, mm
 
 
 #: Tokens per chunk of the inference forward (:meth:`ChannelMix._inference_in_token_chunks`): a [2048, 4·192]
@@ -62,10 +63,10 @@ class ChannelMix(nn.Module):
         if self.shift is not None:
             self.spatial_mix_k = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
             self.spatial_mix_r = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
-        self.key = nn.Linear(embed_dim, hidden, bias=False, **dd)
+        self.key = Linear(embed_dim, hidden, bias=False, **dd)
         self.key_norm = nn.LayerNorm(hidden, **dd) if key_norm else None
-        self.receptance = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
-        self.value = nn.Linear(hidden, embed_dim, bias=False, **dd)
+        self.receptance = Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.value = Linear(hidden, embed_dim, bias=False, **dd)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -196,7 +197,7 @@ class _SquaredReLULinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         s = torch.relu(x)
         ctx.save_for_backward(s, weight)
-        return F.linear(s * s, weight)
+        return linear(s * s, weight)
 
     @staticmethod
     @once_differentiable
@@ -208,11 +209,11 @@ class _SquaredReLULinear(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
             squared = torch.square(s.view(-1, hidden)).to(dtype)  # [N, hidden], as in the forward
-            grad_w = torch.mm(grad.t(), squared).to(weight.dtype)  # [out, hidden]
+            grad_w = mm(grad.t(), squared).to(weight.dtype)  # [out, hidden]
             del squared
         if ctx.needs_input_grad[0]:
             # d relu(x)^2 / dx = 2 relu(x): the factor 2 goes into the (small) weight, exactly (a power of two)
-            grad_x = torch.mm(grad, (weight * 2).to(dtype)).view(s.shape).to(s.dtype).mul_(s)
+            grad_x = mm(grad, (weight * 2).to(dtype)).view(s.shape).to(s.dtype).mul_(s)
         return grad_x, grad_w
 
 
@@ -231,4 +232,4 @@ def squared_relu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"squared_relu_linear: weight must be [out, {x.shape[-1]}], got {list(weight.shape)}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _SquaredReLULinear.apply(x, weight)
-    return F.linear(torch.relu(x).square_(), weight)
+    return linear(torch.relu(x).square_(), weight)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import q_shift_parameters
+from vrwkv.ops.linear import linear, mm
 from vrwkv.ops.shift_mix import fused_applies, fused_q_shift_lerp
 
 #: ``shift(x [B, T, C], hw) -> [B, T, C]``; ``hw`` is passed through (the patch grid, or whatever the shift takes)
@@ -135,9 +135,9 @@ def project_mixes(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_
 def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool) -> torch.Tensor:
     """One mix ``[B, T, C]`` projected: ``[B, T, out]``, or channel-major ``weight @ mixed^T`` ``[out, B, T]``."""
     if not channel_major:
-        return F.linear(mixed, weight)
+        return linear(mixed, weight)
     B, T, C = mixed.shape
-    return torch.mm(weight, mixed.reshape(B * T, C).t()).view(-1, B, T)
+    return linear(weight, mixed.reshape(B * T, C)).view(-1, B, T)  # weight @ mixed^T
 
 
 def _project_each(x: torch.Tensor, mix_into: MixInto, weights: Sequence[torch.Tensor],
@@ -231,13 +231,13 @@ class _ShiftMixLinear(torch.autograd.Function):
             mixes = torch.lerp(shifted, x, mix).to(dtype)  # [n, B, T, C], as in the forward
             for i, (g, needed) in enumerate(zip(grads, needs_w)):
                 if needed:  # sum over tokens of g_i^T m_i
-                    grad_w[i] = torch.mm(g.t(), mixes[i].view(-1, C)).to(weights[i].dtype)  # [out_i, C]
+                    grad_w[i] = mm(g.t(), mixes[i].view(-1, C)).to(weights[i].dtype)  # [out_i, C]
             del mixes
         grad_x = grad_mix = None
         if needs_x or needs_mix:
             grad_mixes = x.new_empty((len(weights), *x.shape), dtype=dtype)  # [n, B, T, C]
             for i, (g, w) in enumerate(zip(grads, weights)):
-                torch.mm(g, w.to(dtype), out=grad_mixes[i].view(-1, C))
+                grad_mixes[i].view(-1, C).copy_(mm(g, w.to(dtype)))  # (oneDNN writes no out=)
             grad_x, grad_mix = _mix_backward(x, mix, grad_mixes.to(x.dtype), ctx.hw, ctx.shift, needs_x, needs_mix,
                                              (shifted, transpose))
         return (grad_x, grad_mix, None, None, None, *grad_w)

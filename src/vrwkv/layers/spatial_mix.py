@@ -8,10 +8,12 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from vrwkv.layers.linear import Linear
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
 from vrwkv.ops import bi_wkv, causal_wkv
+from vrwkv.ops.linear import linear, mm
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
 
 WkvMode = Literal["bidirectional", "causal"]
@@ -77,11 +79,11 @@ class SpatialMix(nn.Module):
             self.spatial_mix_k = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
             self.spatial_mix_v = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
             self.spatial_mix_r = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
-        self.key = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
-        self.value = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
-        self.receptance = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.key = Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.value = Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.receptance = Linear(embed_dim, embed_dim, bias=False, **dd)
         self.key_norm = nn.LayerNorm(embed_dim, **dd) if key_norm else None
-        self.output = nn.Linear(embed_dim, embed_dim, bias=False, **dd)
+        self.output = Linear(embed_dim, embed_dim, bias=False, **dd)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -248,8 +250,8 @@ class _GatedOutputChannelMajor(torch.autograd.Function):
         s = torch.sigmoid(r)  # [B, C, T] view of r's layout
         g = (s * y).transpose(0, 1).reshape(C, B * T)  # [C, B·T] (a view when r is [C, B, T] storage)
         grad_rows = grad.reshape(B * T, -1)  # [B·T, C_out]
-        d_weight = grad_rows.t().mm(g.t())  # [C_out, C]
-        d_g = weight.t().mm(grad_rows.t()).view(C, B, T).transpose(0, 1)  # [B, C, T] view of [C, B, T]
+        d_weight = mm(grad_rows.t(), g.t())  # [C_out, C]
+        d_g = mm(weight.t(), grad_rows.t()).view(C, B, T).transpose(0, 1)  # [B, C, T] view of [C, B, T]
         d_y = d_g * s
         d_r = d_y * y
         d_r = d_r.addcmul_(d_r, s, value=-1)  # d_g y s (1 - s)
@@ -260,7 +262,7 @@ def _project_gate(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``g^T W^T`` ``[B, T, C_out]`` for the gate g ``[B, C, T]`` laid out as r (``[C, B, T]`` storage: the reshape to
     ``[C, B·T]`` is a view) and the output weight ``[C_out, C]``."""
     B, C, T = g.shape
-    return g.transpose(0, 1).reshape(C, B * T).t().mm(weight.t()).view(B, T, -1)
+    return linear(g.transpose(0, 1).reshape(C, B * T).t(), weight).view(B, T, -1)
 
 
 def gated_output_channel_major(r: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vrwkv.layers.linear import Linear
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, depth_ratios
 from vrwkv.ops import bi_wkv6
@@ -83,12 +84,12 @@ class SpatialMixV6(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.empty(C, decay_rank, **dd))
         self.time_decay_w2 = nn.Parameter(torch.empty(decay_rank, C, **dd))
         self.time_faaaa = nn.Parameter(torch.empty(num_heads, HEAD_SIZE, **dd))
-        self.key = nn.Linear(C, C, bias=False, **dd)
-        self.value = nn.Linear(C, C, bias=False, **dd)
-        self.receptance = nn.Linear(C, C, bias=False, **dd)
-        self.gate = nn.Linear(C, C, bias=False, **dd)
+        self.key = Linear(C, C, bias=False, **dd)
+        self.value = Linear(C, C, bias=False, **dd)
+        self.receptance = Linear(C, C, bias=False, **dd)
+        self.gate = Linear(C, C, bias=False, **dd)
         self.key_norm = nn.LayerNorm(C, **dd) if key_norm else None
-        self.output = nn.Linear(C, C, bias=False, **dd)
+        self.output = Linear(C, C, bias=False, **dd)
         self.ln_x = nn.GroupNorm(num_heads, C, eps=1e-5, **dd)
         self.reset_parameters()
 

@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from vrwkv.layers import ChannelMix, PatchEmbed, SpatialMix, resize_pos_embed
+from vrwkv.layers import ChannelMix, Linear, PatchEmbed, SpatialMix, resize_pos_embed
 from vrwkv.models._checkpoint import convert_state_dict, pos_embed_grid, read_checkpoint
 from vrwkv.models._registry import register_model
 from vrwkv.models.low_memory import check_low_memory_support, low_memory_forward_features
@@ -113,10 +113,10 @@ def _make_head(
     """Linear classifier, or VRWKV-L's ``Linear(C, hidden) -> Tanh -> Linear(hidden, classes)`` (keys head.0/2)."""
     dd = {"device": device, "dtype": dtype}
     in_last = hidden_dim or in_dim
-    last = nn.Linear(in_last, num_classes, **dd) if num_classes > 0 else nn.Identity()
+    last = Linear(in_last, num_classes, **dd) if num_classes > 0 else nn.Identity()
     if hidden_dim is None:
         return last
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim, **dd), nn.Tanh(), last)
+    return nn.Sequential(Linear(in_dim, hidden_dim, **dd), nn.Tanh(), last)
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:
