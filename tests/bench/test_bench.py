@@ -126,6 +126,8 @@ def test_fused_cpu_scan_is_planned_and_measured(tmp_path):
     fused_row = [line for line in md.splitlines() if line.startswith("| fused | fwd | 40 |")]
     assert len(fused_row) == 1 and "—" not in fused_row[0]  # its bandwidth floor and × floor are filled in
     assert len([line for line in md.splitlines() if line.startswith("| fused | fwd+bwd | 40 |")]) == 1
+    token_major = [line for line in md.splitlines() if line.startswith("| fused (token-major) | fwd | 40 |")]
+    assert len(token_major) == 1 and "—" not in token_major[0]  # the layout of inference with the fused scans
 
 
 def test_onednn_variants_are_planned_named_and_compared():

@@ -147,9 +147,12 @@ def measure_wkv(spec: dict) -> dict:
 
     B, T, C = spec["B"], spec["T"], spec["C"]
     torch.manual_seed(0)
-    # k, v as the spatial mix passes them: [B, T, C] views of channel-major [C, B, T] projections
+    # k, v as the spatial mix passes them: [B, T, C] views of channel-major [C, B, T] projections (training, and
+    # inference without numba), or token-major [B, T, C] (``layout="tokens"``: inference with the fused scans)
     k_storage, v_storage = torch.randn(C, B, T), torch.randn(C, B, T)
     k, v = k_storage.permute(1, 2, 0), v_storage.permute(1, 2, 0)
+    if spec.get("layout", "channels") == "tokens":
+        k, v = k.contiguous(), v.contiguous()
     w, u = torch.randn(C) * 3 / T, torch.randn(C) / T
     semantics = spec.get("semantics", "official")
     if spec["impl"] == "reference":

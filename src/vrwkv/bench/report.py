@@ -69,7 +69,8 @@ def wkv_rows(report: dict) -> list[dict]:
         s, res = r["spec"], r["result"]
         if s["kind"] != "wkv":
             continue
-        row = dict(impl=s["impl"], backward=s["backward"], T=s["T"], C=s["C"], error=res.get("error"))
+        impl = s["impl"] + (" (token-major)" if s.get("layout") == "tokens" else "")
+        row = dict(impl=impl, backward=s["backward"], T=s["T"], C=s["C"], error=res.get("error"))
         if "error" not in res:
             row["median_s"] = res["median_s"]
             if bw and s["impl"] != "reference" and not s["backward"]:
@@ -162,7 +163,8 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("image side (px), batch 1, inference")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if rows:  # (an op-only run has no model curves)
+            ax.legend()
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=120)

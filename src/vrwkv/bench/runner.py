@@ -121,6 +121,8 @@ def plan(cfg: BenchConfig) -> list[dict]:
                 continue
             specs.append(dict(kind="wkv", impl=impl, backward=backward, B=1, T=T, C=cfg.wkv_C,
                               repeats=cfg.repeats if impl != "reference" else 1, warmup=int(impl != "reference")))
+            if impl == "fused" and not backward:  # the token-major kernel (the model's inference with numba)
+                specs.append(dict(specs[-1], layout="tokens"))
     if cfg.threads:
         specs = [dict(spec, threads=cfg.threads) for spec in specs]
     return specs
@@ -161,7 +163,8 @@ def describe(spec: dict) -> str:
     if spec["kind"] == "model":
         return (f"{display_name(spec)} {spec['mode']} {spec['size'][0]}x{spec['size'][1]} batch {spec['batch']}")
     if spec["kind"] == "wkv":
-        return f"bi_wkv {spec['impl']}{' fwd+bwd' if spec['backward'] else ' fwd'} T={spec['T']} C={spec['C']}"
+        layout = " token-major" if spec.get("layout") == "tokens" else ""
+        return f"bi_wkv {spec['impl']}{layout}{' fwd+bwd' if spec['backward'] else ' fwd'} T={spec['T']} C={spec['C']}"
     if spec["kind"] == "matmul_peak":
         return f"matmul_peak ({spec.get('backend', 'torch')})"
     return spec["kind"]
