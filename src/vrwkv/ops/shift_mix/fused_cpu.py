@@ -12,13 +12,14 @@ by ``torch.get_num_threads()`` threads: PyTorch's own OpenMP team where its runt
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from vrwkv.ops._cpu_pool import ProcessThreadPool
+
+from vrwkv.ops.shift_mix.q_shift import check_q_shift
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
 
 #: Let the mixers use the kernel when numba is enabled (False: they keep Q-Shift + lerp; for A/B comparisons).
@@ -34,8 +35,6 @@ _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _lock = threading.Lock()
 _zeros: dict[torch.dtype, torch.Tensor] = {}
 _runtime = None  # (kernels module, GOMP_parallel or None), made at the first call
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (0, 0)  # (process id, size)
 
 
 def fused_applies(x: torch.Tensor, mu: torch.Tensor) -> bool:
@@ -77,12 +76,7 @@ def fused_q_shift_lerp(
         raise ValueError(f"fused_q_shift_lerp: mu must have {C} values of {x.dtype} on the CPU, got {mu.numel()} "
                          f"of {mu.dtype} on {mu.device}")
     H, W = hw
-    if H * W != T:
-        raise ValueError(f"q_shift: grid {H}x{W} does not match {T} tokens")
-    if not 0 <= channel_gamma <= 0.25:
-        raise ValueError(f"q_shift: channel_gamma must be in [0, 1/4], got {channel_gamma}")
-    if shift_pixel < 0:
-        raise ValueError(f"q_shift: shift_pixel must be >= 0, got {shift_pixel}")
+    check_q_shift(T, hw, shift_pixel, channel_gamma)
     t0, t1 = (0, B * T) if tokens is None else tokens
     if not 0 <= t0 <= t1 <= B * T:
         raise ValueError(f"fused_q_shift_lerp: token rows [{t0}, {t1}) outside [0, {B * T})")
@@ -149,13 +143,4 @@ def _kernels():
         return _runtime
 
 
-def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """The worker threads (their own per process: a fork copies the pool object but not its threads)."""
-    global _pool, _pool_key
-    with _lock:
-        key = (os.getpid(), size)
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
-            _pool, _pool_key = ThreadPoolExecutor(size, thread_name_prefix="vrwkv-shift-mix"), key
-        return _pool
+_thread_pool = ProcessThreadPool("vrwkv-shift-mix").get

@@ -37,12 +37,7 @@ def q_shift(
     """
     B, T, C = x.shape
     H, W = hw
-    if H * W != T:
-        raise ValueError(f"q_shift: grid {H}x{W} does not match {T} tokens")
-    if not 0 <= channel_gamma <= 0.25:
-        raise ValueError(f"q_shift: channel_gamma must be in [0, 1/4], got {channel_gamma}")
-    if shift_pixel < 0:
-        raise ValueError(f"q_shift: shift_pixel must be >= 0, got {shift_pixel}")
+    check_q_shift(T, hw, shift_pixel, channel_gamma)
     if head_size is None:
         grid = x.view(B, H, W, C)  # [B, H, W, C]
     else:
@@ -107,3 +102,15 @@ class _QShift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         return _QShift.apply(grad, *ctx.args), None, None, None  # linear: double backward works the same way
+
+
+def check_q_shift(num_tokens: int, hw: tuple[int, int], shift_pixel: int, channel_gamma: float) -> None:
+    """Raise a clear error unless ``hw`` holds ``num_tokens`` tokens and the shift's parameters are valid."""
+    H, W = hw
+    T = num_tokens
+    if H * W != T:
+        raise ValueError(f"q_shift: grid {H}x{W} does not match {T} tokens")
+    if not 0 <= channel_gamma <= 0.25:
+        raise ValueError(f"q_shift: channel_gamma must be in [0, 1/4], got {channel_gamma}")
+    if shift_pixel < 0:
+        raise ValueError(f"q_shift: shift_pixel must be >= 0, got {shift_pixel}")

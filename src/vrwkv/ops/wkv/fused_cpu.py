@@ -38,19 +38,18 @@ import importlib.util
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+
+from vrwkv.ops._cpu_pool import ProcessThreadPool
 
 #: Largest (key range of a row) + |w|·T + |u| the float64 scan takes: terms stay within e^{±600} (float64: e^{±708}).
 MAX_ROW_RANGE = 600.0
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_NUMBA
 _kernels = None
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (0, 0)  # (process id, size): a forked child (e.g. a DataLoader worker) makes its own
 _lock = threading.Lock()
 
 
@@ -222,16 +221,7 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
 use_openmp_team = True
 
 
-def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """The worker threads (their own per process: a fork copies the pool object but not its threads)."""
-    global _pool, _pool_key
-    with _lock:
-        key = (os.getpid(), size)
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
-            _pool, _pool_key = ThreadPoolExecutor(size, thread_name_prefix="vrwkv-wkv"), key
-        return _pool
+_thread_pool = ProcessThreadPool("vrwkv-wkv").get
 
 
 class _Kernels(NamedTuple):

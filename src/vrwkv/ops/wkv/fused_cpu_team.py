@@ -22,7 +22,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
+from vrwkv.ops.wkv.fused_cpu import FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
 
 #: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows, channel units),
