@@ -10,7 +10,8 @@ that were spinning.
 How: a numba ``cfunc`` per (kernel, dtype) is the region's body; it reads the kernel's arrays and scalars from a
 small int64 control block (addresses, shapes, scalars; the float ``eps`` through a float64 view of its slot), takes
 pieces of rows in turn (an atomic counter in the block: a thread slowed by other work on its core takes fewer), and
-writes its count of out-of-range rows into its slot (``omp_get_thread_num``).
+adds its count of out-of-range rows to the block's result slot (atomically). The bodies call only numba code, so
+numba caches them on disk: a new process loads them.
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from vrwkv.ops.wkv.fused_cpu import FORWARD, TOKENS
+from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
 
 #: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows, channel units),
 #: units per piece, the next piece's first unit (taken by atomic adds), then the array addresses.
 _C, _B, _T, _CHUNK, _EPS, _OFFICIAL, _UNITS, _STEP, _NEXT, _ARRAYS = range(10)
 _MAX_ARRAYS = 9
-_RESULTS = _ARRAYS + _MAX_ARRAYS  # one slot per thread from here: rows out of range
+_RESULTS = _ARRAYS + _MAX_ARRAYS  # rows out of range, summed by the threads (atomic adds)
+_SIZE = _RESULTS + 1
 _MAX_THREADS = 256
 
 
@@ -79,12 +81,9 @@ class Team:
     ``runtime``."""
 
     def __init__(self, runtime: ctypes.CDLL):
-        thread_num = ctypes.CFUNCTYPE(ctypes.c_int)(("omp_get_thread_num", runtime))
         self._parallel = runtime.GOMP_parallel
         self._parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         self._parallel.restype = None
-        self._bodies = {}
-        self._thread_num = thread_num
 
     def run(self, kind: str, args: tuple, units: int, threads: int) -> int:
         """The kernel of ``kind`` (:data:`FORWARD` ``rows_kernel``, :data:`BACKWARD` ``rows_backward_kernel``,
@@ -92,12 +91,8 @@ class Team:
         same ``args`` as the kernel minus the range (r0, r1); returns the rows out of range."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         k, w = arrays[0], arrays[2]
-        key = (kind, k.dtype.str)
-        body = self._bodies.get(key)
-        if body is None:
-            body = self._bodies[key] = self._compile(kind, k.dtype.type)
         threads = min(threads, _MAX_THREADS, units)
-        control = np.zeros(_RESULTS + _MAX_THREADS, dtype=np.int64)
+        control = np.zeros(_SIZE, dtype=np.int64)
         chunk, eps, official = (a for a in args if not isinstance(a, np.ndarray))
         if kind == TOKENS:
             B, T, C = k.shape
@@ -114,76 +109,100 @@ class Team:
                 raise ValueError(f"fused CPU kernels: array {i} has dtype {a.dtype}")
             control[_ARRAYS + i] = a.ctypes.data
         assert w.shape == (C,) and len(arrays) <= _MAX_ARRAYS
+        body = _body(kind, k.dtype.name)
         self._parallel(body.address, control.ctypes.data, threads, 0)  # (ctypes releases the GIL meanwhile)
-        return int(control[_RESULTS : _RESULTS + threads].sum())
+        return int(control[_RESULTS])
 
-    def _compile(self, kind: str, dtype):
-        """The parallel region's body for one kernel and dtype, compiled once per process (~0.4 s; the kernels it
-        calls come from numba's disk cache, but the body itself calls a ctypes function pointer, which numba does not
-        cache)."""
-        thread_num = self._thread_num
-        f64 = np.float64
 
-        def next_piece(control):
-            units = control[_UNITS]
-            start = _fetch_add(control, _NEXT, control[_STEP])
-            return min(start, units), min(start + control[_STEP], units)
+# ---- The parallel regions' bodies, ``void(int64 *control)``: module-level cfuncs that call nothing but numba code
+# (no ctypes function pointers), so numba caches them on disk like the kernels: a new process loads them instead of
+# compiling them (~0.4 s and ~16 MB of compiler memory per body otherwise).
+def _next_piece(control):
+    units = control[_UNITS]
+    start = _fetch_add(control, _NEXT, control[_STEP])
+    return min(start, units), min(start + control[_STEP], units)
 
-        def array3(control, i):
-            shape = (control[_C], control[_B], control[_T])
-            return numba.carray(_address_as_pointer(control[_ARRAYS + i]), shape, dtype)
 
-        def tokens3(control, i):
-            shape = (control[_B], control[_T], control[_C])
-            return numba.carray(_address_as_pointer(control[_ARRAYS + i]), shape, dtype)
+def _rows3(control, i, dtype):
+    shape = (control[_C], control[_B], control[_T])  # channel-major [C, B, T]
+    return numba.carray(_address_as_pointer(control[_ARRAYS + i]), shape, dtype)
 
-        def array1(control, i, n):
-            return numba.carray(_address_as_pointer(control[_ARRAYS + i]), (n,), f64)
 
-        next_piece, array3, tokens3, array1 = (numba.njit(inline="always")(f)
-                                               for f in (next_piece, array3, tokens3, array1))
-        signature = types.void(types.voidptr)
+def _tokens3(control, i, dtype):
+    shape = (control[_B], control[_T], control[_C])  # token-major [B, T, C]
+    return numba.carray(_address_as_pointer(control[_ARRAYS + i]), shape, dtype)
 
-        if kind == TOKENS:
-            @numba.cfunc(signature, nopython=True)
-            def body(data):
-                control = numba.carray(data, (_RESULTS + _MAX_THREADS,), np.int64)
-                eps = numba.carray(data, (_RESULTS,), f64)[_EPS]
-                C, unsafe = control[_C], 0
-                k, v, w, u, y = (tokens3(control, 0), tokens3(control, 1), array1(control, 2, C),
-                                 array1(control, 3, C), tokens3(control, 4))
-                r0, r1 = next_piece(control)
-                while r0 < r1:
-                    unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
-                    r0, r1 = next_piece(control)
-                control[_RESULTS + thread_num()] = unsafe
-        elif kind == FORWARD:
-            @numba.cfunc(signature, nopython=True)
-            def body(data):
-                control = numba.carray(data, (_RESULTS + _MAX_THREADS,), np.int64)
-                eps = numba.carray(data, (_RESULTS,), f64)[_EPS]
-                C, unsafe = control[_C], 0
-                k, v, w, u, y = (array3(control, 0), array3(control, 1), array1(control, 2, C), array1(control, 3, C),
-                                 array3(control, 4))
-                r0, r1 = next_piece(control)
-                while r0 < r1:
-                    unsafe += rows_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
-                    r0, r1 = next_piece(control)
-                control[_RESULTS + thread_num()] = unsafe
-        else:
-            @numba.cfunc(signature, nopython=True)
-            def body(data):
-                control = numba.carray(data, (_RESULTS + _MAX_THREADS,), np.int64)
-                eps = numba.carray(data, (_RESULTS,), f64)[_EPS]
-                C, rows, unsafe = control[_C], control[_C] * control[_B], 0
-                k, v, w, u, gy = (array3(control, 0), array3(control, 1), array1(control, 2, C),
-                                  array1(control, 3, C), array3(control, 4))
-                dk, dv, dw_rows, du_rows = (array3(control, 5), array3(control, 6), array1(control, 7, rows),
-                                            array1(control, 8, rows))
-                r0, r1 = next_piece(control)
-                while r0 < r1:
-                    unsafe += rows_backward_kernel(k, v, w, u, gy, control[_CHUNK], eps, control[_OFFICIAL] != 0, dk,
-                                                   dv, dw_rows, du_rows, r0, r1)
-                    r0, r1 = next_piece(control)
-                control[_RESULTS + thread_num()] = unsafe
-        return body
+
+def _array1(control, i, n):
+    return numba.carray(_address_as_pointer(control[_ARRAYS + i]), (n,), np.float64)
+
+
+def _forward(data, array3, dtype, kernel):
+    control, eps = numba.carray(data, (_SIZE,), np.int64), numba.carray(data, (_SIZE,), np.float64)[_EPS]
+    C, unsafe = control[_C], 0
+    k, v, w, u, y = (array3(control, 0, dtype), array3(control, 1, dtype), _array1(control, 2, C),
+                     _array1(control, 3, C), array3(control, 4, dtype))
+    r0, r1 = _next_piece(control)
+    while r0 < r1:
+        unsafe += kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
+        r0, r1 = _next_piece(control)
+    _fetch_add(control, _RESULTS, unsafe)
+
+
+def _backward(data, dtype):
+    control, eps = numba.carray(data, (_SIZE,), np.int64), numba.carray(data, (_SIZE,), np.float64)[_EPS]
+    C, rows, unsafe = control[_C], control[_C] * control[_B], 0
+    k, v, w, u, gy = (_rows3(control, 0, dtype), _rows3(control, 1, dtype), _array1(control, 2, C),
+                      _array1(control, 3, C), _rows3(control, 4, dtype))
+    dk, dv, dw_rows, du_rows = (_rows3(control, 5, dtype), _rows3(control, 6, dtype), _array1(control, 7, rows),
+                                _array1(control, 8, rows))
+    r0, r1 = _next_piece(control)
+    while r0 < r1:
+        unsafe += rows_backward_kernel(k, v, w, u, gy, control[_CHUNK], eps, control[_OFFICIAL] != 0, dk, dv,
+                                       dw_rows, du_rows, r0, r1)
+        r0, r1 = _next_piece(control)
+    _fetch_add(control, _RESULTS, unsafe)
+
+
+_next_piece, _rows3, _tokens3, _array1, _forward, _backward = (
+    numba.njit(nogil=True, cache=True, inline="always")(f)
+    for f in (_next_piece, _rows3, _tokens3, _array1, _forward, _backward))
+
+
+def _rows_float32(data):
+    _forward(data, _rows3, np.float32, rows_kernel)
+
+
+def _rows_float64(data):
+    _forward(data, _rows3, np.float64, rows_kernel)
+
+
+def _tokens_float32(data):
+    _forward(data, _tokens3, np.float32, tokens_kernel)
+
+
+def _tokens_float64(data):
+    _forward(data, _tokens3, np.float64, tokens_kernel)
+
+
+def _backward_float32(data):
+    _backward(data, np.float32)
+
+
+def _backward_float64(data):
+    _backward(data, np.float64)
+
+
+_BODIES = {(FORWARD, "float32"): _rows_float32, (FORWARD, "float64"): _rows_float64,
+           (TOKENS, "float32"): _tokens_float32, (TOKENS, "float64"): _tokens_float64,
+           (BACKWARD, "float32"): _backward_float32, (BACKWARD, "float64"): _backward_float64}
+_compiled = {}
+
+
+def _body(kind: str, dtype: str):
+    """The cfunc of ``kind`` and ``dtype``: compiled at its first use in a process, or loaded from numba's cache."""
+    cfunc = _compiled.get((kind, dtype))
+    if cfunc is None:
+        cfunc = _compiled[kind, dtype] = numba.cfunc(types.void(types.voidptr), nopython=True, cache=True)(
+            _BODIES[kind, dtype])
+    return cfunc
