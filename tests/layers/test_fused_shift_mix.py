@@ -3,16 +3,14 @@ in shift_mix, its projections and the model; used only for the plain Q-Shift, no
 import pytest
 import torch
 
-pytest.importorskip("numba")
-
-import vrwkv  # noqa: E402
-from vrwkv.layers import make_shift  # noqa: E402
-from vrwkv.layers import q_shift  # noqa: E402
-from vrwkv.layers.q_shift import q_shift_parameters  # noqa: E402
-from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear  # noqa: E402
-from vrwkv.ops.linear import linear  # noqa: E402
-from vrwkv.ops.shift_mix import fused_cpu  # noqa: E402
-from vrwkv.ops.wkv.fused_cpu import numba_scans  # noqa: E402
+import vrwkv
+from vrwkv.layers import make_shift
+from vrwkv.layers import q_shift
+from vrwkv.layers.q_shift import q_shift_parameters
+from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear
+from vrwkv.ops.linear import linear
+from vrwkv.ops.shift_mix import fused_cpu
+from vrwkv.ops.wkv.fused_cpu import numba_scans
 
 
 def test_only_the_plain_q_shift_is_recognised():

@@ -4,10 +4,8 @@ tensors and token ranges. (The mixers and the model with it: tests/layers/test_f
 import pytest
 import torch
 
-pytest.importorskip("numba")
-
-from vrwkv.ops.shift_mix import fused_cpu, fused_q_shift_lerp, q_shift, q_shift_lerp  # noqa: E402
-from vrwkv.ops.wkv.fused_cpu import numba_scans  # noqa: E402
+from vrwkv.ops.shift_mix import fused_cpu, fused_q_shift_lerp, q_shift, q_shift_lerp
+from vrwkv.ops.wkv.fused_cpu import numba_scans
 
 
 @pytest.fixture

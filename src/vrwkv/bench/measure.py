@@ -30,6 +30,7 @@ import torch
 
 from vrwkv.bench.runner import is_ours
 
+
 def _timeit(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
     for _ in range(warmup):
         fn()
@@ -120,12 +121,11 @@ def measure_matmul_peak(spec: dict) -> dict:
     n = spec.get("n", 2048)
     a, b = torch.randn(n, n), torch.randn(n, n)
     if spec.get("backend", "torch") == "onednn":
-        from vrwkv.ops.linear import _takes_onednn, linear
+        from vrwkv.ops.linear import linear, onednn_enabled
 
+        if not onednn_enabled():
+            raise RuntimeError("oneDNN's matmul is not available in this PyTorch (or VRWKV_ONEDNN=0)")
         bt = b.t().contiguous()  # linear(a, bt) = a @ b
-        with torch.inference_mode():
-            if not _takes_onednn(a, bt, None):
-                raise RuntimeError("oneDNN's matmul is not available in this PyTorch (or VRWKV_ONEDNN=0)")
         fn = lambda: linear(a, bt)  # noqa: E731
     else:
         fn = lambda: torch.mm(a, b)  # noqa: E731

@@ -107,8 +107,8 @@ def write_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"Benchmark of {report['date']} on {m['platform']} ({m['cpu_count']} CPUs), torch {m['torch']}, timm {m['timm']}.",
-        f"fp32 matmul peak measured in this run (2048³, GFLOP/s): {by_backend or '—'}; \"% of peak\" is of the fastest, "
-        f"{_fmt(peak, '.0f')} GFLOP/s. Copy bandwidth: {_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
+        f"fp32 matmul peak measured in this run (2048³, GFLOP/s): {by_backend or '—'}; "
+        f"\"% of peak\" is of the fastest, {_fmt(peak, '.0f')} GFLOP/s. Copy bandwidth: {_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
         *_allocator_note(report),
         "",
         "| model | mode | size | batch | s/image (median) | min–max | CPU s/image | GFLOP/image | GFLOP/s | % of peak "

@@ -3,9 +3,9 @@
 ``x * mu + shift(x) * (1 - mu)`` (spec §1.4-1.5) through autograd keeps ``shift(x)`` and ``x`` for the lerp's backward
 and, when Linears consume the mixes, the stacked mixes ``[n, B, T, C]`` for their weight gradients: ``n + 2`` token
 tensors. The mixes are one pass from ``x``, so the functions here keep only ``x`` and recompute ``shift(x)`` (and the
-mixes) in the backward; matmuls are never recomputed. Without autograd they are the plain formula, or for the plain Q-Shift on the CPU with numba enabled
-(:func:`vrwkv.ops.use_numba`) the fused kernel of :mod:`vrwkv.ops.shift_mix`, which writes each mix straight from x
-(no ``shift(x)`` tensor), bit-identical.
+mixes) in the backward; matmuls are never recomputed. Without autograd they are the plain formula, or, for the plain
+Q-Shift on the CPU with numba enabled (:func:`vrwkv.ops.use_numba`), the fused kernel of :mod:`vrwkv.ops.shift_mix`,
+which writes each mix straight from x (no ``shift(x)`` tensor), bit-identical.
 
 The shift can be any differentiable function of ``x`` (the Q-Shift, the 1-D token shift, MAE's shift of the visible
 tokens, ...): its transpose in the backward is autograd's vector-Jacobian product of the recomputed shift.

@@ -40,8 +40,8 @@ _runtime = None  # (kernels module, GOMP_parallel or None), made at the first ca
 def fused_applies(x: torch.Tensor, mu: torch.Tensor) -> bool:
     """Whether :func:`fused_q_shift_lerp` takes ``x`` and ``mu`` (and :data:`enabled`): numba enabled, CPU, float32
     or float64 (both the same), x contiguous ``[B, T, C]``, no autograd needed."""
-    return (enabled and x.device.type == "cpu" and x.dtype in _DTYPES and mu.dtype == x.dtype and mu.device.type == "cpu"
-            and x.dim() == 3 and x.is_contiguous() and mu.numel() == x.shape[-1]
+    return (enabled and x.device.type == "cpu" and x.dtype in _DTYPES and mu.dtype == x.dtype
+            and mu.device.type == "cpu" and x.dim() == 3 and x.is_contiguous() and mu.numel() == x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad)) and numba_enabled())
 
 
