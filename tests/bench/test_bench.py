@@ -1,6 +1,7 @@
 """The benchmark runner on a tiny configuration (the real benchmark is not a unit test: see README)."""
 import json
 
+import torch
 from PIL import Image
 
 from vrwkv.bench.measure import measure
@@ -32,7 +33,27 @@ def test_each_measurement_runs_in_its_own_process():
     result = run_spec(spec, timeout_s=600)
     assert result["median_s"] > 0 and result["flops"] > 0 and result["peak_rss_mb"] > 50  # a whole interpreter
     assert 0 < result["cpu_min_s"] <= result["cpu_median_s"]  # CPU time of the process, next to wall time
+    # the tensor peak holds at least the parameters and stays below the whole process's RSS
+    assert result["params"] * 4 / 2**20 < result["tensor_peak_mb"] < result["peak_rss_mb"]
     assert "error" in run_spec(dict(spec, model="no_such_model"), timeout_s=600)
+
+
+def test_tensor_peak_sees_temporaries_freed_inside_the_call():
+    from vrwkv.bench.measure import _live_tensor_bytes, _tensor_peak_mb
+
+    kept = torch.ones(2**20)  # 4 MiB alive before and after the call
+    before = _live_tensor_bytes() / 2**20
+    assert before >= 4
+
+    def step():
+        a = torch.ones(10 * 2**20)  # 40 MiB, then 40 more while it is alive, then both freed
+        b = a * 2
+        return float(b[0])
+
+    peak = _tensor_peak_mb(step)
+    assert before + 79 < peak < before + 85
+    assert _tensor_peak_mb(lambda: None) < before + 1  # nothing allocated: the tensors alive before
+    del kept
 
 
 def test_bench_runs_end_to_end_on_tiny_models(tmp_path):
@@ -51,7 +72,7 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path):
              if not r["spec"].get("compile")}
     assert flops[("test_vrwkv", 64, 1)] > 3 * flops[("test_vrwkv", 32, 1)]
     md = (tmp_path / "results.md").read_text()
-    assert "test_vrwkv" in md and "speed-up vs ViT (CPU)" in md and "× floor" in md
+    assert "test_vrwkv" in md and "speed-up vs ViT (CPU)" in md and "× floor" in md and "tensor peak (MB)" in md
     for png in ("time_vs_resolution.png", "memory_vs_resolution.png"):
         with Image.open(tmp_path / png) as im:
             assert im.size[0] > 100

@@ -4,7 +4,9 @@ Kinds:
   * ``model``: inference (``mode="infer"``, optionally ``compile="inductor"``) or a training step (``mode="train"``:
     forward, cross-entropy, backward, AdamW step) of a registered model at one resolution and batch size: seconds per
     call (median, min, max of ``repeats`` runs after ``warmup``; wall and process CPU time), real FLOPs
-    (``torch.utils.flop_counter``), peak RSS of this process.
+    (``torch.utils.flop_counter``), peak RSS of this process, and the peak of its tensors (``tensor_peak_mb``: the
+    tensors alive between calls plus the most one call allocated on top, from torch.profiler's memory events; what
+    the model needs, whatever the allocator keeps).
   * ``matmul_peak``: achieved fp32 GFLOP/s of a large square matmul (the machine's practical peak).
   * ``copy_bandwidth``: achieved bytes/s of a large tensor copy (read + write).
   * ``wkv``: the Bi-WKV op (``impl``: "fast" = the default path, "fused" = the numba CPU scan, or the float64
@@ -55,6 +57,45 @@ def _minor_faults() -> int:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of the CPU storages of every tensor Python holds (parameters, buffers, gradients, optimizer state,
+    inputs, caches), each storage counted once."""
+    import gc
+
+    storages = {}
+    for obj in gc.get_objects():
+        # (type(), not isinstance: isinstance reads __class__, which some lazy module objects answer with a warning)
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            try:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # (tensor subclasses without a storage, e.g. a compiler's
+                continue  # fake tensors)
+    return sum(storages.values())
+
+
+def _tensor_peak_mb(fn: Callable[[], Any]) -> float:
+    """The tensors alive before ``fn()`` plus the peak of what it allocates on top (CPU allocations by PyTorch's
+    allocator, from torch.profiler's memory events): the process's tensor memory at its fullest during a call,
+    independent of how much freed memory malloc keeps mapped. Run after the timing (the profiler's own memory
+    does not enter the peak RSS)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    before = _live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:  # the memory events' running totals are in the trace
+        path = f"{tmp}/trace.json"
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    return (before + max([0, *totals])) / 2**20
 
 
 def _count_flops(fn: Callable[[], Any]) -> int:
@@ -112,7 +153,9 @@ def measure_model(spec: dict) -> dict:
         flops = None
     timing = _timeit(step, spec.get("warmup", 1), spec.get("repeats", 5))
     n_params = sum(p.numel() for p in model.parameters())
-    return {**timing, "flops": flops, "params": n_params, "peak_rss_mb": _peak_rss_mb()}
+    peak_rss_mb = _peak_rss_mb()
+    return {**timing, "flops": flops, "params": n_params, "peak_rss_mb": peak_rss_mb,
+            "tensor_peak_mb": _tensor_peak_mb(step) if spec.get("tensor_peak", True) else None}
 
 
 def measure_matmul_peak(spec: dict) -> dict:

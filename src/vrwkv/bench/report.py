@@ -39,6 +39,8 @@ def model_rows(report: dict) -> list[dict]:
                        max_s=res["max_s"] / s["batch"], peak_rss_mb=res["peak_rss_mb"], params=res["params"])
             if "cpu_median_s" in res:
                 row["cpu_per_image_s"] = res["cpu_median_s"] / s["batch"]
+            if res.get("tensor_peak_mb"):
+                row["tensor_peak_mb"] = res["tensor_peak_mb"]
             if "minor_faults_per_run" in res:
                 row["faults_per_run"] = res["minor_faults_per_run"]
             if res.get("flops"):
@@ -56,6 +58,8 @@ def model_rows(report: dict) -> list[dict]:
                 if "cpu_per_image_s" in row and "cpu_per_image_s" in other:
                     row["cpu_speedup_vs_ref"] = other["cpu_per_image_s"] / row["cpu_per_image_s"]
                 row["memory_vs_ref"] = row["peak_rss_mb"] / other["peak_rss_mb"]
+                if "tensor_peak_mb" in row and "tensor_peak_mb" in other:
+                    row["tensor_memory_vs_ref"] = row["tensor_peak_mb"] / other["tensor_peak_mb"]
             same_gemm = by_key.get((row["pair"], ref + "+onednn", row["mode"], row["size"], row["batch"]))
             if same_gemm and "per_image_s" in same_gemm:  # the ViT with its Linears through oneDNN too
                 row["speedup_vs_ref_onednn"] = same_gemm["per_image_s"] / row["per_image_s"]
@@ -110,23 +114,28 @@ def write_markdown(report: dict) -> str:
         f"fp32 matmul peak measured in this run (2048³, GFLOP/s): {by_backend or '—'}; "
         f"\"% of peak\" is of the fastest, {_fmt(peak, '.0f')} GFLOP/s. Copy bandwidth: {_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
         *_allocator_note(report),
+        "Memory: peak RSS of the measurement's process (libraries' code pages and the heap malloc keeps included), "
+        "and the peak of its tensors (alive between calls, plus the most one call allocated on top: "
+        "torch.profiler's memory events).",
         "",
         "| model | mode | size | batch | s/image (median) | min–max | CPU s/image | GFLOP/image | GFLOP/s | % of peak "
-        "| peak RSS (MB) | page faults / run | speed-up vs ViT (wall) | speed-up vs ViT (CPU) | memory vs ViT "
-        "| speed-up vs ViT+onednn (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS (MB) | tensor peak (MB) | page faults / run | speed-up vs ViT (wall) | speed-up vs ViT (CPU) "
+        "| memory vs ViT (RSS) | memory vs ViT (tensors) | speed-up vs ViT+onednn (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in model_rows(report):
         if r["error"]:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} |||||||||||")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | failed: {r['error']} |||||||||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | {r['per_image_s']:.4g} | "
             f"{r['min_s']:.3g}–{r['max_s']:.3g} | {_fmt(r.get('cpu_per_image_s'), '.4g')} | "
             f"{_fmt(r.get('gflop_per_image'))} | {_fmt(r.get('gflops_achieved'), '.0f')} | "
-            f"{_fmt(r.get('pct_of_peak'), '.0f')} | {r['peak_rss_mb']:.0f} | {_fmt(r.get('faults_per_run'), '.0f')} | "
+            f"{_fmt(r.get('pct_of_peak'), '.0f')} | {r['peak_rss_mb']:.0f} | {_fmt(r.get('tensor_peak_mb'), '.1f')} | "
+            f"{_fmt(r.get('faults_per_run'), '.0f')} | "
             f"{_fmt(r.get('speedup_vs_ref'), '.2f')} | "
             f"{_fmt(r.get('cpu_speedup_vs_ref'), '.2f')} | {_fmt(r.get('memory_vs_ref'), '.2f')} | "
+            f"{_fmt(r.get('tensor_memory_vs_ref'), '.2f')} | "
             f"{_fmt(r.get('speedup_vs_ref_onednn'), '.2f')} |"
         )
     wr = wkv_rows(report)
@@ -153,11 +162,16 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
     rows = [r for r in model_rows(report) if not r["error"] and r["mode"] == "infer" and r["batch"] == 1]
     paths = []
     for key, ylabel, name in (("per_image_s", "seconds per image", "time_vs_resolution.png"),
-                              ("peak_rss_mb", "peak memory (MB, process RSS)", "memory_vs_resolution.png")):
+                              ("peak_rss_mb", "peak memory (MB): RSS, and tensors (dashed)", "memory_vs_resolution.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in sorted({r["model"] for r in rows}):
             pts = sorted((r["size"], r[key]) for r in rows if r["model"] == model)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+            tensors = sorted((r["size"], r["tensor_peak_mb"]) for r in rows if r["model"] == model
+                             and "tensor_peak_mb" in r)
+            if key == "peak_rss_mb" and tensors:  # the tensors alone, dashed in the same colour
+                ax.plot([p[0] for p in tensors], [p[1] for p in tensors], marker=".", linestyle="--",
+                        color=line.get_color(), label=f"{model} (tensors)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("image side (px), batch 1, inference")
