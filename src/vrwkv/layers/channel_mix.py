@@ -155,12 +155,12 @@ class ChannelMix(nn.Module):
                 k = self.key_norm(k)
             value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
             xr = x_c if mix_into is None else mix_into(1, buf, tokens)
-            gated = value.mul_(self.receptance(xr).sigmoid_())  # [n, C], in the matmul's dtype (autocast)
-            if chunk.stop - chunk.start == B * T:  # one chunk: no copy
-                return gated.view(B, T, -1)
-            if out is None:
-                out = gated.new_empty(B * T, gated.shape[1])
-            out[chunk] = gated
+            gate = self.receptance(xr).sigmoid_()  # [n, C]
+            if chunk.stop - chunk.start == B * T:  # one chunk: the gate in the value's buffer
+                return value.mul_(gate).view(B, T, -1)
+            if out is None:  # (in the matmuls' dtype: autocast's, if on)
+                out = value.new_empty(B * T, value.shape[1])
+            torch.mul(value, gate, out=out[chunk])  # the gate written straight into its rows of the output
         return out.view(B, T, -1)
 
     def extra_repr(self) -> str:
