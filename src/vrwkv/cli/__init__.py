@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("vrwkv.cli.plot", "draw a run's loss/accuracy curves to a PNG"),
     "ablate": ("vrwkv.cli.ablate", "shift / wkv ablations on the bundled digits, several seeds, mean ± std"),
     "bench": ("vrwkv.cli.bench", "benchmark VRWKV vs ViT (time, memory, FLOPs) and the Bi-WKV op"),
+    "profile": ("vrwkv.cli.profile", "where one forward's (or training step's) time goes, by operator category"),
     "flops": ("vrwkv.cli.flops", "parameters, MACs and FLOPs per module type of a model at an input size"),
     "erf": ("vrwkv.cli.erf", "effective receptive field heat maps of model variants, side by side, to a PNG"),
     "export": ("vrwkv.cli.export", "ONNX / TorchScript export, checked against PyTorch"),

@@ -81,6 +81,10 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
         impl = _fused_or_blocked
     else:
         impl = blocked_bi_wkv
+    if not torch.compiler.is_compiling() and torch._C._autograd._profiler_enabled():  # one named range in profiles
+        # (vrwkv.bench.profile attributes the operators inside it to the WKV)
+        with torch.profiler.record_function("vrwkv::causal_wkv" if semantics == "causal" else "vrwkv::bi_wkv"):
+            return run_in_float32(impl, (k, v, w, u), semantics=semantics)
     return run_in_float32(impl, (k, v, w, u), semantics=semantics)
 
 
