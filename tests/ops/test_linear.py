@@ -33,8 +33,10 @@ def test_float32_without_autograd_runs_onednn_and_equals_f_linear(shape, with_bi
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear(x, w, b))
         out = linear(x, w, b)
         expected = F.linear(x, w, b)
+    # each within a float32 sum's error of the float64 product (the two libraries block the sums differently: on
+    # AVX2 machines they differ by ~1e-6 of the largest output at K = 768, by ~1e-7 with AVX-512)
     _close_to_float64(out, x, w, b)
-    assert (out - expected).abs().max() <= 1e-6 * expected.abs().max()
+    _close_to_float64(expected, x, w, b)
 
 
 @needs_onednn
