@@ -181,12 +181,12 @@ FORWARD, BACKWARD, TOKENS = "forward", "backward", "tokens"
 #: Adjacent channels per vector of the token-major kernel, and per unit (a cache line of float32: two threads writing
 #: the two halves of a line at once made the kernel 1.7x slower on two threads).
 TOKEN_LANES, TOKEN_UNIT = 8, 16
-#: Tokens per block of the token-major kernel: its four [block, 8] float64 scratch arrays (16 KB) and the block's
-#: lines of k, v, y stay in L1 between the block's sweeps.
-TOKEN_BLOCK = 64
-#: Up to this many tokens the token-major kernel keeps its first pass's exponentials ([2T, 8] float64 per unit, 8 MB at
-#: 65,536: in L3) for the second; beyond, the second pass computes them again.
-TOKEN_KEEP = 65536
+#: Tokens per block of the token-major kernel: its four [block, 8] float64 scratch arrays (32 KB) and the block's
+#: lines of k, v, y stay in L1/L2 between the block's sweeps (64 tokens measured ~5 % slower: per-block overheads).
+TOKEN_BLOCK = 128
+#: The token-major kernel keeps its first pass's exponentials of this many first tokens for the second ([2, 4096, 8]
+#: float64, 512 KB: in L2); the second pass computes the others again (kept in L3 they measured slower).
+TOKEN_KEEP = 4096
 
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:

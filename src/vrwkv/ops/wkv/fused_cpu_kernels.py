@@ -238,7 +238,7 @@ _inline = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model=
 
 @_inline
 def _exp4(z):
-    """e^z for the lanes z in [-700, 0]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
+    """e^z for the lanes z in [-700, 700]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
     1.5·2^52, which leaves m in the low mantissa bits."""
     big = z * _LOG2E + _ROUND
     m = big - _ROUND
@@ -681,23 +681,23 @@ low4, high4 = _half(0), _half(4)  # lanes 0..3, 4..7 of an f64x8
 @_fast
 def _block_summary(k2, v2, base, col, s, e, decay, keep, kept):
     """Pass A of the token-major forward for the tokens s..e of a block (rows base + s.. of k2, v2 ([B·T, C] or a
-    group's [T, 8] copy), lanes = columns col..col+7): the lanes' largest key m and smallest key over the block, and
-    the block's sums Σ_{s <= j < e} e^{-(j-s) w} e^{k_j - m} [v_j | 1] in the block's own frame; with ``keep``, the
-    e^{k_j - m} into the rows keep + j of kept. The block's lines are read once from memory (its second sweep
-    finds them in L1)."""
-    high = splat8(-np.inf)
-    low = -high
-    for t in range(base + s, base + e):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
-        run = load_run8(k2, t, col)
-        high, low = vmax(run, high), vmin(run, low)
+    group's [T, 8] copy), lanes = columns col..col+7), in one sweep right to left: the block's frame m (the keys of
+    its last token), the lanes' largest and smallest keys, and the block's sums Σ_{s <= j < e} e^{-(j-s) w}
+    e^{k_j - m} [v_j | 1]; with ``keep``, the e^{k_j - m} into the rows keep + j of kept. For a row in range
+    every |k_j - m| and the decay across the block stay within MAX_ROW_RANGE: the terms fit float64 (up to e^600)
+    without a sweep for the block's largest key first."""
+    m = load_run8(k2, base + e - 1, col)
+    high, low = m, m
     num = den = splat8(0.0)
     for t in range(e - 1, s - 1, -1):
-        xt = _exp4(load_run8(k2, base + t, col) - high)
+        key = load_run8(k2, base + t, col)
+        high, low = vmax(key, high), vmin(key, low)  # (NaN keys are skipped, as by max and min: they propagate)
+        xt = _exp4(key - m)
         if keep >= 0:
             store8(kept, keep + t, xt)
         num = decay * num + xt * load_run8(v2, base + t, col)
         den = decay * den + xt
-    return high, low, num, den
+    return m, high, low, num, den
 
 
 @_fast
@@ -807,12 +807,12 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
     x, p, right_p, right_x = np.empty((2 * L, 4)), np.empty((2 * L, 4)), np.empty((2 * L, 4)), np.empty((2 * L, 4))
     params, halves, state = np.empty((10, 8)), np.empty((20, 4)), np.empty((24, 4))
     high, low = np.empty((2, 8)), np.empty((2, 8))
-    # per (group, block): the block's largest keys, then its sums (after the scan: the carries from the right)
-    block_max, sum_p, sum_x = np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8))
+    # per (group, block): the block's frame, then e^{frame - K}; its sums, then the carries from the right
+    block_frame, sum_p, sum_x = np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8))
     channels, skip = np.empty((2, 8), np.int64), np.zeros(2, np.bool_)
-    # pass A's exponentials, [2T, 8], kept for pass B while they fit the caches (beyond: pass B computes them again)
-    keep = 0 if T <= TOKEN_KEEP else -(4 * T)  # (-4T: below any row, tested as keep + g T < 0)
-    kept = np.empty((2 * T if keep == 0 else 0, 8))
+    # pass A's exponentials of the first W tokens ([2W, 8]: L2-sized), kept for pass B (the others: computed again)
+    W = min(T, TOKEN_KEEP)
+    kept = np.empty((2 * W, 8))
     # [T, 8] copies of the columns of a last group (in one of the units g0..g1 if C is not a multiple of 8)
     n = T if C % 8 != 0 and g1 > g0 and (g0 // units < (g1 - 1) // units or (g1 - 1) % units == units - 1) else 0
     tk, tv, ty = np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype)
@@ -841,16 +841,18 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 for i in range(8):
                     c = channels[groups - 1, i]
                     tk[t, i], tv[t, i] = k2[b * T + t, c], v2[b * T + t, c]
-        for blk in range(blocks):  # pass A
+        for blk in range(blocks - 1, -1, -1):  # pass A (right to left: the kept blocks last, still in cache for B)
             s, e = blk * L, min(blk * L + L, T)
+            keep = -1 if e > W else 0  # (a negative keep: computed again)
             for g in range(groups):
                 on_copy = tail and g == groups - 1
                 kg, vg = (tk, tv) if on_copy else (k2, v2)
                 base, col = (0, 0) if on_copy else (b * T, first + 8 * g)
-                m, lo, num, den = _block_summary(kg, vg, base, col, s, e, load8(params, 5 * g), keep + g * T, kept)
-                store8(high, g, vmax(m, load8(high, g)))
+                m, hi, lo, num, den = _block_summary(kg, vg, base, col, s, e, load8(params, 5 * g),
+                                                     keep if keep < 0 else g * W, kept)
+                store8(high, g, vmax(hi, load8(high, g)))
                 store8(low, g, vmin(lo, load8(low, g)))
-                store8(block_max, g * blocks + blk, m)
+                store8(block_frame, g * blocks + blk, m)
                 store8(sum_p, g * blocks + blk, num)
                 store8(sum_x, g * blocks + blk, den)
         for g in range(groups):  # the range check, the carries
@@ -866,9 +868,9 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
             carry_p = carry_x = splat8(0.0)
             for blk in range(blocks - 1, -1, -1):  # T_b = e^{m_b - K} S_b + e^{-L w} T_{b+1}; R_{e_b - 1} = e^{-w} T_{b+1}
                 r = g * blocks + blk
-                scale = _exp4(load8(block_max, r) - hi)
+                scale = _exp4(load8(block_frame, r) - hi)
                 block_p, block_x = load8(sum_p, r), load8(sum_x, r)
-                store8(block_max, r, scale)  # (pass B's factor for the kept exponentials)
+                store8(block_frame, r, scale)  # (pass B's factor for the kept exponentials)
                 store8(sum_p, r, decay * carry_p)
                 store8(sum_x, r, decay * carry_x)
                 carry_p = decay_block * carry_p + scale * block_p
@@ -877,6 +879,7 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 store4(state, i, vec4(0.0, 0.0, 0.0, 0.0))
         for blk in range(blocks):  # pass B
             s, e = blk * L, min(blk * L + L, T)
+            keep = -1 if e > W else 0
             for g in range(groups):
                 if skip[g]:
                     continue
@@ -885,8 +888,9 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 base, col = (0, 0) if on_copy else (b * T, first + 8 * g)
                 r = g * blocks + blk
                 _block_forward(kg, vg, yg, base, col, s, e, params, halves, g, load8(high, g), load8(sum_p, r),
-                               load8(sum_x, r), state, chunk, eps, official, x, p, right_p, right_x, keep + g * T, kept,
-                               load8(block_max, r))
+                               load8(sum_x, r), state, chunk, eps, official, x, p, right_p, right_x,
+                               keep if keep < 0 else g * W, kept,
+                               load8(block_frame, r))
         if tail and not skip[groups - 1]:
             c0 = first + 8 * (groups - 1)
             for t in range(T):
