@@ -22,8 +22,10 @@ caller runs the block path instead. Accuracy is that of float64 sums, then one r
 
 Token-major inputs (C-contiguous ``[B, T, C]``, e.g. from Linears) without autograd run the same sweeps on eight
 adjacent channels of a batch element at once (``tokens_kernel``: one vector load of k, v and one store of y per
-token, y token-major; faster than the rows by ~25 % at T = 4,096 on AVX-512, and it spares the caller the
-channel-major projections, slower matmuls on CPU).
+token, y token-major; faster than the rows by ~25 % at T = 4,096, and it spares the caller the channel-major
+projections, slower matmuls on CPU), in blocks of :data:`TOKEN_BLOCK` tokens: a first pass takes each block's
+key range and right sums, a scan over the blocks the carries from the right, a second pass the sweeps block by
+block in scratch that stays in cache (k, v read twice, y written once, whatever T).
 
 The backward (:class:`_FusedBiWKV`) recomputes the forward's sums and runs the transposed ones (``ops/wkv/README.md``);
 autograd keeps only k and v. Under autograd every layout takes the channel-major rows.

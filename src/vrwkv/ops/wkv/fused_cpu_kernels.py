@@ -796,9 +796,10 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
     The tokens go in blocks of TOKEN_BLOCK, both groups of the unit block by block (each line of k, v, y comes from
     memory once per pass): pass A (:func:`_block_summary`) takes each block's key range and its right sums in its own
     frame; a scan over the blocks puts them in the frame of the row's largest key K (e^{m_b - K}, m_b the block's
-    largest key) and sums the carries R_{e-1} entering each block from the right; pass B (:func:`_block_forward`)
-    runs the sweeps of :func:`rows_kernel` block by block, in [block, 8] scratch that stays in L1. Lane by lane the
-    same arithmetic as the rows but for the order of the right sums."""
+    frame) and sums the carries R_{e-1} entering each block from the right; pass B (:func:`_block_forward`) runs
+    the sweeps of :func:`rows_kernel` block by block, in [2 block, 4] scratch that stays in L1/L2. Pass A's
+    exponentials of the first TOKEN_KEEP tokens are kept for pass B. Lane by lane the same arithmetic as the rows
+    but for the order of the right sums."""
     B, T, C = k.shape
     units = (C + 15) // 16
     k2, v2, y2 = k.reshape(-1, C), v.reshape(-1, C), y.reshape(-1, C)
