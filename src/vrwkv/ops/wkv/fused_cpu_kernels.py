@@ -752,6 +752,7 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
             store4(state, q + 2, den)
             continue
         h_num, h_den, o_num, o_den = load4(state, q + 4), load4(state, q + 6), load4(state, q + 8), load4(state, q + 10)
+        x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
         t = s
         while t < e:  # the pieces of kernel chunks [c, c + chunk) in the block: H and O restart (O excludes c)
             stop = min(e, (t // chunk + 1) * chunk)
@@ -759,7 +760,7 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
                 i = h * L + t - s
                 xt, pt = load4(x, i), load4(p, i)
                 n_t = num + load4(right_p, i) + bonus * pt
-                d_t = eps1 * (den + load4(right_x, i) + bonus * xt) + eps * xt
+                d_t = eps1 * (den + load4(right_x, i)) + x_bonus * xt
                 store_run(y2, base + t, col + 4 * h, n_t / d_t)
                 h_num, h_den = decay * pt, decay * xt
                 o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
@@ -772,8 +773,7 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
                 o_num = grow * o_num + pt
                 o_den = grow * o_den + xt
                 n_t = num + load4(right_p, i) + own * (h_num - o_num) + bonus * pt
-                d_t = den + load4(right_x, i) + own * (h_den - o_den) + bonus * xt
-                d_t = eps1 * d_t + eps * xt
+                d_t = eps1 * (den + load4(right_x, i) + own * (h_den - o_den)) + x_bonus * xt
                 store_run(y2, base + t, col + 4 * h, n_t / d_t)
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
