@@ -53,6 +53,51 @@ def test_token_major_matches_the_reference_and_the_channel_major_kernel(semantic
     assert rel_err(y32, ref) < TOL32[semantics] and rel_err(y32, rows32) < 3e-7
 
 
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("T, chunks", [(fused_cpu.TOKEN_BLOCK - 1, 32), (fused_cpu.TOKEN_BLOCK, 32),
+                                       (fused_cpu.TOKEN_BLOCK + 1, 32), (2 * fused_cpu.TOKEN_BLOCK, 2),
+                                       (3 * fused_cpu.TOKEN_BLOCK + 5, 2), (3 * fused_cpu.TOKEN_BLOCK + 5, 7),
+                                       (2 * fused_cpu.TOKEN_BLOCK + 1, 256)])
+def test_token_blocks_match_the_reference_and_the_channel_major_kernel(semantics, sign, T, chunks):
+    """The kernel's blocks of TOKEN_BLOCK tokens: T shorter than a block, one block, one more token, several blocks
+    with a short last one; kernel chunks longer than a block (chunks = 2: a block inside a chunk, a chunk starting
+    inside a block), as long (T = 2 blocks, chunks = 2), shorter and across block ends (chunks = 7), one token
+    (chunks = 256 > T); C = 20 (a tail group): the reference's tolerances, the channel-major kernel to rounding.
+    Kernel chunks of 100+ tokens (chunks = 2, official): the EPS form departs from the kernel's running max by
+    ~1e-3 there (the channel-major kernel and the block path alike), and for w > 0 the own-chunk terms cancel
+    (an ill-conditioned function): the block path's EPS form within 1e-11, the channel-major kernel within 1e-12."""
+    k, v, w, u = inputs(2, T, 20, sign, seed=T + chunks)
+    y64 = fused(k, v, w, u, semantics, chunks)
+    rows64 = fused(channel_major(k), channel_major(v), w, u, semantics, chunks)
+    assert y64.is_contiguous()
+    if semantics == "official" and chunks == 2:
+        assert rel_err(y64, blocked_bi_wkv(k, v, w, u, semantics, chunks)) < 1e-11 and rel_err(y64, rows64) < 1e-12
+    else:
+        assert rel_err(y64, reference(semantics, k, v, w, u, chunks=chunks)) < TOL64[semantics]
+        assert rel_err(y64, rows64) < 1e-14
+    k32, v32, w32, u32 = (x.float() for x in (k, v, w, u))
+    y32 = fused(k32, v32, w32, u32, semantics, chunks)
+    assert rel_err(y32, fused(channel_major(k32), channel_major(v32), w32, u32, semantics, chunks)) < 3e-7
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_kept_and_recomputed_exponentials_agree(semantics):
+    """Past TOKEN_KEEP tokens pass B computes the exponentials again instead of reusing pass A's: both kinds of
+    blocks (and the one that straddles the limit, T not a multiple of the block) agree with the channel-major
+    kernel; keys spread over ±30 (block frames far from the row's largest key). Over 4,000+ tokens the float64 sums
+    of both kernels are ~1e-13 from the reference (paper, measured once: 2.7e-14 and 2.8e-14 here, 7e-14 and 1e-13
+    with k_scale = 3; the O(T²) reference takes ~30 s), hence 3e-13 between them."""
+    T = fused_cpu.TOKEN_KEEP + fused_cpu.TOKEN_BLOCK + 37
+    k, v, w, u = random_inputs(1, T, 16, k_scale=10.0, seed=3)
+    y64 = fused(k, v, w, u, semantics)
+    rows64 = fused(channel_major(k), channel_major(v), w, u, semantics)
+    assert rel_err(y64, rows64) < 3e-13
+    k32, v32, w32, u32 = (x.float() for x in (k, v, w, u))
+    y32 = fused(k32, v32, w32, u32, semantics)
+    assert rel_err(y32, fused(channel_major(k32), channel_major(v32), w32, u32, semantics)) < 3e-7
+
+
 @pytest.mark.parametrize("official", [False, True])
 def test_kernel_groups_in_any_pieces_give_the_same_result(official):
     """Pieces of lane groups from any group (across batch elements, with and without the tail group of C = 22) give

@@ -22,8 +22,10 @@ caller runs the block path instead. Accuracy is that of float64 sums, then one r
 
 Token-major inputs (C-contiguous ``[B, T, C]``, e.g. from Linears) without autograd run the same sweeps on eight
 adjacent channels of a batch element at once (``tokens_kernel``: one vector load of k, v and one store of y per
-token, y token-major; faster than the rows by ~25 % at T = 4,096 on AVX-512, and it spares the caller the
-channel-major projections, slower matmuls on CPU).
+token, y token-major; faster than the rows by ~25 % at T = 4,096, and it spares the caller the channel-major
+projections, slower matmuls on CPU), in blocks of :data:`TOKEN_BLOCK` tokens: a first pass takes each block's
+key range and right sums, a scan over the blocks the carries from the right, a second pass the sweeps block by
+block in scratch that stays in cache (k, v read twice, y written once, whatever T).
 
 The backward (:class:`_FusedBiWKV`) recomputes the forward's sums and runs the transposed ones (``ops/wkv/README.md``);
 autograd keeps only k and v. Under autograd every layout takes the channel-major rows.
@@ -181,6 +183,12 @@ FORWARD, BACKWARD, TOKENS = "forward", "backward", "tokens"
 #: Adjacent channels per vector of the token-major kernel, and per unit (a cache line of float32: two threads writing
 #: the two halves of a line at once made the kernel 1.7x slower on two threads).
 TOKEN_LANES, TOKEN_UNIT = 8, 16
+#: Tokens per block of the token-major kernel: its four [block, 8] float64 scratch arrays (32 KB) and the block's
+#: lines of k, v, y stay in L1/L2 between the block's sweeps (64 tokens measured ~5 % slower: per-block overheads).
+TOKEN_BLOCK = 128
+#: The token-major kernel keeps its first pass's exponentials of this many first tokens for the second ([2, 4096, 8]
+#: float64, 512 KB: in L2); the second pass computes the others again (kept in L3 they measured slower).
+TOKEN_KEEP = 4096
 
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:

@@ -12,7 +12,7 @@ from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
 
-from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE
+from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE, TOKEN_BLOCK, TOKEN_KEEP
 
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
 # Taylor coefficients 1/n! of e^r on |r| <= ln2 / 2: degree 11, ~1e-14 relative ((ln2/2)^12/12! = 3e-15)
@@ -238,7 +238,7 @@ _inline = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model=
 
 @_inline
 def _exp4(z):
-    """e^z for the lanes z in [-700, 0]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
+    """e^z for the lanes z in [-700, 700]: 2^m e^r with m = round(z log2 e), no calls and no branches. The rounding adds
     1.5·2^52, which leaves m in the low mantissa bits."""
     big = z * _LOG2E + _ROUND
     m = big - _ROUND
@@ -652,127 +652,249 @@ def store_run8(typingctx, a, r, t, x):
         return types.none(a, r, t, x), codegen
 
 
-@_inline
-def _right_step8(x, p, right_p, right_x, t, num, den, decay, shifted_key, value):
-    """:func:`_right_step` of eight lanes ([T, 8] scratch)."""
-    xt = _exp4(shifted_key)
-    pt = xt * value
-    store8(x, t, xt)
-    store8(p, t, pt)
-    store8(right_p, t, num)
-    store8(right_x, t, den)
-    return decay * num + decay * pt, decay * den + decay * xt
+@intrinsic
+def store_run(typingctx, a, r, t, x):
+    """a[r, t..t+3] = x rounded to a's dtype (a: a float [rows, n] array)."""
+    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and x == f64x4:
+        def codegen(context, builder, sig, args):
+            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
+            run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, 4))
+            builder.store(run, _pointer(context, builder, sig, args, 1, 2), align=align)
+            return context.get_dummy_value()
+        return types.none(a, r, t, x), codegen
+
+
+def _half(first):
+    @intrinsic
+    def half(typingctx, x):
+        if x == f64x8:
+            def codegen(context, builder, sig, args):
+                mask = ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(first, first + 4)))
+                return builder.shuffle_vector(args[0], ir.Constant(args[0].type, ir.Undefined), mask)
+            return f64x4(x), codegen
+    return half
+
+
+low4, high4 = _half(0), _half(4)  # lanes 0..3, 4..7 of an f64x8
 
 
 @_fast
-def _lanes_shift(k2, w, u, base, T, col, channels):
-    """The largest key of each lane over the tokens base..base+T of k2 ([B·T, C]: lanes = columns col..col+7), and
-    how many of the lanes' channels (the numbers ``channels``; a channel repeated in spare lanes counts once) are out
-    of range (as :func:`_row_shift`)."""
-    high = splat8(-np.inf)
-    low = -high
-    for t in range(base, base + T):  # (NaN keys are skipped, as by max and min: they propagate to the outputs)
-        run = load_run8(k2, t, col)
-        high, low = vmax(run, high), vmin(run, low)
-    unsafe = 0
-    prev = -1
-    for i in range(8):
-        c = channels[i]
-        if c != prev and not (lane(high, i) - lane(low, i) + abs(w[c]) * T + abs(u[c]) <= MAX_ROW_RANGE):
-            unsafe += 1
-        prev = c
-    return unsafe, high
+def _block_summary(k2, v2, base, col, s, e, decay, keep, kept):
+    """Pass A of the token-major forward for the tokens s..e of a block (rows base + s.. of k2, v2 ([B·T, C] or a
+    group's [T, 8] copy), lanes = columns col..col+7), in one sweep right to left: the block's frame m (the keys of
+    its last token), the lanes' largest and smallest keys, and the block's sums Σ_{s <= j < e} e^{-(j-s) w}
+    e^{k_j - m} [v_j | 1]; with ``keep``, the e^{k_j - m} into the rows keep + j of kept. For a row in range
+    every |k_j - m| and the decay across the block stay within MAX_ROW_RANGE: the terms fit float64 (up to e^600)
+    without a sweep for the block's largest key first."""
+    m = load_run8(k2, base + e - 1, col)
+    high, low = m, m
+    num = den = splat8(0.0)
+    for t in range(e - 1, s - 1, -1):
+        key = load_run8(k2, base + t, col)
+        high, low = vmax(key, high), vmin(key, low)  # (NaN keys are skipped, as by max and min: they propagate)
+        xt = _exp4(key - m)
+        if keep >= 0:
+            store8(kept, keep + t, xt)
+        num = decay * num + xt * load_run8(v2, base + t, col)
+        den = decay * den + xt
+    return m, high, low, num, den
 
 
 @_fast
-def _forward_lanes(k2, v2, y2, base, T, col, params, hi, chunk, eps, official, x, p, right_p, right_x):
-    """y of the tokens base..base+T (one batch element) of the columns col..col+7 of k2, v2, y2 ([B·T, C]) in
-    lockstep (params: rows e^{-w}, e^w, e^w - 1, e^u of their channels; hi: their largest keys): the sweeps of
-    :func:`_forward_rows`, eight channels at a time. (No helpers with array arguments in the loops with branches:
-    numba reference-counts them there.)"""
-    decay, grow, own, bonus = load8(params, 0), load8(params, 1), load8(params, 2), load8(params, 3)
-    num = den = splat8(0.0)
-    for t in range(T - 1, -1, -1):  # right to left: X, P, R
-        num, den = _right_step8(x, p, right_p, right_x, t, num, den, decay, load_run8(k2, base + t, col) - hi,
-                                load_run8(v2, base + t, col))
-    num = den = splat8(0.0)
-    if not official:  # left to right: G_t, then G_{t+1} = e^{-w} (G_t + P_t), and y
-        for t in range(T):
-            xt, pt = load8(x, t), load8(p, t)
-            n_t = grow * (num + load8(right_p, t)) + bonus * pt
-            d_t = grow * (den + load8(right_x, t)) + bonus * xt
-            num = decay * num + decay * pt
-            den = decay * den + decay * xt
-            store_run8(y2, base + t, col, n_t / d_t)
-        return
-    eps1 = 1.0 + eps
-    for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token)
-        xt, pt = load8(x, s), load8(p, s)
-        n_t = num + load8(right_p, s) + bonus * pt
-        d_t = eps1 * (den + load8(right_x, s) + bonus * xt) + eps * xt
-        store_run8(y2, base + s, col, n_t / d_t)
-        h_num, h_den = decay * pt, decay * xt
-        o_num = o_den = splat8(0.0)
+def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, carry_x, state, chunk, eps, official,
+                   x, p, right_p, right_x, keep, kept, scale):
+    """Pass B of the token-major forward for the tokens s..e of a block, lane group g (params: its rows e^{-w} at
+    5g and e^{-L w} at 5g + 4; halves: the rows e^{-w}, e^w, e^w - 1, e^u of its lanes 4h..4h+3 at 2(5g + i) + h;
+    hi: its largest keys K): right to left X = e^{k - K}, P = X v and the right sums R into the [2 block, 4] scratch
+    x, p, right_p, right_x (lanes 4h..4h+3 of token s + i in row h·block + i), starting from R_{e-1} = (carry_p,
+    carry_x) (the tokens after the block); then left to right, four lanes at a time (eight lanes' sums would not
+    stay in the 16 AVX2 registers), the left sums (the official function's H, O restarted at every kernel chunk,
+    which may start or end inside the block) and y. The left sums enter and leave through the rows
+    2(6g + i) + h of state. With ``keep``, X is pass A's e^{k - m} (rows keep + t of kept) times scale = e^{m - K}
+    instead of a second exponential. The arithmetic of :func:`_forward_rows`, lane by lane, but for the order in
+    which R is summed."""
+    L = TOKEN_BLOCK
+    decay = load8(params, 5 * g)
+    num, den = carry_p, carry_x
+    for t in range(e - 1, s - 1, -1):
+        if keep >= 0:
+            xt = load8(kept, keep + t) * scale
+        else:
+            xt = _exp4(load_run8(k2, base + t, col) - hi)
+        pt = xt * load_run8(v2, base + t, col)
+        i = t - s
+        store4(x, i, low4(xt))
+        store4(x, L + i, high4(xt))
+        store4(p, i, low4(pt))
+        store4(p, L + i, high4(pt))
+        store4(right_p, i, low4(num))
+        store4(right_p, L + i, high4(num))
+        store4(right_x, i, low4(den))
+        store4(right_x, L + i, high4(den))
         num = decay * num + decay * pt
         den = decay * den + decay * xt
-        for t in range(s + 1, min(s + chunk, T)):
-            xt, pt = load8(x, t), load8(p, t)
-            o_num = grow * o_num + pt
-            o_den = grow * o_den + xt
-            n_t = num + load8(right_p, t) + own * (h_num - o_num) + bonus * pt
-            d_t = den + load8(right_x, t) + own * (h_den - o_den) + bonus * xt
-            d_t = eps1 * d_t + eps * xt
-            store_run8(y2, base + t, col, n_t / d_t)
-            num = decay * num + decay * pt
-            den = decay * den + decay * xt
-            h_num = decay * h_num + decay * pt
-            h_den = decay * h_den + decay * xt
+    eps1 = 1.0 + eps
+    for h in range(2):
+        row, q = 10 * g + h, 12 * g + h  # (the rows of the half's parameters and left sums)
+        decay, grow, own, bonus = load4(halves, row), load4(halves, row + 2), load4(halves, row + 4), load4(
+            halves, row + 6)
+        num, den = load4(state, q), load4(state, q + 2)
+        if not official:  # G_{t+1} = e^{-w} (G_t + P_t), and y
+            for t in range(s, e):
+                i = h * L + t - s
+                xt, pt = load4(x, i), load4(p, i)
+                n_t = grow * (num + load4(right_p, i)) + bonus * pt
+                d_t = grow * (den + load4(right_x, i)) + bonus * xt
+                num = decay * num + decay * pt
+                den = decay * den + decay * xt
+                store_run(y2, base + t, col + 4 * h, n_t / d_t)
+            store4(state, q, num)
+            store4(state, q + 2, den)
+            continue
+        h_num, h_den, o_num, o_den = load4(state, q + 4), load4(state, q + 6), load4(state, q + 8), load4(state, q + 10)
+        x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
+        t = s
+        while t < e:  # the pieces of kernel chunks [c, c + chunk) in the block: H and O restart (O excludes c)
+            stop = min(e, (t // chunk + 1) * chunk)
+            if t % chunk == 0:
+                i = h * L + t - s
+                xt, pt = load4(x, i), load4(p, i)
+                n_t = num + load4(right_p, i) + bonus * pt
+                d_t = eps1 * (den + load4(right_x, i)) + x_bonus * xt
+                store_run(y2, base + t, col + 4 * h, n_t / d_t)
+                h_num, h_den = decay * pt, decay * xt
+                o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+                num = decay * num + decay * pt
+                den = decay * den + decay * xt
+                t += 1
+            for t in range(t, stop):
+                i = h * L + t - s
+                xt, pt = load4(x, i), load4(p, i)
+                o_num = grow * o_num + pt
+                o_den = grow * o_den + xt
+                n_t = num + load4(right_p, i) + own * (h_num - o_num) + bonus * pt
+                d_t = eps1 * (den + load4(right_x, i) + own * (h_den - o_den)) + x_bonus * xt
+                store_run(y2, base + t, col + 4 * h, n_t / d_t)
+                num = decay * num + decay * pt
+                den = decay * den + decay * xt
+                h_num = decay * h_num + decay * pt
+                h_den = decay * h_den + decay * xt
+            t = stop
+        for i, sums in enumerate((num, den, h_num, h_den, o_num, o_den)):
+            store4(state, q + 2 * i, sums)
 
 
 @_fast
 def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
     """Bi-WKV of the units g0..g1 of token-major k, v, y (C-contiguous [B, T, C]; w, u: float64 [C]): unit b·U + j
     (U = ceil(C / 16)) is the channels 16j..16j+15 of batch element b, a cache line of float32, as two lane groups of
-    eight run one after the other (units of a whole line: two threads never write halves of one line at the same
-    time). A last group of a C not a multiple of 8 has fewer channels: they are copied into [T, 8] scratch (the last
-    one repeated in the spare lanes), computed there and copied out. Returns how many (channel, batch) rows were out
-    of range: their whole group is left unwritten (the caller then takes another path). The sweeps are
-    :func:`rows_kernel`'s, lane by lane the same arithmetic."""
+    eight (units of a whole line: two threads never write halves of one line at the same time). A last group of a C
+    not a multiple of 8 has fewer channels: they are copied into [T, 8] scratch (the last one repeated in the spare
+    lanes), computed there and copied out. Returns how many (channel, batch) rows were out of range: their whole
+    group is left unwritten (the caller then takes another path).
+
+    The tokens go in blocks of TOKEN_BLOCK, both groups of the unit block by block (each line of k, v, y comes from
+    memory once per pass): pass A (:func:`_block_summary`) takes each block's key range and its right sums in its own
+    frame; a scan over the blocks puts them in the frame of the row's largest key K (e^{m_b - K}, m_b the block's
+    frame) and sums the carries R_{e-1} entering each block from the right; pass B (:func:`_block_forward`) runs
+    the sweeps of :func:`rows_kernel` block by block, in [2 block, 4] scratch that stays in L1/L2. Pass A's
+    exponentials of the first TOKEN_KEEP tokens are kept for pass B. Lane by lane the same arithmetic as the rows
+    but for the order of the right sums."""
     B, T, C = k.shape
     units = (C + 15) // 16
     k2, v2, y2 = k.reshape(-1, C), v.reshape(-1, C), y.reshape(-1, C)
-    x, p, right_p, right_x = np.empty((T, 8)), np.empty((T, 8)), np.empty((T, 8)), np.empty((T, 8))
-    params, channels = np.empty((4, 8)), np.empty(8, np.int64)
+    L = TOKEN_BLOCK
+    blocks = (T + L - 1) // L
+    x, p, right_p, right_x = np.empty((2 * L, 4)), np.empty((2 * L, 4)), np.empty((2 * L, 4)), np.empty((2 * L, 4))
+    params, halves, state = np.empty((10, 8)), np.empty((20, 4)), np.empty((24, 4))
+    high, low = np.empty((2, 8)), np.empty((2, 8))
+    # per (group, block): the block's frame, then e^{frame - K}; its sums, then the carries from the right
+    block_frame, sum_p, sum_x = np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8))
+    channels, skip = np.empty((2, 8), np.int64), np.zeros(2, np.bool_)
+    # pass A's exponentials of the first W tokens ([2W, 8]: L2-sized), kept for pass B (the others: computed again)
+    W = min(T, TOKEN_KEEP)
+    kept = np.empty((2 * W, 8))
     # [T, 8] copies of the columns of a last group (in one of the units g0..g1 if C is not a multiple of 8)
     n = T if C % 8 != 0 and g1 > g0 and (g0 // units < (g1 - 1) // units or (g1 - 1) % units == units - 1) else 0
     tk, tv, ty = np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype)
     unsafe = 0
     for unit in range(g0, g1):
         b, first = unit // units, unit % units * 16
-        for c0 in range(first, min(first + 16, C), 8):
+        groups = (min(first + 16, C) - first + 7) // 8
+        tail = first + 8 * groups > C  # the last group has fewer than eight channels: it runs on the copies
+        for g in range(groups):
+            c0 = first + 8 * g
             last = min(c0 + 7, C - 1)
             for i in range(8):
                 c = min(c0 + i, last)
-                channels[i] = c
-                params[0, i], params[1, i], params[2, i] = math.exp(-w[c]), math.exp(w[c]), math.expm1(w[c])
-                params[3, i] = math.exp(u[c])
-            full = last == c0 + 7
-            if full:
-                bad, hi = _lanes_shift(k2, w, u, b * T, T, c0, channels)
-            else:
-                for t in range(T):
-                    for i in range(8):
-                        c = channels[i]
-                        tk[t, i], tv[t, i] = k2[b * T + t, c], v2[b * T + t, c]
-                bad, hi = _lanes_shift(tk, w, u, 0, T, 0, channels)
-            if bad:
-                unsafe += bad
-                continue
-            if full:
-                _forward_lanes(k2, v2, y2, b * T, T, c0, params, hi, chunk, eps, official, x, p, right_p, right_x)
-            else:
-                _forward_lanes(tk, tv, ty, 0, T, 0, params, hi, chunk, eps, official, x, p, right_p, right_x)
-                for t in range(T):
-                    for c in range(c0, C):
-                        y2[b * T + t, c] = ty[t, c - c0]
+                channels[g, i] = c
+                params[5 * g, i], params[5 * g + 1, i] = math.exp(-w[c]), math.exp(w[c])
+                params[5 * g + 2, i], params[5 * g + 3, i] = math.expm1(w[c]), math.exp(u[c])
+                # e^{-L w} across a whole block (at most T tokens: within e^600 for a row in range)
+                params[5 * g + 4, i] = math.exp(-min(L, T) * w[c])
+                for j in range(4):  # the rows of halves: 2 (5g + j) + h, lanes 4h..4h+3
+                    halves[2 * (5 * g + j) + i // 4, i % 4] = params[5 * g + j, i]
+            store8(high, g, splat8(-np.inf))
+            store8(low, g, splat8(np.inf))
+        if tail:
+            c0 = first + 8 * (groups - 1)
+            for t in range(T):
+                for i in range(8):
+                    c = channels[groups - 1, i]
+                    tk[t, i], tv[t, i] = k2[b * T + t, c], v2[b * T + t, c]
+        for blk in range(blocks - 1, -1, -1):  # pass A (right to left: the kept blocks last, still in cache for B)
+            s, e = blk * L, min(blk * L + L, T)
+            keep = -1 if e > W else 0  # (a negative keep: computed again)
+            for g in range(groups):
+                on_copy = tail and g == groups - 1
+                kg, vg = (tk, tv) if on_copy else (k2, v2)
+                base, col = (0, 0) if on_copy else (b * T, first + 8 * g)
+                m, hi, lo, num, den = _block_summary(kg, vg, base, col, s, e, load8(params, 5 * g),
+                                                     keep if keep < 0 else g * W, kept)
+                store8(high, g, vmax(hi, load8(high, g)))
+                store8(low, g, vmin(lo, load8(low, g)))
+                store8(block_frame, g * blocks + blk, m)
+                store8(sum_p, g * blocks + blk, num)
+                store8(sum_x, g * blocks + blk, den)
+        for g in range(groups):  # the range check, the carries
+            bad, prev = 0, -1
+            for i in range(8):
+                c = channels[g, i]  # (a channel repeated in spare lanes counts once)
+                if c != prev and not (high[g, i] - low[g, i] + abs(w[c]) * T + abs(u[c]) <= MAX_ROW_RANGE):
+                    bad += 1
+                prev = c
+            unsafe += bad
+            skip[g] = bad > 0
+            hi, decay, decay_block = load8(high, g), load8(params, 5 * g), load8(params, 5 * g + 4)
+            carry_p = carry_x = splat8(0.0)
+            for blk in range(blocks - 1, -1, -1):  # T_b = e^{m_b - K} S_b + e^{-L w} T_{b+1}; R_{e_b - 1} = e^{-w} T_{b+1}
+                r = g * blocks + blk
+                scale = _exp4(load8(block_frame, r) - hi)
+                block_p, block_x = load8(sum_p, r), load8(sum_x, r)
+                store8(block_frame, r, scale)  # (pass B's factor for the kept exponentials)
+                store8(sum_p, r, decay * carry_p)
+                store8(sum_x, r, decay * carry_x)
+                carry_p = decay_block * carry_p + scale * block_p
+                carry_x = decay_block * carry_x + scale * block_x
+            for i in range(12 * g, 12 * g + 12):
+                store4(state, i, vec4(0.0, 0.0, 0.0, 0.0))
+        for blk in range(blocks):  # pass B
+            s, e = blk * L, min(blk * L + L, T)
+            keep = -1 if e > W else 0
+            for g in range(groups):
+                if skip[g]:
+                    continue
+                on_copy = tail and g == groups - 1
+                kg, vg, yg = (tk, tv, ty) if on_copy else (k2, v2, y2)
+                base, col = (0, 0) if on_copy else (b * T, first + 8 * g)
+                r = g * blocks + blk
+                _block_forward(kg, vg, yg, base, col, s, e, params, halves, g, load8(high, g), load8(sum_p, r),
+                               load8(sum_x, r), state, chunk, eps, official, x, p, right_p, right_x,
+                               keep if keep < 0 else g * W, kept,
+                               load8(block_frame, r))
+        if tail and not skip[groups - 1]:
+            c0 = first + 8 * (groups - 1)
+            for t in range(T):
+                for c in range(c0, C):
+                    y2[b * T + t, c] = ty[t, c - c0]
     return unsafe

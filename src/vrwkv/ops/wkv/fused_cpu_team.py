@@ -11,7 +11,10 @@ How: a numba ``cfunc`` per (kernel, dtype) is the region's body; it reads the ke
 small int64 control block (addresses, shapes, scalars; the float ``eps`` through a float64 view of its slot), takes
 pieces of rows in turn (an atomic counter in the block: a thread slowed by other work on its core takes fewer), and
 adds its count of out-of-range rows to the block's result slot (atomically). The bodies call only numba code, so
-numba caches them on disk: a new process loads them.
+numba caches them on disk: a new process loads them. Numba keys that cache on this file alone, not on the kernels the
+bodies call: after a change to ``fused_cpu_kernels.py`` the team would run the kernels cached with the bodies (seen:
+the team's float64 results then differ from one thread's) until this file changes or its ``*.nbi``/``*.nbc`` files
+in ``__pycache__`` are removed.
 """
 from __future__ import annotations
 
