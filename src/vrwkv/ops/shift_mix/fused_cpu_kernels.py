@@ -10,8 +10,11 @@ import numba
 import numpy as np
 from numba import types
 
+from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
 from vrwkv.ops._simd import lanes, load, prefetch, store, torch_lerp
 from vrwkv.ops.wkv.fused_cpu_team import _address_as_pointer, _fetch_add
+
+key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
 
 #: Control block (int64 slots): the B*T token rows of x, C, the grid H and W, the channels per quarter g, the shift
 #: s, the output's token rows [T0, T1) of x, the grid rows per piece, the next piece (taken by atomic adds), then the

@@ -12,7 +12,10 @@ from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
 
+from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
 from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE, TOKEN_BLOCK, TOKEN_KEEP
+
+key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
 
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
 # Taylor coefficients 1/n! of e^r on |r| <= ln2 / 2: degree 11, ~1e-14 relative ((ln2/2)^12/12! = 3e-15)

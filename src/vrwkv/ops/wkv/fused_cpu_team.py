@@ -27,7 +27,10 @@ from numba import types
 from numba.extending import intrinsic
 
 from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
+from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
 from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
+
+key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
 
 #: Control block layout (int64 slots): C, B, T, chunk, eps (float64 bits), official, units (rows, channel units),
 #: units per piece, the next piece's first unit (taken by atomic adds), then the array addresses.
