@@ -643,28 +643,24 @@ def load_run8(typingctx, a, r, t):
         return f64x8(a, r, t), codegen
 
 
-@intrinsic
-def store_run8(typingctx, a, r, t, x):
-    """a[r, t..t+7] = x rounded to a's dtype (a: a float [rows, n] array)."""
-    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and x == f64x8:
-        def codegen(context, builder, sig, args):
-            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
-            run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, 8))
-            builder.store(run, _pointer(context, builder, sig, args, 1, 2, lanes=8), align=align)
-            return context.get_dummy_value()
-        return types.none(a, r, t, x), codegen
+def _store_run_of(vector, lanes: int):
+    """The intrinsic ``a[r, t..t+lanes-1] = x`` rounded to a's dtype (a: a float [rows, n] array; x: ``vector``)."""
+
+    def store(typingctx, a, r, t, x):
+        if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and x == vector:
+            def codegen(context, builder, sig, args):
+                element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
+                run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, lanes))
+                builder.store(run, _pointer(context, builder, sig, args, 1, 2, lanes=lanes), align=align)
+                return context.get_dummy_value()
+            return types.none(a, r, t, x), codegen
+
+    store.__doc__ = f"a[r, t..t+{lanes - 1}] = x rounded to a's dtype (a: a float [rows, n] array)."
+    return intrinsic(store)
 
 
-@intrinsic
-def store_run(typingctx, a, r, t, x):
-    """a[r, t..t+3] = x rounded to a's dtype (a: a float [rows, n] array)."""
-    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and x == f64x4:
-        def codegen(context, builder, sig, args):
-            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
-            run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, 4))
-            builder.store(run, _pointer(context, builder, sig, args, 1, 2), align=align)
-            return context.get_dummy_value()
-        return types.none(a, r, t, x), codegen
+store_run8 = _store_run_of(f64x8, 8)
+store_run = _store_run_of(f64x4, 4)
 
 
 def _half(first):
