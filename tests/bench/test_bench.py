@@ -73,6 +73,9 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path):
     assert flops[("test_vrwkv", 64, 1)] > 3 * flops[("test_vrwkv", 32, 1)]
     md = (tmp_path / "results.md").read_text()
     assert "test_vrwkv" in md and "speed-up vs ViT (CPU)" in md and "× floor" in md and "tensor peak (MB)" in md
+    machine = saved["machine"]  # which CPU ran it (hosts of the same name differ), and the run's start and end
+    assert machine["cpu_model"] and machine["cpu_capability"] and saved["started"] <= saved["date"]
+    assert f"Benchmark from {saved['started']} to {saved['date']}" in md
     for png in ("time_vs_resolution.png", "memory_vs_resolution.png"):
         with Image.open(tmp_path / png) as im:
             assert im.size[0] > 100

@@ -110,7 +110,11 @@ def write_markdown(report: dict) -> str:
     by_backend = ", ".join(f"{name} {value:.0f}" for name, value in sorted(peaks.items()))
     m = report["machine"]
     lines = [
-        f"Benchmark of {report['date']} on {m['platform']} ({m['cpu_count']} CPUs), torch {m['torch']}, timm {m['timm']}.",
+        f"Benchmark {'from ' + report['started'] + ' to' if report.get('started') else 'of'} {report['date']} on "
+        f"{m['platform']} ({m['cpu_count']} CPUs"
+        f"{': ' + m['cpu_model'] if m.get('cpu_model') else ''}"
+        f"{', torch kernels ' + m['cpu_capability'] if m.get('cpu_capability') else ''}), "
+        f"torch {m['torch']}, timm {m['timm']}.",
         f"fp32 matmul peak measured in this run (2048³, GFLOP/s): {by_backend or '—'}; "
         f"\"% of peak\" is of the fastest, {_fmt(peak, '.0f')} GFLOP/s. Copy bandwidth: {_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
         *_allocator_note(report),

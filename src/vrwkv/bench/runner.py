@@ -139,6 +139,7 @@ def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -
     specs = plan(cfg)
     env = allocator_env(cfg)
     rows = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     for i, spec in enumerate(specs, 1):
         t0 = time.perf_counter()
         result = run_spec(spec, cfg.timeout_s, env) if isolate else measure(spec)
@@ -147,7 +148,9 @@ def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -
     report = {
         "config": asdict(cfg),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
-                    "torch": _version("torch"), "timm": _version("timm"), "cpu_count": _cpu_count()},
+                    "torch": _version("torch"), "timm": _version("timm"), "cpu_count": _cpu_count(),
+                    "cpu_model": _cpu_model(), "cpu_capability": _cpu_capability()},
+        "started": started,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "rows": rows,
     }
@@ -199,6 +202,29 @@ def _version(module: str) -> str:
     try:
         return __import__(module).__version__
     except Exception:  # a missing optional package is reported, not fatal
+        return "n/a"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and, on x86 Linux, whether it has AVX-512 (the same VM type name can hide different
+    hosts: these benchmarks ran on a Zen 4 with AVX-512 one day and a Zen 3 without it the next)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name or 'unknown'}{', AVX-512' if 'avx512f' in flags else ', no AVX-512' if flags else ''}"
+
+
+def _cpu_capability() -> str:
+    """The vector instruction set PyTorch's CPU kernels dispatch to (e.g. AVX2, AVX512)."""
+    import torch
+
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
         return "n/a"
 
 
