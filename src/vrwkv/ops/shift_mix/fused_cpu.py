@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vrwkv.ops._cpu_pool import ProcessThreadPool
+from vrwkv.ops._profiling import named_range
 
 from vrwkv.ops.shift_mix.q_shift import check_q_shift
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
@@ -93,10 +94,7 @@ def fused_q_shift_lerp(
         control = np.array([B * T, C, H, W, int(C * channel_gamma), shift_pixel, t0, t1,
                             max(1, grid_rows // (8 * threads)), 0, x.data_ptr(), out.data_ptr(), weights.data_ptr(),
                             zero.data_ptr()], dtype=np.int64)
-        if torch._C._autograd._profiler_enabled():  # named in profiles (not a torch op); ~5 us otherwise
-            with torch.profiler.record_function("vrwkv::fused_q_shift_lerp"):
-                _run(kernels, _DTYPES[x.dtype], control, threads)
-        else:
+        with named_range("vrwkv::fused_q_shift_lerp"):
             _run(kernels, _DTYPES[x.dtype], control, threads)
     return out.view(B, T, C) if tokens is None else out.view(t1 - t0, C)
 

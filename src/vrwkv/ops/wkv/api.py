@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from vrwkv.ops._dtype import check_floating_on_one_device, run_in_float32
+from vrwkv.ops._profiling import named_range
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports
 from vrwkv.ops.wkv.chunked import chunked_bi_wkv
 from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv, numba_enabled
@@ -81,11 +82,9 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
         impl = _fused_or_blocked
     else:
         impl = blocked_bi_wkv
-    if not torch.compiler.is_compiling() and torch._C._autograd._profiler_enabled():  # one named range in profiles
-        # (vrwkv.bench.profile attributes the operators inside it to the WKV)
-        with torch.profiler.record_function("vrwkv::causal_wkv" if semantics == "causal" else "vrwkv::bi_wkv"):
-            return run_in_float32(impl, (k, v, w, u), semantics=semantics)
-    return run_in_float32(impl, (k, v, w, u), semantics=semantics)
+    # one named range in profiles (vrwkv.bench.profile attributes the operators inside it to the WKV)
+    with named_range("vrwkv::causal_wkv" if semantics == "causal" else "vrwkv::bi_wkv"):
+        return run_in_float32(impl, (k, v, w, u), semantics=semantics)
 
 
 def _fused_cpu_applies(k: torch.Tensor) -> bool:

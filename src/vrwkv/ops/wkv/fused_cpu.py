@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from vrwkv.ops._cpu_pool import ProcessThreadPool
+from vrwkv.ops._profiling import named_range
 
 #: Largest (key range of a row) + |w|·T + |u| the float64 scan takes: terms stay within e^{±600} (float64: e^{±708}).
 MAX_ROW_RANGE = 600.0
@@ -135,7 +136,7 @@ def _forward_tokens(k, v, w, u, semantics: str, chunks: int, eps: float) -> torc
     y = torch.empty(B, T, C, dtype=k.dtype)
     args = (k.detach().numpy(), v.detach().numpy(), wd.numpy(), ud.numpy(), y.numpy(), chunk, float(eps),
             semantics == "official")
-    with torch.profiler.record_function("vrwkv::fused_bi_wkv"):
+    with named_range("vrwkv::fused_bi_wkv"):
         unsafe = run_kernel(TOKENS, args, B * -(-C // TOKEN_UNIT))
     if unsafe:
         raise _OutOfRange
@@ -150,7 +151,7 @@ def _forward(k, v, w, u, semantics: str, chunks: int, eps: float):
     chunk = math.ceil(T / chunks) if semantics == "official" else T
     y = torch.empty(C, B, T, dtype=k.dtype)
     inputs = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy())
-    with torch.profiler.record_function("vrwkv::fused_bi_wkv"):  # (not a torch op: named in profiles this way)
+    with named_range("vrwkv::fused_bi_wkv"):
         unsafe = run_kernel(FORWARD, (*inputs, y.numpy(), chunk, float(eps), semantics == "official"), C * B)
     if unsafe:
         raise _OutOfRange
@@ -174,7 +175,7 @@ class _FusedBiWKV(torch.autograd.Function):
         dw_rows, du_rows = (torch.empty(C * B, dtype=torch.float64) for _ in range(2))
         args = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy(), gyc.numpy(), ctx.chunk, float(ctx.eps), ctx.official,
                 dk.numpy(), dv.numpy(), dw_rows.numpy(), du_rows.numpy())
-        with torch.profiler.record_function("vrwkv::fused_bi_wkv_backward"):
+        with named_range("vrwkv::fused_bi_wkv_backward"):
             run_kernel(BACKWARD, args, C * B)  # (the forward checked every row's range)
         dw, du = dw_rows.view(C, B).sum(1), du_rows.view(C, B).sum(1)
         return (dk.permute(1, 2, 0), dv.permute(1, 2, 0), dw.to(ctx.w_dtype), du.to(ctx.u_dtype), None, None, None)
