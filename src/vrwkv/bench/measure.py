@@ -67,7 +67,7 @@ def _live_tensor_bytes() -> int:
     storages = {}
     for obj in gc.get_objects():
         # (type(), not isinstance: isinstance reads __class__, which some lazy module objects answer with a warning)
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
             try:
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
@@ -153,7 +153,7 @@ def measure_model(spec: dict) -> dict:
         flops = None
     timing = _timeit(step, spec.get("warmup", 1), spec.get("repeats", 5))
     n_params = sum(p.numel() for p in model.parameters())
-    peak_rss_mb = _peak_rss_mb()
+    peak_rss_mb = _peak_rss_mb()  # (read before the tensor peak's profiled call)
     return {**timing, "flops": flops, "params": n_params, "peak_rss_mb": peak_rss_mb,
             "tensor_peak_mb": _tensor_peak_mb(step) if spec.get("tensor_peak", True) else None}
 

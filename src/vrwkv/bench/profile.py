@@ -150,21 +150,12 @@ def _tokens(model: torch.nn.Module, size: tuple[int, int]) -> int:
     return (size[0] // ph) * (size[1] // pw)
 
 
-def _matmul_peak(n: int = 2048) -> float:
-    from vrwkv.ops.linear import linear, onednn_enabled
+def _matmul_peak() -> float:
+    """The bench's 2048³ product (:func:`vrwkv.bench.measure.measure_matmul_peak`), through oneDNN where on."""
+    from vrwkv.bench.measure import measure_matmul_peak
+    from vrwkv.ops.linear import onednn_enabled
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    fn = (lambda: linear(a, b)) if onednn_enabled() else (lambda: torch.mm(a, b))  # noqa: E731
-    with torch.inference_mode():
-        fn()
-        best = min(_timed(fn) for _ in range(3))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return measure_matmul_peak({"backend": "onednn" if onednn_enabled() else "torch", "repeats": 3})["gflops"]
 
 
 def format_breakdown(b: Breakdown, top: int = 12) -> str:
@@ -184,7 +175,8 @@ def format_breakdown(b: Breakdown, top: int = 12) -> str:
                 line += f", {100 * b.matmul_gflops / b.matmul_peak_gflops:.0f} % in the matmuls"
             line += ")"
         lines.append(line + ".")
-    order = [c for c, _ in CATEGORY_RULES[:1]] + [WKV] + [c for c, _ in CATEGORY_RULES[1:]] + [OTHER, UNTRACKED]
+    by_name = [category for category, _ in CATEGORY_RULES]
+    order = [by_name[0], WKV, *by_name[1:], OTHER, UNTRACKED]  # the Bi-WKV right after the matmuls
     lines += ["", "| category | µs / token | share |", "|---|---|---|"]
     for category in order:
         s = b.seconds.get(category, 0.0)
