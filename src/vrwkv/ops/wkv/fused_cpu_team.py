@@ -11,10 +11,9 @@ How: a numba ``cfunc`` per (kernel, dtype) is the region's body; it reads the ke
 small int64 control block (addresses, shapes, scalars; the float ``eps`` through a float64 view of its slot), takes
 pieces of rows in turn (an atomic counter in the block: a thread slowed by other work on its core takes fewer), and
 adds its count of out-of-range rows to the block's result slot (atomically). The bodies call only numba code, so
-numba caches them on disk: a new process loads them. Numba keys that cache on this file alone, not on the kernels the
-bodies call: after a change to ``fused_cpu_kernels.py`` the team would run the kernels cached with the bodies (seen:
-the team's float64 results then differ from one thread's) until this file changes or its ``*.nbi``/``*.nbc`` files
-in ``__pycache__`` are removed.
+numba caches them on disk: a new process loads them. numba alone would key that cache on this file, not on the
+kernels the bodies call (after a change to ``fused_cpu_kernels.py`` the team ran the kernels cached with the bodies:
+its float64 results differed from one thread's); :mod:`vrwkv.ops._numba_cache` keys it on every kernel source.
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
+from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
 
 key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
