@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vrwkv.ops.linear import linear, onednn_enabled, onednn_linears
+from vrwkv.ops.linear import linear, linear_mul, onednn_enabled, onednn_linears
 
 needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this PyTorch has no oneDNN (torch.ops.mkldnn)")
 
@@ -134,3 +134,105 @@ def test_layers_linear_is_nn_linear_computed_by_the_op():
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)
         if onednn_enabled():
             assert "mkldnn::_linear_pointwise" in _ops_run(lambda: layer(x))
+
+
+# --- the post-ops: linear(..., activation=) and linear_mul ---------------------------------------------------------
+
+def _activation_close_to_float64(out: torch.Tensor, x, w, activation: str) -> None:
+    """activation(x w^T) within float32 accuracy of float64: the product's error bound carried through the
+    activation (ReLU and the sigmoid are 1- and 1/4-Lipschitz), plus the activation's own rounding."""
+    ref64 = F.linear(x.double(), w.double())
+    ref = torch.relu(ref64) if activation == "relu" else torch.sigmoid(ref64)
+    scale = (x.double().abs() @ w.double().abs().t()).amax()
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out.double() - ref).abs().max() <= 2e-6 * scale + 2e-7
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+@pytest.mark.parametrize("shape", [(196, 192, 768), (2, 99, 192, 192), (5, 20, 7)])
+def test_activation_is_fused_into_the_onednn_product(activation, shape):
+    torch.manual_seed(3)
+    *lead, K, N = shape
+    x, w = torch.randn(*lead, K) * 3, torch.randn(N, K) / K**0.5  # (x * 3: sigmoid's tails and both signs)
+    with torch.inference_mode():
+        ran = _ops_run(lambda: linear(x, w, activation=activation))
+        out = linear(x, w, activation=activation)
+    assert "mkldnn::_linear_pointwise" in ran and not {"aten::relu_", "aten::sigmoid_", "aten::relu",
+                                                        "aten::sigmoid"} & ran  # one op
+    _activation_close_to_float64(out, x, w, activation)
+    assert (out >= 0).all() and (activation == "relu" or (out <= 1).all())
+
+
+@needs_onednn
+def test_activation_of_the_channel_major_product():
+    torch.manual_seed(4)
+    w, rows = torch.randn(96, 192) / 14, torch.randn(300, 192) * 2
+    with torch.no_grad():
+        out = linear(w, rows, activation="sigmoid")  # sigmoid(w @ rows^T): [96, 300]
+    _activation_close_to_float64(out.t(), rows, w, "sigmoid")
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_activation_with_autograd_and_without_onednn(onednn, activation):
+    """With autograd the activation follows the product as its own differentiable op; with oneDNN off it follows
+    F.linear (in place without autograd): the same function and gradients as the plain ops."""
+    torch.manual_seed(5)
+    x = torch.randn(17, 24, dtype=torch.float32, requires_grad=True)
+    w = (torch.randn(12, 24) / 5).requires_grad_()
+    act = torch.relu if activation == "relu" else torch.sigmoid
+    with onednn_linears(onednn):
+        out = linear(x, w, activation=activation)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected = act(F.linear(x.detach(), w.detach()))
+        with torch.no_grad():
+            plain = linear(x, w, activation=activation)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    act(F.linear(x64, w64)).backward(grad.double())
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_float64_and_bad_names():
+    torch.manual_seed(6)
+    x, w = torch.randn(9, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, activation="sigmoid"), torch.sigmoid(x @ w.t()), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        linear(x, w, activation="gelu")
+
+
+@needs_onednn
+def test_linear_mul_is_one_onednn_op_and_equals_the_product_times_other():
+    torch.manual_seed(7)
+    x, w = torch.randn(2, 150, 768), torch.randn(192, 768) / 28
+    other = torch.rand(2, 150, 192)
+    with torch.inference_mode():
+        ran = _ops_run(lambda: linear_mul(x, w, other))
+        out = linear_mul(x, w, other)
+    assert "mkldnn::_linear_pointwise" in ran and not {"aten::mul", "aten::mul_"} & ran
+    ref = F.linear(x.double(), w.double()) * other.double()
+    scale = (x.double().abs() @ w.double().abs().t()).amax()
+    assert out.shape == ref.shape and (out.double() - ref).abs().max() <= 2e-6 * scale
+
+
+def test_linear_mul_falls_back_to_the_plain_ops():
+    """Broadcasting ``other``, another dtype, autograd and oneDNN off: F.linear then the multiplication."""
+    torch.manual_seed(8)
+    x, w = torch.randn(10, 6), torch.randn(4, 6)
+    product = F.linear(x, w)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_mul(x, w, torch.full((4,), 2.0)), product * 2)  # broadcast
+        torch.testing.assert_close(linear_mul(x, w, torch.ones(3, 10, 4)), product.expand(3, 10, 4))  # grows
+        half = torch.full((10, 4), 0.5, dtype=torch.float64)
+        assert linear_mul(x, w, half).dtype == torch.float64  # promoted as x w^T * other
+        with onednn_linears(False):
+            torch.testing.assert_close(linear_mul(x, w, half.float()), product * 0.5)
+    wg = w.clone().requires_grad_()
+    out = linear_mul(x, wg, torch.full((10, 4), 3.0))
+    out.sum().backward()
+    torch.testing.assert_close(wg.grad, 3.0 * x.sum(0).expand(4, 6))

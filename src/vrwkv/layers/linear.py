@@ -3,14 +3,46 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
-from vrwkv.ops.linear import linear
+from vrwkv.ops.linear import ACTIVATIONS, linear, linear_mul
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, init, state-dict names, hooks), computed by :func:`vrwkv.ops.linear.linear`:
     oneDNN's float32 matmul on the CPU, forward and backward (2x MKL's speed on AMD CPUs; ``ops/linear/README.md``),
-    ``F.linear`` itself elsewhere."""
+    ``F.linear`` itself elsewhere.
+
+    :func:`linear_activated` and :func:`linear_times` give its output followed by an elementwise step, fused into
+    the product in inference.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def linear_activated(module: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation(module(x))`` for ``activation`` ``"relu"`` or ``"sigmoid"``: for a :class:`Linear` without hooks
+    one product with the activation fused (:func:`vrwkv.ops.linear.linear`), otherwise the module's call (its
+    hooks see its own output) and the activation after it."""
+    if _plain_linear(module):
+        return linear(x, module.weight, module.bias, activation=activation)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return getattr(torch, activation)(module(x))  # torch.relu, torch.sigmoid; out of place (a hook may hold it)
+
+
+def linear_times(module: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``module(x) * other`` (``other`` of the output's shape): for a bias-free :class:`Linear` without hooks one
+    product with the multiplication fused (:func:`vrwkv.ops.linear.linear_mul`)."""
+    if _plain_linear(module) and module.bias is None:
+        return linear_mul(x, module.weight, other)
+    return module(x) * other
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """``m`` is a :class:`Linear` computing :meth:`Linear.forward` (not a subclass's) whose call runs no hooks (the
+    test ``nn.Module.__call__`` makes for its fast path)."""
+    return isinstance(m, Linear) and type(m).forward is Linear.forward and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)

@@ -13,6 +13,10 @@ not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts `
 ``torch.func`` transform (no batching rule), and while enabled
 (:func:`use_onednn`; on by default where PyTorch has oneDNN; ``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is
 ``F.linear`` itself.
+
+In inference the products can carry the next elementwise step with them, as oneDNN post-ops (one pass over the output
+less, and no separate operator): ``linear(..., activation="relu" | "sigmoid")`` and :func:`linear_mul`
+(``F.linear(x, weight) * other``). Without oneDNN, or with autograd, they are the plain ops in sequence.
 """
 from __future__ import annotations
 
@@ -22,9 +26,15 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
+__all__ = ["ACTIVATIONS", "linear", "linear_mul", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
+
+#: The activations :func:`linear` can apply to its result (fused into oneDNN's product as a post-op).
+ACTIVATIONS: tuple[str, ...] = ("relu", "sigmoid")
+
+#: Fuse activations and :func:`linear_mul`'s product into oneDNN's op (False: separate ops; for A/B measurements).
+fuse_post_ops = True
 
 
 def use_onednn(enabled: bool = True) -> None:
@@ -56,26 +66,60 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``; any strides.
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``; any strides. With
+    ``activation`` (one of :data:`ACTIVATIONS`), ``relu`` or ``sigmoid`` of it: without autograd in the same
+    oneDNN op (a post-op on the output tile while it is in cache; oneDNN's sigmoid is within 1 ulp of torch's).
 
     ``linear(weight, rows)`` with ``rows [M, K]`` is the channel-major product ``weight @ rows^T`` ``[N, M]``.
     Differentiable: with autograd the backward's two products run through oneDNN as well (:class:`_Linear`).
     """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"linear: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     if not _takes_onednn(x, weight, bias):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _Linear.apply(x, weight, bias)
-    return _onednn(x, weight, bias)
+        return _activate(F.linear(x, weight, bias), activation)
+    if _records_grad(x, weight, bias):
+        return _activate(_Linear.apply(x, weight, bias), activation)
+    if activation is not None and not fuse_post_ops:
+        return _activate(_onednn(x, weight, bias), activation)
+    return _onednn(x, weight, bias, activation or "none")
 
 
+def linear_mul(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight) * other`` for ``other`` of the product's shape ``[..., N]``: without autograd one oneDNN
+    op (the product times ``other`` as a post-op), else :func:`linear` then the multiplication."""
+    if (fuse_post_ops and _takes_onednn(x, weight, None) and not _records_grad(x, weight, other) and other.dtype == torch.float32
+            and other.device.type == "cpu" and other.shape == (*x.shape[:-1], weight.shape[0])
+            and not torch._C._functorch.is_functorch_wrapped_tensor(other)):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
+    y = linear(x, weight)
+    if (_records_grad(y, other) or torch.jit.is_tracing() or torch.result_type(y, other) != y.dtype
+            or y.shape != torch.broadcast_shapes(y.shape, other.shape)):
+        return y * other
+    return y.mul_(other)  # (into the product's own new buffer)
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.mm(a, b)`` for ``a [M, K]``, ``b [K, N]`` by :func:`linear` (``linear(a, b^T)``)."""
     return linear(a, b.t())
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, attr: str = "none") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], "")
+
+
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation(y)`` for a product ``y`` just made: in place in its buffer unless autograd records or a tracer
+    runs (a traced graph would keep the write, not the new value)."""
+    if activation is None:
+        return y
+    if _records_grad(y) or torch.jit.is_tracing():
+        return torch.relu(y) if activation == "relu" else torch.sigmoid(y)
+    return y.relu_() if activation == "relu" else y.sigmoid_()
 
 
 class _Linear(torch.autograd.Function):
