@@ -1,10 +1,10 @@
-"""layers.linear: linear_activated / linear_times fuse the step after a Linear, except where hooks must see it."""
+"""layers.linear: linear_activated fuses the activation after a Linear, except where hooks must see the output."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vrwkv.layers import Linear
-from vrwkv.layers.linear import linear_activated, linear_times
+from vrwkv.layers.linear import linear_activated
 from vrwkv.ops.linear import onednn_enabled
 
 
@@ -32,36 +32,31 @@ def test_hooks_see_the_modules_own_output_and_keep_it():
     """With a forward hook the module is called (the hook sees its output, pre-activation) and the activation runs
     out of place: the tensor the hook kept is not overwritten."""
     torch.manual_seed(1)
-    layer, x, other = Linear(16, 8, bias=False), torch.randn(5, 16), torch.rand(5, 8)
+    layer, x = Linear(16, 8, bias=False), torch.randn(5, 16)
     seen = []
     handle = layer.register_forward_hook(lambda m, args, out: seen.append(out))
     try:
         with torch.no_grad():
             activated = linear_activated(layer, x, "relu")
-            times = linear_times(layer, x, other)
     finally:
         handle.remove()
     plain = F.linear(x, layer.weight)
-    assert len(seen) == 2
+    assert len(seen) == 1
     torch.testing.assert_close(seen[0], plain)  # not ReLU'd in place
-    torch.testing.assert_close(seen[1], plain)
     torch.testing.assert_close(activated, torch.relu(plain))
-    torch.testing.assert_close(times, plain * other)
 
 
 def test_other_modules_are_called_as_they_are():
-    """A plain nn.Linear, a Linear subclass with its own forward and a Linear with a bias (linear_times) go through
-    their call."""
+    """A plain nn.Linear and a Linear subclass with its own forward go through their call."""
     torch.manual_seed(2)
 
     class Doubled(Linear):
         def forward(self, x):
             return 2 * super().forward(x)
 
-    x, other = torch.randn(4, 6), torch.rand(4, 3)
-    for layer in (torch.nn.Linear(6, 3), Doubled(6, 3), Linear(6, 3, bias=True)):
+    x = torch.randn(4, 6)
+    for layer in (torch.nn.Linear(6, 3), Doubled(6, 3)):
         with torch.no_grad():
             torch.testing.assert_close(linear_activated(layer, x, "sigmoid"), torch.sigmoid(layer(x)))
-            torch.testing.assert_close(linear_times(layer, x, other), layer(x) * other)
     with pytest.raises(ValueError, match="activation must be one of"):
         linear_activated(torch.nn.Linear(6, 3), x, "tanh")

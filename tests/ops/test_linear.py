@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vrwkv.ops.linear import linear, linear_mul, onednn_enabled, onednn_linears
+from vrwkv.ops.linear import linear, onednn_enabled, onednn_linears
 
 needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this PyTorch has no oneDNN (torch.ops.mkldnn)")
 
@@ -136,7 +136,7 @@ def test_layers_linear_is_nn_linear_computed_by_the_op():
             assert "mkldnn::_linear_pointwise" in _ops_run(lambda: layer(x))
 
 
-# --- the post-ops: linear(..., activation=) and linear_mul ---------------------------------------------------------
+# --- the post-op: linear(..., activation=) ----------------------------------------------------------------------
 
 def _activation_close_to_float64(out: torch.Tensor, x, w, activation: str) -> None:
     """activation(x w^T) within float32 accuracy of float64: the product's error bound carried through the
@@ -204,35 +204,3 @@ def test_activation_float64_and_bad_names():
         torch.testing.assert_close(linear(x, w, activation="sigmoid"), torch.sigmoid(x @ w.t()), rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="activation must be None or one of"):
         linear(x, w, activation="gelu")
-
-
-@needs_onednn
-def test_linear_mul_is_one_onednn_op_and_equals_the_product_times_other():
-    torch.manual_seed(7)
-    x, w = torch.randn(2, 150, 768), torch.randn(192, 768) / 28
-    other = torch.rand(2, 150, 192)
-    with torch.inference_mode():
-        ran = _ops_run(lambda: linear_mul(x, w, other))
-        out = linear_mul(x, w, other)
-    assert "mkldnn::_linear_pointwise" in ran and not {"aten::mul", "aten::mul_"} & ran
-    ref = F.linear(x.double(), w.double()) * other.double()
-    scale = (x.double().abs() @ w.double().abs().t()).amax()
-    assert out.shape == ref.shape and (out.double() - ref).abs().max() <= 2e-6 * scale
-
-
-def test_linear_mul_falls_back_to_the_plain_ops():
-    """Broadcasting ``other``, another dtype, autograd and oneDNN off: F.linear then the multiplication."""
-    torch.manual_seed(8)
-    x, w = torch.randn(10, 6), torch.randn(4, 6)
-    product = F.linear(x, w)
-    with torch.no_grad():
-        torch.testing.assert_close(linear_mul(x, w, torch.full((4,), 2.0)), product * 2)  # broadcast
-        torch.testing.assert_close(linear_mul(x, w, torch.ones(3, 10, 4)), product.expand(3, 10, 4))  # grows
-        half = torch.full((10, 4), 0.5, dtype=torch.float64)
-        assert linear_mul(x, w, half).dtype == torch.float64  # promoted as x w^T * other
-        with onednn_linears(False):
-            torch.testing.assert_close(linear_mul(x, w, half.float()), product * 0.5)
-    wg = w.clone().requires_grad_()
-    out = linear_mul(x, wg, torch.full((10, 4), 3.0))
-    out.sum().backward()
-    torch.testing.assert_close(wg.grad, 3.0 * x.sum(0).expand(4, 6))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vrwkv.layers.linear import Linear, linear_activated, linear_times
+from vrwkv.layers.linear import Linear, linear_activated
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
@@ -119,24 +119,23 @@ class ChannelMix(nn.Module):
     def mlp(self, xkr: torch.Tensor) -> torch.Tensor:
         """``sigmoid(receptance(xr)) * value(key_norm(relu(key(xk))^2))`` for ``xkr = [xk, xr]`` ``[2, B, T, C]``.
 
-        Without autograd the ReLU, the sigmoid and the gate's product are fused into the products (oneDNN post-ops,
-        :func:`vrwkv.layers.linear.linear_activated`) and the square runs in place (no extra [B, T, hidden] buffer).
+        Without autograd the ReLU is fused into the key's product (a oneDNN post-op,
+        :func:`vrwkv.layers.linear.linear_activated`) and the other activations run in place in the matmul outputs
+        (no extra [B, T, hidden] buffer).
         """
         xk, xr = xkr.unbind(0)
-        if torch.is_grad_enabled():
-            k = squared_relu(self.key(xk))  # [B, T, hidden]
-            k = k if self.key_norm is None else self.key_norm(k)
-            return torch.sigmoid(self.receptance(xr)) * self.value(k)
-        k = linear_activated(self.key, xk, "relu").square_()  # (the ReLU fused into the product)
+        grad = torch.is_grad_enabled()
+        k = squared_relu(self.key(xk)) if grad else linear_activated(self.key, xk, "relu").square_()  # [B, T, hidden]
         if self.key_norm is not None:
             k = self.key_norm(k)
-        return linear_times(self.value, k, linear_activated(self.receptance, xr, "sigmoid"))
+        r = self.receptance(xr)
+        return torch.sigmoid(r) * self.value(k) if grad else self.value(k).mul_(r.sigmoid_())
 
     def _inference_in_token_chunks(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """The forward without autograd, over chunks of ``INFERENCE_CHUNK_TOKENS`` tokens (of all B·T): the mixes,
         the hidden activations and the gate live per chunk only.
 
-        The same arithmetic per token as :meth:`mlp` (the activations fused into the products as there); the
+        The same arithmetic per token as :meth:`mlp` (the ReLU fused into the key's product as there); the
         matmuls keep their efficiency (thousands of rows per chunk). The hidden ``[B, T, hidden]`` tensor is never
         allocated: at 2048 px (16,384 tokens) it is 50 MB, above glibc's mmap threshold, i.e. fresh kernel pages
         page-faulted on every forward.
@@ -156,11 +155,11 @@ class ChannelMix(nn.Module):
             k = linear_activated(self.key, xk, "relu").square_()  # [n, hidden]
             if self.key_norm is not None:
                 k = self.key_norm(k)
-            xr = x_c if mix_into is None else mix_into(1, buf, tokens)  # (xk is used: the buffer is free)
-            gate = linear_activated(self.receptance, xr, "sigmoid")  # [n, C]
-            if chunk.stop - chunk.start == B * T:  # one chunk: the gate's product fused into the value's
-                return linear_times(self.value, k, gate).view(B, T, -1)
-            value = self.value(k)
+            value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
+            xr = x_c if mix_into is None else mix_into(1, buf, tokens)
+            gate = self.receptance(xr).sigmoid_()  # [n, C]
+            if chunk.stop - chunk.start == B * T:  # one chunk: the gate in the value's buffer
+                return value.mul_(gate).view(B, T, -1)
             if out is None:  # (in the matmuls' dtype: autocast's, if on)
                 out = value.new_empty(B * T, value.shape[1])
             torch.mul(value, gate, out=out[chunk])  # the gate written straight into its rows of the output

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from vrwkv.ops.linear import ACTIVATIONS, linear, linear_mul
+from vrwkv.ops.linear import ACTIVATIONS, linear
 
 
 class Linear(nn.Linear):
@@ -13,8 +13,7 @@ class Linear(nn.Linear):
     oneDNN's float32 matmul on the CPU, forward and backward (2x MKL's speed on AMD CPUs; ``ops/linear/README.md``),
     ``F.linear`` itself elsewhere.
 
-    :func:`linear_activated` and :func:`linear_times` give its output followed by an elementwise step, fused into
-    the product in inference.
+    :func:`linear_activated` gives its output followed by an activation, fused into the product in inference.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,14 +29,6 @@ def linear_activated(module: nn.Module, x: torch.Tensor, activation: str) -> tor
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return getattr(torch, activation)(module(x))  # torch.relu, torch.sigmoid; out of place (a hook may hold it)
-
-
-def linear_times(module: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``module(x) * other`` (``other`` of the output's shape): for a bias-free :class:`Linear` without hooks one
-    product with the multiplication fused (:func:`vrwkv.ops.linear.linear_mul`)."""
-    if _plain_linear(module) and module.bias is None:
-        return linear_mul(x, module.weight, other)
-    return module(x) * other
 
 
 def _plain_linear(m: nn.Module) -> bool:

@@ -59,7 +59,6 @@ def shift_mix_linear(
     mix: torch.Tensor,
     weights: Sequence[torch.Tensor],
     channel_major: bool = False,
-    activations: Sequence[str | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``.
 
@@ -74,8 +73,6 @@ def shift_mix_linear(
         weights: ``n`` Linear weights ``[out_i, C]``.
         channel_major: return ``weights[i] @ m_i^T`` over all ``B * T`` tokens, ``[out_i, B, T]`` (for consumers that
             work channel-major, such as the Bi-WKV), instead of token-major.
-        activations: per projection None, ``"relu"`` or ``"sigmoid"``, applied to its result (without autograd fused
-            into the product: :func:`vrwkv.ops.linear.linear`).
 
     Returns:
         ``n`` tensors ``[B, T, out_i]`` (``[out_i, B, T]`` if ``channel_major``).
@@ -86,16 +83,12 @@ def shift_mix_linear(
     for w in weights:
         if w.dim() != 2 or w.shape[1] != x.shape[-1]:
             raise ValueError(f"shift_mix_linear: weights must be [out, {x.shape[-1]}], got {list(w.shape)}")
-    activations = tuple(activations) if activations is not None else (None,) * len(weights)
-    if len(activations) != len(weights):
-        raise ValueError(f"shift_mix_linear: {len(weights)} weights but {len(activations)} activations")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, mix, *weights)):
-        projections = _ShiftMixLinear.apply(x, mix, hw, shift, channel_major, *weights)
-        return tuple(p if a is None else getattr(torch, a)(p) for p, a in zip(projections, activations))
+        return _ShiftMixLinear.apply(x, mix, hw, shift, channel_major, *weights)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing for export loses writes into buffers)
-        return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major, activations)
+        return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
     mix_into = fused_mixer(x, hw, shift, mix) or lerp_mixer(x, shift(x, hw), mix)
-    return _project_each(x, mix_into, weights, channel_major, activations)
+    return _project_each(x, mix_into, weights, channel_major)
 
 
 #: ``mix_into(i, out, tokens=None)``: mix i written into ``out`` (all tokens, or the token rows ``tokens = (t0, t1)``
@@ -134,35 +127,29 @@ def lerp_mixer(x: torch.Tensor, shifted: torch.Tensor, mus: Sequence[torch.Tenso
     return mix_into
 
 
-def project_mixes(
-    mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_major: bool,
-    activations: Sequence[str | None] | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """``F.linear(m_i, w_i)`` ``[B, T, out_i]``, or ``w_i @ m_i^T`` ``[out_i, B, T]``, for the mixes ``[n, B, T, C]``,
-    each followed by ``activations[i]`` (None, ``"relu"`` or ``"sigmoid"``) if given."""
-    activations = activations or (None,) * len(weights)
-    return tuple(_project_one(m, w, channel_major, a) for m, w, a in zip(mixes.unbind(0), weights, activations))
+def project_mixes(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_major: bool) -> tuple[torch.Tensor, ...]:
+    """``F.linear(m_i, w_i)`` ``[B, T, out_i]``, or ``w_i @ m_i^T`` ``[out_i, B, T]``, for the mixes ``[n, B, T, C]``."""
+    return tuple(_project_one(m, w, channel_major) for m, w in zip(mixes.unbind(0), weights))
 
 
-def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool,
-                 activation: str | None = None) -> torch.Tensor:
+def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool) -> torch.Tensor:
     """One mix ``[B, T, C]`` projected: ``[B, T, out]``, or channel-major ``weight @ mixed^T`` ``[out, B, T]``."""
     if not channel_major:
-        return linear(mixed, weight, activation=activation)
+        return linear(mixed, weight)
     B, T, C = mixed.shape
-    return linear(weight, mixed.reshape(B * T, C), activation=activation).view(-1, B, T)  # weight @ mixed^T
+    return linear(weight, mixed.reshape(B * T, C)).view(-1, B, T)  # weight @ mixed^T
 
 
-def _project_each(x: torch.Tensor, mix_into: MixInto, weights: Sequence[torch.Tensor], channel_major: bool,
-                  activations: Sequence[str | None]) -> tuple[torch.Tensor, ...]:
+def _project_each(x: torch.Tensor, mix_into: MixInto, weights: Sequence[torch.Tensor],
+                  channel_major: bool) -> tuple[torch.Tensor, ...]:
     """:func:`project_mixes` without the stacked mixes: each mix is written into one reused ``[B, T, C]`` buffer and
     projected at once. The same passes, a third of the memory, and no ``[n, B, T, C]`` allocation: above glibc's mmap
     threshold (32 MB: 2048 px for VRWKV-T) every such allocation is fresh pages from the kernel, page-faulted on first
     write (the stacked lerp took 19.5 ms instead of 3.6 ms at 2048 px)."""
     mixed = torch.empty_like(x)
     out = []
-    for i, (w, activation) in enumerate(zip(weights, activations)):
-        out.append(_project_one(mix_into(i, mixed), w, channel_major, activation))
+    for i, w in enumerate(weights):
+        out.append(_project_one(mix_into(i, mixed), w, channel_major))
     return tuple(out)
 
 

@@ -112,24 +112,22 @@ class SpatialMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
-        gate_fused = not torch.is_grad_enabled() and self.shift is not None  # sigmoid(r) fused into r's product
-        activations = (None, None, "sigmoid" if gate_fused else None)
-        weights = (self.key.weight, self.value.weight, self.receptance.weight)
         if self.token_major_inference(x):  # the shift-and-mix Linears into the token-major fused Bi-WKV
             if self.shift is None:
                 k, v, r = self.project(self.token_mix(x, hw))
             else:  # (one reused mix buffer, Linears: [B, T, C] each)
-                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights, activations=activations)
-            return self.gate_output(r, self.wkv(k, v, x.shape[1]), r_is_gate=gate_fused)
+                weights = (self.key.weight, self.value.weight, self.receptance.weight)
+                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights)
+            return self.gate_output(r, self.wkv(k, v, x.shape[1]))
         if self.channel_major:
             if self.shift is None:
                 k, v, r = self.project_channel_major(self.token_mix(x, hw))
             else:  # shift, mix and project in one Function: autograd keeps x only, not the three mixes
-                kvr = shift_mix_linear(x, hw, self.shift, self._mix(), weights, channel_major=True,
-                                       activations=activations)  # [C, B, T] each
+                weights = (self.key.weight, self.value.weight, self.receptance.weight)
+                kvr = shift_mix_linear(x, hw, self.shift, self._mix(), weights, channel_major=True)  # [C, B, T] each
                 k, v, r = (t.transpose(0, 1) for t in kvr)  # [B, C, T] views
             y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), x.shape[1])  # [B, T, C] view of channel-major storage
-            return self.gate_output_channel_major(r, y.transpose(1, 2), r_is_gate=gate_fused)
+            return self.gate_output_channel_major(r, y.transpose(1, 2))
         k, v, r = self.project(self.token_mix(x, hw))
         return self.gate_output(r, self.wkv(k, v, x.shape[1]))
 
@@ -202,17 +200,16 @@ class SpatialMix(nn.Module):
             return bi_wkv(k, v, w, u, semantics=self.wkv_semantics)
         return causal_wkv(k, v, w, u)
 
-    def gate_output(self, r: torch.Tensor, y: torch.Tensor, r_is_gate: bool = False) -> torch.Tensor:
-        """``output(sigmoid(r) * key_norm(y))`` for receptance ``r`` and WKV ``y`` ``[B, T, C]`` (any token subset);
-        ``r_is_gate``: ``r`` is ``sigmoid(r)`` already.
+    def gate_output(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``output(sigmoid(r) * key_norm(y))`` for receptance ``r`` and WKV ``y`` ``[B, T, C]`` (any token subset).
 
         Without autograd the gate is applied in place in ``r``'s buffer (``r`` must be the caller's own tensor).
         """
         if self.key_norm is not None:
             y = self.key_norm(y)
         if torch.is_grad_enabled():
-            return self.output((r if r_is_gate else torch.sigmoid(r)) * y)
-        return self.output((r if r_is_gate else r.sigmoid_()).mul_(y))
+            return self.output(torch.sigmoid(r) * y)
+        return self.output(r.sigmoid_().mul_(y))
 
     def project_channel_major(self, xkvr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[3, B, T, C]`` -> key, value, receptance projections as ``[B, C, T]`` views of ``[C, B, T]`` storage.
@@ -224,14 +221,13 @@ class SpatialMix(nn.Module):
         weights = (self.key.weight, self.value.weight, self.receptance.weight)
         return tuple(t.transpose(0, 1) for t in project_mixes(xkvr, weights, channel_major=True))  # [B, C, T] views
 
-    def gate_output_channel_major(self, r: torch.Tensor, y: torch.Tensor, r_is_gate: bool = False) -> torch.Tensor:
+    def gate_output_channel_major(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``output(sigmoid(r) * y)`` -> ``[B, T, C]`` for ``r`` from :meth:`project_channel_major` and the WKV
-        ``y`` as ``[B, C, T]`` (any storage with tokens innermost); ``r_is_gate``: ``r`` is ``sigmoid(r)`` already
-        (inference only). Without autograd the gate runs in place in ``r``.
+        ``y`` as ``[B, C, T]`` (any storage with tokens innermost). Without autograd the gate runs in place in ``r``.
         """
         if torch.is_grad_enabled():
             return gated_output_channel_major(r, y, self.output.weight)
-        return _project_gate((r if r_is_gate else r.sigmoid_()).mul_(y), self.output.weight)
+        return _project_gate(r.sigmoid_().mul_(y), self.output.weight)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, wkv_mode={self.wkv_mode!r}, wkv_semantics={self.wkv_semantics!r}"

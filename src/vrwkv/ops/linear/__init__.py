@@ -14,9 +14,9 @@ not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts `
 (:func:`use_onednn`; on by default where PyTorch has oneDNN; ``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is
 ``F.linear`` itself.
 
-In inference the products can carry the next elementwise step with them, as oneDNN post-ops (one pass over the output
-less, and no separate operator): ``linear(..., activation="relu" | "sigmoid")`` and :func:`linear_mul`
-(``F.linear(x, weight) * other``). Without oneDNN, or with autograd, they are the plain ops in sequence.
+In inference the product can carry its activation, as a oneDNN post-op (one pass over the output less, and no
+separate operator): ``linear(..., activation="relu" | "sigmoid")``. Without oneDNN, or with autograd, it is the
+plain ops in sequence.
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "linear", "linear_mul", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
+__all__ = ["ACTIVATIONS", "linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
 
 #: The activations :func:`linear` can apply to its result (fused into oneDNN's product as a post-op).
 ACTIVATIONS: tuple[str, ...] = ("relu", "sigmoid")
 
-#: Fuse activations and :func:`linear_mul`'s product into oneDNN's op (False: separate ops; for A/B measurements).
+#: Fuse the activation into oneDNN's op (False: a separate op after it; for A/B measurements).
 fuse_post_ops = True
 
 
@@ -87,18 +87,6 @@ def linear(
     return _onednn(x, weight, bias, activation or "none")
 
 
-def linear_mul(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight) * other`` for ``other`` of the product's shape ``[..., N]``: without autograd one oneDNN
-    op (the product times ``other`` as a post-op), else :func:`linear` then the multiplication."""
-    if (fuse_post_ops and _takes_onednn(x, weight, None) and not _records_grad(x, weight, other) and other.dtype == torch.float32
-            and other.device.type == "cpu" and other.shape == (*x.shape[:-1], weight.shape[0])
-            and not torch._C._functorch.is_functorch_wrapped_tensor(other)):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
-    y = linear(x, weight)
-    if (_records_grad(y, other) or torch.jit.is_tracing() or torch.result_type(y, other) != y.dtype
-            or y.shape != torch.broadcast_shapes(y.shape, other.shape)):
-        return y * other
-    return y.mul_(other)  # (into the product's own new buffer)
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.mm(a, b)`` for ``a [M, K]``, ``b [K, N]`` by :func:`linear` (``linear(a, b^T)``)."""
     return linear(a, b.t())
