@@ -17,7 +17,7 @@ def _ops_run(fn) -> set[str]:
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 def test_linear_activated_equals_the_module_then_the_activation(activation):
     torch.manual_seed(0)
-    layer, x = Linear(32, 48, bias=True), torch.randn(3, 10, 32) * 2
+    layer, x = Linear(192, 768, bias=True), torch.randn(3, 400, 192) * 2  # (above SMALL_PRODUCT_FLOPS)
     act = torch.relu if activation == "relu" else torch.sigmoid
     with torch.no_grad():
         expected = act(F.linear(x, layer.weight, layer.bias))

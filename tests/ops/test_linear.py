@@ -1,11 +1,22 @@
 """ops.linear: F.linear's function through oneDNN on the CPU without autograd, F.linear everywhere else."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vrwkv.ops.linear import linear, onednn_enabled, onednn_linears
 
+linear_op = sys.modules["vrwkv.ops.linear"]  # (the module: vrwkv.ops re-exports its function under the same name)
+
 needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this PyTorch has no oneDNN (torch.ops.mkldnn)")
+
+
+@pytest.fixture(autouse=True)
+def every_product_takes_onednn(monkeypatch):
+    """The tests of oneDNN's path use small products: take them there whatever the CPU (the size rule has its own
+    test)."""
+    monkeypatch.setattr(linear_op, "SMALL_PRODUCT_FLOPS", 0)
 
 
 def _ops_run(fn) -> set[str]:
@@ -204,3 +215,19 @@ def test_activation_float64_and_bad_names():
         torch.testing.assert_close(linear(x, w, activation="sigmoid"), torch.sigmoid(x @ w.t()), rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="activation must be None or one of"):
         linear(x, w, activation="gelu")
+
+
+@needs_onednn
+@pytest.mark.parametrize("avx512", [False, True])
+def test_small_products_take_f_linear_without_avx512(monkeypatch, avx512):
+    """Below SMALL_PRODUCT_FLOPS oneDNN runs only on AVX-512 CPUs (where it is ~2x MKL); larger products always."""
+    monkeypatch.setattr(linear_op, "SMALL_PRODUCT_FLOPS", 2**26)
+    monkeypatch.setattr(linear_op, "_has_avx512", lambda: avx512)
+    torch.manual_seed(9)
+    small_x, w = torch.randn(196, 192), torch.randn(768, 192) / 14  # 57.8 MFLOP
+    large_x = torch.randn(1568, 192)  # 462 MFLOP
+    with torch.inference_mode():
+        small, large = _ops_run(lambda: linear(small_x, w)), _ops_run(lambda: linear(large_x, w))
+        _close_to_float64(linear(small_x, w), small_x, w)
+    assert ("mkldnn::_linear_pointwise" in small) == avx512
+    assert "mkldnn::_linear_pointwise" in large

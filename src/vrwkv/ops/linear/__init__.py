@@ -10,9 +10,9 @@ dimension with FMAs), so the op only changes the speed.
 When: on CPU float32 tensors (with autograd through :class:`_Linear`, whose backward products are oneDNN's too), not
 under CPU autocast (its dtype policy is ``F.linear``'s), not while tracing, scripting or compiling (plain ops there),
 not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's op) or a
-``torch.func`` transform (no batching rule), and while enabled
-(:func:`use_onednn`; on by default where PyTorch has oneDNN; ``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is
-``F.linear`` itself.
+``torch.func`` transform (no batching rule), on CPUs without AVX-512 for products of at least
+:data:`SMALL_PRODUCT_FLOPS` only, and while enabled (:func:`use_onednn`; on by default where PyTorch has oneDNN;
+``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is ``F.linear`` itself.
 
 In inference the product can carry its activation, as a oneDNN post-op (one pass over the output less, and no
 separate operator): ``linear(..., activation="relu" | "sigmoid")``. Without oneDNN, or with autograd, it is the
@@ -20,6 +20,7 @@ plain ops in sequence.
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -29,6 +30,11 @@ import torch.nn.functional as F
 __all__ = ["ACTIVATIONS", "linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
+
+#: On CPUs without AVX-512, products of fewer FLOPs (``2 M N K``) take ``F.linear``: there oneDNN's AVX2 kernels are
+#: no faster than MKL's and its call costs ~30 µs more (``ops/linear/README.md``). With AVX-512, oneDNN is ~2x MKL on
+#: AMD CPUs at every size, and takes every product.
+SMALL_PRODUCT_FLOPS = 2**26
 
 #: The activations :func:`linear` can apply to its result (fused into oneDNN's product as a post-op).
 ACTIVATIONS: tuple[str, ...] = ("relu", "sigmoid")
@@ -144,4 +150,12 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False  # torch.func transforms (vmap, grad, ...): oneDNN's op has no batching rule
+    if 2 * x.numel() * weight.shape[0] < SMALL_PRODUCT_FLOPS and not _has_avx512():
+        return False
     return not torch.is_autocast_enabled("cpu") and onednn_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_avx512() -> bool:
+    """Whether PyTorch runs AVX-512 kernels on this CPU (its dispatch capability)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
