@@ -271,3 +271,52 @@ def test_resized_pos_embed_is_kept_without_autograd_until_pos_embed_changes():
         assert model._pos_embed_cache[0][0] == (3, 2)
         cached_out, model._pos_embed_cache = model.forward_features(x), None
         assert torch.equal(cached_out, model.forward_features(x))
+
+
+@pytest.mark.parametrize("init_values", [None, 0.7])
+def test_inference_residuals_in_place_keep_the_input_and_hooked_outputs(init_values):
+    """Without autograd a block adds its residuals into tensors it owns (the spatial mix's output, and the residual
+    stream, into which the channel mix adds its rows chunk by chunk): the block's input and a hook's kept outputs stay
+    as they were, and the result equals the autograd path's."""
+    model = _perturbed("test_vrwkv", num_classes=5, init_values=init_values).eval()
+    blk = model.layers[1]
+    tokens = torch.randn(2, 12, model.embed_dim, device=DEVICE)
+    expected = blk(tokens, (3, 4))  # autograd on: no in-place writes
+    kept_input = tokens.clone()
+    with torch.no_grad():
+        out = blk(tokens, (3, 4))
+        att_out = blk.att(blk.ln1(tokens), (3, 4)).clone()
+        seen = []
+        handles = [m.register_forward_hook(lambda m, a, o: seen.append((o, o.clone()))) for m in (blk.att, blk.ffn)]
+        try:
+            hooked = blk(tokens, (3, 4))
+        finally:
+            for h in handles:
+                h.remove()
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(hooked, out) and torch.equal(tokens, kept_input)
+    assert len(seen) == 2 and all(torch.equal(kept, copy) for kept, copy in seen)  # not written into afterwards
+    torch.testing.assert_close(seen[0][0], att_out, rtol=0, atol=0)
+
+
+def test_channel_mix_add_to_is_the_residual_sum_and_refuses_autograd(monkeypatch):
+    from vrwkv.layers import ChannelMix
+    import vrwkv.layers.channel_mix as channel_mix
+
+    monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", 5)  # several chunks, the last one short
+    torch.manual_seed(3)
+    ffn = ChannelMix(16, 1, 4).to(DEVICE)
+    perturb_(ffn, 0.1)
+    x, residual, gamma = (torch.randn(2, 12, 16, device=DEVICE) for _ in range(3))
+    gamma = gamma[0, 0]
+    with torch.no_grad():
+        branch = ffn(x, (3, 4))
+        plain, scaled = residual.clone(), residual.clone()
+        assert ffn.add_to(plain, x, (3, 4)) is plain
+        ffn.add_to(scaled, x, (3, 4), gamma)
+    assert torch.equal(plain, residual + branch)
+    assert torch.equal(scaled, torch.addcmul(residual, branch, gamma))
+    with pytest.raises(RuntimeError, match="without autograd"):
+        ffn.add_to(residual.clone(), x, (3, 4))
+    with torch.no_grad(), pytest.raises(ValueError, match="must match"):
+        ffn.add_to(residual[:, :6], x, (3, 4))

@@ -131,9 +131,23 @@ class ChannelMix(nn.Module):
         r = self.receptance(xr)
         return torch.sigmoid(r) * self.value(k) if grad else self.value(k).mul_(r.sigmoid_())
 
-    def _inference_in_token_chunks(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor, hw: tuple[int, int],
+               gamma: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual += self(x, hw)`` (times ``gamma`` if given), in place, without autograd: each token chunk's
+        output rows are added as they are made (no ``[B, T, C]`` output tensor: at high resolution fewer fresh pages
+        from the kernel per block). The same arithmetic as ``residual.add_(self(x, hw))``. Returns ``residual``."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, *self.parameters())):
+            raise RuntimeError("ChannelMix.add_to writes in place: use it without autograd (torch.no_grad())")
+        if residual.shape != x.shape:
+            raise ValueError(f"add_to: residual {list(residual.shape)} and x {list(x.shape)} must match")
+        self._inference_in_token_chunks(x, hw, residual, gamma)
+        return residual
+
+    def _inference_in_token_chunks(self, x: torch.Tensor, hw: tuple[int, int], residual: torch.Tensor | None = None,
+                                   gamma: torch.Tensor | None = None) -> torch.Tensor:
         """The forward without autograd, over chunks of ``INFERENCE_CHUNK_TOKENS`` tokens (of all B·T): the mixes,
-        the hidden activations and the gate live per chunk only.
+        the hidden activations and the gate live per chunk only. With ``residual``: its rows get each chunk's output
+        (times ``gamma``) added instead (:meth:`add_to`).
 
         The same arithmetic per token as :meth:`mlp` (the ReLU fused into the key's product as there); the
         matmuls keep their efficiency (thousands of rows per chunk). The hidden ``[B, T, hidden]`` tensor is never
@@ -146,7 +160,7 @@ class ChannelMix(nn.Module):
         if self.shift is not None:  # the fused kernel mixes each chunk straight from x; else from shift(x) once
             mus = (self.spatial_mix_k[0, 0], self.spatial_mix_r[0, 0])
             mix_into = fused_mixer(x, hw, self.shift, mus) or lerp_mixer(x, self.shift(x, hw), mus)
-        out = None
+        out = None if residual is None else residual.view(B * T, -1)
         mixed = rows.new_empty(min(INFERENCE_CHUNK_TOKENS, B * T), C)
         for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
             chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
@@ -158,6 +172,10 @@ class ChannelMix(nn.Module):
             value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
             xr = x_c if mix_into is None else mix_into(1, buf, tokens)
             gate = self.receptance(xr).sigmoid_()  # [n, C]
+            if residual is not None:
+                branch = value.mul_(gate)
+                out[chunk].add_(branch) if gamma is None else out[chunk].addcmul_(branch, gamma)
+                continue
             if chunk.stop - chunk.start == B * T:  # one chunk: the gate in the value's buffer
                 return value.mul_(gate).view(B, T, -1)
             if out is None:  # (in the matmuls' dtype: autocast's, if on)

@@ -32,8 +32,13 @@ def linear_activated(module: nn.Module, x: torch.Tensor, activation: str) -> tor
 
 
 def _plain_linear(m: nn.Module) -> bool:
-    """``m`` is a :class:`Linear` computing :meth:`Linear.forward` (not a subclass's) whose call runs no hooks (the
-    test ``nn.Module.__call__`` makes for its fast path)."""
-    return isinstance(m, Linear) and type(m).forward is Linear.forward and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    """``m`` is a :class:`Linear` computing :meth:`Linear.forward` (not a subclass's) whose call runs no hooks."""
+    return isinstance(m, Linear) and type(m).forward is Linear.forward and not calls_hooks(m)
+
+
+def calls_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs hooks (the test ``nn.Module.__call__`` makes for its fast path): a hook may keep
+    its output, so the output must not be written into afterwards."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)

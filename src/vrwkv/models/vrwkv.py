@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from vrwkv.layers import ChannelMix, Linear, PatchEmbed, SpatialMix, resize_pos_embed
+from vrwkv.layers.linear import calls_hooks
 from vrwkv.models._checkpoint import convert_state_dict, pos_embed_grid, read_checkpoint
 from vrwkv.models._registry import register_model
 from vrwkv.models.low_memory import check_low_memory_support, low_memory_forward_features
@@ -87,20 +88,42 @@ class Block(nn.Module):
         if self.post_norm:
             x = self.residual(x, self.ln1(self.att(x, hw)), self.gamma1)
             return self.residual(x, self.ln2(self.ffn(x, hw)), self.gamma2, own_x=True)
-        x = self.residual(x, self.att(self.ln1(x), hw), self.gamma1)
+        branch = self.att(self.ln1(x), hw)
+        x = self.residual(x, branch, self.gamma1, own_branch=not calls_hooks(self.att))
+        if self._ffn_adds_in_place():  # (x is this block's tensor now)
+            return self.ffn.add_to(x, self.ln2(x), hw, self.gamma2)
         return self.residual(x, self.ffn(self.ln2(x), hw), self.gamma2, own_x=True)
 
+    def _ffn_adds_in_place(self) -> bool:
+        """Inference with the V1 channel mix, called without hooks: it adds its output rows into the residual stream
+        chunk by chunk (:meth:`ChannelMix.add_to`), the same arithmetic as the second :meth:`residual`."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            return False
+        return type(self.ffn).forward is ChannelMix.forward and not calls_hooks(self.ffn)
+
     def residual(
-        self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None, own_x: bool = False
+        self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None, own_x: bool = False,
+        own_branch: bool = False,
     ) -> torch.Tensor:
-        """``x + drop_path(gamma * branch)`` in one pass (``torch.addcmul``); without autograd and with ``own_x``
-        (``x`` is a tensor of this block, not its input) the sum is written into ``x``."""
+        """``x + drop_path(gamma * branch)`` in one pass (``torch.addcmul``). Without autograd the sum is written into
+        ``x`` if ``own_x`` (``x`` is a tensor of this block, not its input), else into ``branch`` if ``own_branch``
+        (no hook may hold it) and it has x's shape and dtype: no new ``[B, T, C]`` tensor, i.e. at high resolution
+        fewer fresh pages from the kernel per block (``benchmarks/NOTES.md``)."""
         if self.training and not isinstance(self.drop_path, nn.Identity):
             return x + self.drop_path(_scale(branch, gamma))
         in_place_ok = not torch.is_grad_enabled() and not torch.jit.is_tracing()  # (ONNX export drops such writes)
-        if own_x and in_place_ok and x.dtype == torch.result_type(x, branch):
-            return x.add_(branch) if gamma is None else x.addcmul_(branch, gamma)
+        if in_place_ok and x.dtype == torch.result_type(x, branch):
+            if own_x:
+                return x.add_(branch) if gamma is None else x.addcmul_(branch, gamma)
+            if own_branch and branch.shape == x.shape and branch.dtype == x.dtype and not _same_storage(x, branch):
+                return torch.add(x, branch, out=branch) if gamma is None else torch.addcmul(x, branch, gamma, out=branch)
         return x + branch if gamma is None else torch.addcmul(x, branch, gamma)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
