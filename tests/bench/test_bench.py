@@ -172,3 +172,35 @@ def test_onednn_variants_are_planned_named_and_compared():
     assert by_name["test_vrwkv"]["speedup_vs_ref_onednn"] > 0 and by_name["test_vrwkv+F.linear"]["speedup_vs_ref"] > 0
     md = write_markdown(report)
     assert "torch " in md and "onednn " in md and "test_vit+onednn" in md
+
+
+def test_rounds_alternate_the_models_of_a_pair_and_the_report_takes_their_median(capsys):
+    from vrwkv.bench.report import model_rows, write_markdown
+
+    cfg = BenchConfig(pairs=["tiny"], sizes=[224], batch_sizes=[1], train_sizes=[224], numba=True, rounds=3)
+    order = [(s["model"], s.get("numba", False), s["mode"]) for s in plan(cfg) if s["kind"] == "model"]
+    infer = [("vrwkv_tiny", False, "infer"), ("vrwkv_tiny", True, "infer"), ("deit_tiny_patch16_224", False, "infer")]
+    train = [(m, n, "train") for m, n, _ in infer]
+    assert order == infer * 3 + train * 3  # ours, ours+numba, ref; again; again
+
+    def result(median, faults=10.0):
+        return {"median_s": median, "min_s": median * 0.9, "max_s": median * 1.1, "cpu_median_s": 2 * median,
+                "minor_faults_per_run": faults, "flops": 2e9, "params": 6, "peak_rss_mb": 800 + 10 * median}
+
+    ours = dict(kind="model", pair="tiny", model="vrwkv_tiny", size=[224, 224], batch=1, mode="infer", repeats=5)
+    ref = dict(ours, model="deit_tiny_patch16_224")
+    rows = [{"spec": ours, "result": result(0.5)}, {"spec": ref, "result": result(2.0)},
+            {"spec": ours, "result": result(0.9, faults=30.0)}, {"spec": ref, "result": result(2.1)},
+            {"spec": ours, "result": {"error": "killed"}}, {"spec": ref, "result": result(1.6)}]
+    report = {"config": {"rounds": 3}, "machine": {"platform": "p", "cpu_count": 2, "torch": "t", "timm": "t"},
+              "date": "d", "rows": [{"spec": {"kind": "matmul_peak"}, "result": {"gflops": 100.0}}, *rows]}
+    by_model = {r["model"]: r for r in model_rows(report)}
+    mine, theirs = by_model["vrwkv_tiny"], by_model["deit_tiny_patch16_224"]
+    assert mine["rounds"] == 2 and theirs["rounds"] == 3  # the failed round is left out
+    assert mine["per_image_s"] == 0.7 and theirs["per_image_s"] == 2.0  # medians of the rounds' medians
+    assert mine["min_s"] == 0.45 and abs(mine["max_s"] - 0.99) < 1e-12 and mine["faults_per_run"] == 20.0
+    assert mine["peak_rss_mb"] == 809.0  # the largest round
+    assert abs(mine["speedup_vs_ref"] - 2.0 / 0.7) < 1e-12
+    assert "ran 3 times, alternating" in write_markdown(report)
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Markdown table and PNG plots of a benchmark report (see :mod:`vrwkv.bench.runner`)."""
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 from vrwkv.bench.runner import PAIRS, display_name
@@ -22,18 +24,40 @@ def _machine_peaks(rows: list[dict]) -> tuple[float | None, float | None]:
     return (max(peaks.values()) if peaks else None), bw
 
 
+def merged_model_results(rows: list[dict]) -> list[tuple[dict, dict, int]]:
+    """``(spec, result, rounds)`` per model measurement, the rounds of one spec (``vrwkv bench --rounds``) merged:
+    the median of the rounds' medians (time, CPU time, page faults), min and max over all runs, the largest peak
+    memory. Failed rounds are left out unless every round failed."""
+    by_spec: dict[str, tuple[dict, list[dict]]] = {}
+    for r in rows:
+        if r["spec"]["kind"] == "model":
+            by_spec.setdefault(json.dumps(r["spec"], sort_keys=True), (r["spec"], []))[1].append(r["result"])
+    merged = []
+    for spec, results in by_spec.values():
+        ok = [res for res in results if "error" not in res]
+        res = dict(ok[0] if ok else results[0])
+        if len(ok) > 1:
+            res.update(median_s=statistics.median(x["median_s"] for x in ok), min_s=min(x["min_s"] for x in ok),
+                       max_s=max(x["max_s"] for x in ok), peak_rss_mb=max(x["peak_rss_mb"] for x in ok))
+            for key in ("cpu_median_s", "minor_faults_per_run"):
+                if all(key in x for x in ok):
+                    res[key] = statistics.median(x[key] for x in ok)
+            if all(x.get("tensor_peak_mb") for x in ok):
+                res["tensor_peak_mb"] = max(x["tensor_peak_mb"] for x in ok)
+        merged.append((spec, res, len(ok) or len(results)))
+    return merged
+
+
 def model_rows(report: dict) -> list[dict]:
-    """Flatten model measurements: per-image time, GFLOP/s, % of peak, and the time ratio reference / ours."""
+    """Flatten model measurements (rounds merged): per-image time, GFLOP/s, % of peak, and the time ratio
+    reference / ours."""
     rows = report["rows"]
     peak, _ = _machine_peaks(rows)
     out = []
     by_key = {}
-    for r in rows:
-        s, res = r["spec"], r["result"]
-        if s["kind"] != "model":
-            continue
+    for s, res, rounds in merged_model_results(rows):
         row = dict(pair=s["pair"], model=display_name(s), base_model=s["model"], mode=s["mode"], size=s["size"][0],
-                   batch=s["batch"], error=res.get("error"))
+                   batch=s["batch"], rounds=rounds, error=res.get("error"))
         if "error" not in res:
             row.update(per_image_s=res["median_s"] / s["batch"], min_s=res["min_s"] / s["batch"],
                        max_s=res["max_s"] / s["batch"], peak_rss_mb=res["peak_rss_mb"], params=res["params"])
@@ -104,6 +128,14 @@ def _allocator_note(report: dict) -> list[str]:
             "mapped and returned on free, so peak RSS follows live tensors)."]
 
 
+def _rounds_note(report: dict) -> list[str]:
+    rounds = report["config"].get("rounds", 1)
+    if rounds <= 1:
+        return []
+    return [f"Every model measurement ran {rounds} times, alternating with its pair's (fresh processes); times are the "
+            "median of the rounds' medians, min–max over all runs, memory the largest of the rounds."]
+
+
 def write_markdown(report: dict) -> str:
     peak, bw = _machine_peaks(report["rows"])
     peaks = matmul_peaks(report["rows"])
@@ -118,6 +150,7 @@ def write_markdown(report: dict) -> str:
         f"fp32 matmul peak measured in this run (2048³, GFLOP/s): {by_backend or '—'}; "
         f"\"% of peak\" is of the fastest, {_fmt(peak, '.0f')} GFLOP/s. Copy bandwidth: {_fmt(bw / 1e9 if bw else None, '.1f')} GB/s.",
         *_allocator_note(report),
+        *_rounds_note(report),
         "Memory: peak RSS of the measurement's process (libraries' code pages and the heap malloc keeps included), "
         "and the peak of its tensors (alive between calls, plus the most one call allocated on top: "
         "torch.profiler's memory events).",

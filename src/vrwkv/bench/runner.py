@@ -38,6 +38,10 @@ class BenchConfig:
     vrwkv_only_sizes: list[int] = field(default_factory=list)  # beyond the paper: VRWKV alone (e.g. 4096 8192)
     repeats: int = 5
     warmup: int = 1
+    # every (pair, mode, size, batch) group of model measurements this many times in a row, alternating the models
+    # (ours, ref, ours, ref, ...): the report takes the median over the rounds, so a swing of the host's load during one
+    # measurement moves the ratio less
+    rounds: int = 1
     wkv_T: list[int] = field(default_factory=list)  # Bi-WKV micro-benchmark token counts (empty: skip)
     wkv_C: int = 192
     wkv_reference_max_T: int = 1024  # the O(T^2)/looped float64 reference is timed up to this T
@@ -84,8 +88,8 @@ def run_spec(spec: dict, timeout_s: float, env: dict[str, str] | None = None) ->
 
 def plan(cfg: BenchConfig) -> list[dict]:
     """All measurement specs of a run (machine peaks first). The two models of a pair are measured back to back for
-    every (mode, size, batch): their ratio then compares measurements minutes apart at most, not the two ends of a
-    long run over which the load of a shared host can drift."""
+    every (mode, size, batch), ``cfg.rounds`` times alternating: their ratio then compares measurements minutes apart
+    at most, not the two ends of a long run over which the load of a shared host can drift."""
     specs: list[dict] = [{"kind": "matmul_peak", "backend": "torch"}, {"kind": "matmul_peak", "backend": "onednn"},
                          {"kind": "copy_bandwidth"}]
     for pair in cfg.pairs:
@@ -94,25 +98,29 @@ def plan(cfg: BenchConfig) -> list[dict]:
             for batch in cfg.batch_sizes:
                 if batch > 1 and size > cfg.batch_max_size:
                     continue
+                group = []
                 for model in (ours, ref) if size in cfg.sizes else (ours,):
                     spec = dict(kind="model", pair=pair, model=model, size=[size, size], batch=batch,
                                 mode="infer", repeats=cfg.repeats, warmup=cfg.warmup)
-                    specs.append(spec)
+                    group.append(spec)
                     if cfg.compile_backend and model == ours:
-                        specs.append(dict(spec, compile=cfg.compile_backend, warmup=max(cfg.warmup, 1)))
+                        group.append(dict(spec, compile=cfg.compile_backend, warmup=max(cfg.warmup, 1)))
                     if cfg.numba and model == ours:  # the warm-up call loads (or compiles) the kernel
-                        specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
+                        group.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
                     if cfg.onednn_variants:
-                        specs.append(dict(spec, onednn=model != ours))
+                        group.append(dict(spec, onednn=model != ours))
+                specs.extend(_rounds(group, cfg.rounds))
         for size in cfg.train_sizes:
+            group = []
             for model in (ours, ref):
                 spec = dict(kind="model", pair=pair, model=model, size=[size, size], batch=cfg.train_batch,
                             mode="train", repeats=cfg.repeats, warmup=cfg.warmup)
-                specs.append(spec)
+                group.append(spec)
                 if cfg.numba and model == ours:
-                    specs.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
+                    group.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
                 if cfg.onednn_variants:
-                    specs.append(dict(spec, onednn=model != ours))
+                    group.append(dict(spec, onednn=model != ours))
+            specs.extend(_rounds(group, cfg.rounds))
     for T in cfg.wkv_T:
         impls = (("fast", False), ("fast", True)) + ((("fused", False), ("fused", True)) if cfg.numba else ()) + (
             ("reference", False),)
@@ -126,6 +134,11 @@ def plan(cfg: BenchConfig) -> list[dict]:
     if cfg.threads:
         specs = [dict(spec, threads=cfg.threads) for spec in specs]
     return specs
+
+
+def _rounds(group: list[dict], rounds: int) -> list[dict]:
+    """``group`` ``rounds`` times in a row (copies): the models of a pair alternate over the rounds."""
+    return [dict(spec) for _ in range(rounds) for spec in group]
 
 
 def run(cfg: BenchConfig, out_dir: Path, progress=print, isolate: bool = True) -> dict:

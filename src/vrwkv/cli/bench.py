@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--vrwkv-only-sizes", type=int, nargs="*", default=[], help="extra resolutions for VRWKV alone")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each (size, batch, mode) pair of models this many times, alternating them; the "
+                        "report takes the median over the rounds (robust to the host's load changing)")
     p.add_argument("--wkv-T", type=int, nargs="*", default=[], help="token counts of the Bi-WKV micro-benchmark")
     p.add_argument("--wkv-C", type=int, default=192)
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -48,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [p for p in args.pairs if p not in PAIRS]
     if unknown:
         raise CLIError(f"unknown pair(s) {unknown}; choose from {sorted(PAIRS)}")
-    if args.repeats < 1 or any(s < 16 for s in args.sizes + args.vrwkv_only_sizes + args.train_sizes):
-        raise CLIError("--repeats must be >= 1 and every size >= 16")
+    if args.repeats < 1 or args.rounds < 1 or any(s < 16 for s in args.sizes + args.vrwkv_only_sizes + args.train_sizes):
+        raise CLIError("--repeats and --rounds must be >= 1 and every size >= 16")
     if args.threads is not None and args.threads < 1:
         raise CLIError("--threads must be >= 1")
     if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--malloc-keep and --malloc-mmap-threshold are alternatives: give one")
     cfg = BenchConfig(pairs=args.pairs, sizes=args.sizes, batch_sizes=args.batch_sizes,
                       batch_max_size=args.batch_max_size, train_sizes=args.train_sizes, train_batch=args.train_batch,
-                      vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, wkv_T=args.wkv_T, wkv_C=args.wkv_C,
+                      vrwkv_only_sizes=args.vrwkv_only_sizes, repeats=args.repeats, rounds=args.rounds,
+                      wkv_T=args.wkv_T, wkv_C=args.wkv_C,
                       timeout_s=args.timeout, compile_backend=args.compile, numba=args.numba, threads=args.threads,
                       malloc_mmap_threshold=args.malloc_mmap_threshold, malloc_keep=args.malloc_keep,
                       onednn_variants=args.onednn_variants)
