@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from vrwkv.ops.linear import ACTIVATIONS, linear
+from vrwkv.ops.linear import activate, linear
 
 
 class Linear(nn.Linear):
@@ -26,9 +26,7 @@ def linear_activated(module: nn.Module, x: torch.Tensor, activation: str) -> tor
     hooks see its own output) and the activation after it."""
     if _plain_linear(module):
         return linear(x, module.weight, module.bias, activation=activation)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return getattr(torch, activation)(module(x))  # torch.relu, torch.sigmoid; out of place (a hook may hold it)
+    return activate(module(x), activation, in_place=False)  # (a hook may hold the module's output)
 
 
 def _plain_linear(m: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
+__all__ = ["ACTIVATIONS", "activate", "linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
 
 _enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
 
@@ -85,11 +85,11 @@ def linear(
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     if not _takes_onednn(x, weight, bias):
-        return _activate(F.linear(x, weight, bias), activation)
+        return activate(F.linear(x, weight, bias), activation)
     if _records_grad(x, weight, bias):
-        return _activate(_Linear.apply(x, weight, bias), activation)
+        return activate(_Linear.apply(x, weight, bias), activation)
     if activation is not None and not fuse_post_ops:
-        return _activate(_onednn(x, weight, bias), activation)
+        return activate(_onednn(x, weight, bias), activation)
     return _onednn(x, weight, bias, activation or "none")
 
 
@@ -106,12 +106,15 @@ def _records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """``activation(y)`` for a product ``y`` just made: in place in its buffer unless autograd records or a tracer
-    runs (a traced graph would keep the write, not the new value)."""
+def activate(y: torch.Tensor, activation: str | None, in_place: bool = True) -> torch.Tensor:
+    """``activation(y)`` (None, or one of :data:`ACTIVATIONS`): in place in ``y``'s buffer if ``in_place`` (``y`` a
+    product just made) unless autograd records or a tracer runs (a traced graph would keep the write, not the new
+    value)."""
     if activation is None:
         return y
-    if _records_grad(y) or torch.jit.is_tracing():
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+    if not in_place or _records_grad(y) or torch.jit.is_tracing():
         return torch.relu(y) if activation == "relu" else torch.sigmoid(y)
     return y.relu_() if activation == "relu" else y.sigmoid_()
 
