@@ -171,3 +171,19 @@ def test_inference_projects_each_mix_from_one_buffer(channel_major):
     if channel_major:
         outs = [o.permute(1, 2, 0) for o in outs]
     assert all(rel_err(o, r) < 1e-14 for o, r in zip(outs, refs))
+
+
+def test_inference_mixes_into_the_callers_buffer():
+    """mix_buffer: the mixes go into the caller's buffer (it holds the last mix afterwards, for the caller to reuse),
+    same projections; a buffer of another shape or dtype is refused."""
+    shift = make_shift("q_shift")
+    x, mix, *weights = _inputs(12, 0, 3, outs=(12, 12, 12), seed=4)
+    buffer = torch.empty_like(x)
+    with torch.no_grad():
+        outs = shift_mix_linear(x, (H, W), shift, mix, weights, mix_buffer=buffer)
+        assert all(torch.equal(o, r) for o, r in zip(outs, shift_mix_linear(x, (H, W), shift, mix, weights)))
+        assert rel_err(buffer, torch.lerp(shift(x, (H, W)), x, mix[2])) < 1e-14
+        with pytest.raises(ValueError, match="mix_buffer must be contiguous"):
+            shift_mix_linear(x, (H, W), shift, mix, weights, mix_buffer=buffer[:, 1:])
+        with pytest.raises(ValueError, match="mix_buffer must be contiguous"):
+            shift_mix_linear(x, (H, W), shift, mix, weights, mix_buffer=buffer.float())

@@ -109,6 +109,35 @@ def test_bi_wkv_rejects_bad_input():
         bi_wkv(k.long(), v, w, u)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bi_wkv_out_receives_the_result(dtype):
+    """out= gets y (block path in float32, chunked scans in float64, cast back for bfloat16) and is returned, on
+    token-major and on transposed storage; causal_wkv takes it too."""
+    k, v, w, u = random_inputs(2, 37, 6, dtype=torch.float32)
+    k, v = k.to(dtype), v.to(dtype)
+    expected = bi_wkv(k, v, w, u, "official")
+    with torch.no_grad():
+        for out in (torch.full_like(k, float("nan")), torch.full_like(k.transpose(1, 2), float("nan")).transpose(1, 2)):
+            assert bi_wkv(k, v, w, u, "official", out=out) is out
+            assert torch.equal(out, expected)
+        out = torch.empty_like(k)
+        assert causal_wkv(k, v, w, u, out=out) is out and torch.equal(out, causal_wkv(k, v, w, u))
+
+
+def test_bi_wkv_rejects_a_bad_out():
+    k, v, w, u = random_inputs(1, 5, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"out must be \(1, 5, 4\) torch.float32"):
+        bi_wkv(k, v, w, u, out=torch.empty(1, 5, 3))
+    with pytest.raises(ValueError, match="like k"):
+        bi_wkv(k, v, w, u, out=torch.empty(1, 5, 4, dtype=torch.float64, device=k.device))
+    with pytest.raises(ValueError, match="share memory"):
+        bi_wkv(k, v, w, u, out=k)
+    with pytest.raises(ValueError, match="share memory"):
+        bi_wkv(k, v, w, u, out=v.view(1, 5, 4))
+    with pytest.raises(RuntimeError, match="automatic differentiation"):
+        bi_wkv(k.requires_grad_(), v, w, u, out=torch.empty_like(v))
+
+
 def test_block_length_depends_on_T_only_and_bounds_the_decay_inside_a_block():
     for T in (1, 2, 5, 37, 196, 1000, 65536):
         L = block_length(T)

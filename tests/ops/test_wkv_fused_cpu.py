@@ -6,7 +6,7 @@ from conftest import rel_err
 from vrwkv.ops import bi_wkv
 from vrwkv.ops.wkv import api
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv
-from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv
+from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv, numba_scans
 from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 from wkv_cases import extreme_inputs, random_inputs, reference
 
@@ -43,6 +43,29 @@ def test_fused_matches_reference(semantics, T, layout):
     assert y32.dtype == torch.float32 and y32.shape == k.shape
     assert (y32.is_contiguous() if layout == "token_major" else y32.permute(2, 0, 1).is_contiguous())
     assert rel_err(y32, ref) < TOL32[semantics]
+
+
+@pytest.mark.parametrize("layout", ["token_major", "channel_major"])
+def test_fused_writes_out_in_place(layout):
+    """bi_wkv(out=) with the fused scans on: the kernel writes into out (its storage, no copy afterwards) when out has
+    the kernel's own output layout (C-contiguous for token-major inputs, a view of [C, B, T] storage for channel-major
+    ones); another layout of out gets a copy; the values are those without out."""
+    k, v, w, u = (x.float() for x in random_inputs(2, 70, 24, seed=3))
+    if layout == "channel_major":
+        k, v = channel_major(k), channel_major(v)
+    with numba_scans():
+        expected = bi_wkv(k, v, w, u, "official")
+        token_major_out, channel_major_out = torch.empty(k.shape), channel_major(torch.empty(k.shape))
+        own, other = ((token_major_out, channel_major_out) if layout == "token_major"
+                      else (channel_major_out, token_major_out))
+        for out in (own, other):
+            storage = out.data_ptr()
+            with torch.no_grad():
+                assert bi_wkv(k, v, w, u, "official", out=out) is out
+            assert out.data_ptr() == storage and torch.equal(out, expected)
+        with torch.no_grad():  # the kernel itself returns own (written in place) and leaves the other layout alone
+            assert fused_cpu_bi_wkv(k, v, w, u, "official", KERNEL_CHUNKS, KERNEL_EPS, out=own) is own
+            assert fused_cpu_bi_wkv(k, v, w, u, "official", KERNEL_CHUNKS, KERNEL_EPS, out=other) is not other
 
 
 @pytest.mark.parametrize("T, chunks", [(1100, 32), (40, 2), (23, 3)])

@@ -115,9 +115,11 @@ class SpatialMix(nn.Module):
         if self.token_major_inference(x):  # the shift-and-mix Linears into the token-major fused Bi-WKV
             if self.shift is None:
                 k, v, r = self.project(self.token_mix(x, hw))
-            else:  # (one reused mix buffer, Linears: [B, T, C] each)
+            else:  # one mix buffer for the three mixes, Linears ([B, T, C] each), then the WKV's output in it
                 weights = (self.key.weight, self.value.weight, self.receptance.weight)
-                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights)
+                buffer = torch.empty_like(x)
+                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights, mix_buffer=buffer)
+                return self.gate_output(r, self.wkv(k, v, x.shape[1], out=buffer))
             return self.gate_output(r, self.wkv(k, v, x.shape[1]))
         if self.channel_major:
             if self.shift is None:
@@ -187,9 +189,11 @@ class SpatialMix(nn.Module):
         xk, xv, xr = xkvr.unbind(0)  # (its backward is one stack; indexing would zero-fill [3, B, T, C] per slice)
         return self.key(xk), self.value(xv), self.receptance(xr)
 
-    def wkv(self, k: torch.Tensor, v: torch.Tensor, num_tokens: int, channels: slice = slice(None)) -> torch.Tensor:
+    def wkv(self, k: torch.Tensor, v: torch.Tensor, num_tokens: int, channels: slice = slice(None),
+            out: torch.Tensor | None = None) -> torch.Tensor:
         """The WKV of ``k``, ``v`` ``[B, T, C']`` holding all tokens and the channels ``channels`` (all by default;
-        the WKV is independent per channel, so a slice gives the slice of the full result).
+        the WKV is independent per channel, so a slice gives the slice of the full result), into ``out`` if given
+        (see :func:`vrwkv.ops.bi_wkv`).
 
         The decay and bonus are divided by ``num_tokens``: the official code divides by the *current* token count,
         so w and u change with the input resolution.
@@ -197,8 +201,8 @@ class SpatialMix(nn.Module):
         w = self.spatial_decay[channels] / num_tokens
         u = self.spatial_first[channels] / num_tokens
         if self.wkv_mode == "bidirectional":
-            return bi_wkv(k, v, w, u, semantics=self.wkv_semantics)
-        return causal_wkv(k, v, w, u)
+            return bi_wkv(k, v, w, u, semantics=self.wkv_semantics, out=out)
+        return causal_wkv(k, v, w, u, out=out)
 
     def gate_output(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``output(sigmoid(r) * key_norm(y))`` for receptance ``r`` and WKV ``y`` ``[B, T, C]`` (any token subset).

@@ -20,9 +20,14 @@ def check_floating_on_one_device(op: str, tensors: dict[str, torch.Tensor]) -> N
                          ", ".join(f"{n} {t.device}" for n, t in tensors.items()))
 
 
+def compute_dtype(tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
+    """The dtype an op computes ``tensors`` in: float64 if any of them is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def run_in_float32(fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], **kwargs) -> torch.Tensor:
     """``fn(*tensors, **kwargs)`` in float32 (float64 if any input is float64), autocast off, cast back."""
-    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    compute = compute_dtype(tensors)
     with torch.autocast(tensors[0].device.type, enabled=False):
         y = fn(*(t.to(compute) for t in tensors), **kwargs)
     return y.to(tensors[0].dtype)

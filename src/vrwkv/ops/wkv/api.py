@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vrwkv.ops._dtype import check_floating_on_one_device, run_in_float32
+from vrwkv.ops._dtype import check_floating_on_one_device, compute_dtype, run_in_float32
 from vrwkv.ops._profiling import named_range
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports
 from vrwkv.ops.wkv.chunked import chunked_bi_wkv
@@ -13,7 +13,8 @@ from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 SEMANTICS = ("paper", "official")
 
 
-def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper") -> torch.Tensor:
+def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper", *,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Bidirectional WKV of Vision-RWKV: for every channel, a decayed weighted average of the values of all tokens.
 
     ``semantics="paper"`` (the paper formula)::
@@ -38,11 +39,16 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
         u (torch.Tensor): per-channel bonus of the current token ``[C]``, already divided by T.
         semantics (str): ``"paper"`` or ``"official"``.
             Default: ``"paper"``.
+        out (torch.Tensor, optional): a ``[B, T, C]`` tensor of k's dtype and device that receives y (and is
+            returned); it must not share memory with the inputs. The fused CPU scans write a C-contiguous ``out``
+            directly (no allocation: a fresh ``[B, T, C]`` above glibc's mmap threshold is page-faulted in on first
+            write); other paths copy into it. Like ``out=`` in torch, not under autograd.
 
     Returns:
-        torch.Tensor: ``[B, T, C]`` in the dtype of ``k`` (possibly a transposed view of channel-major storage; pass
-        k and v as ``x.transpose(1, 2)`` views of ``[B, C, T]`` tensors to skip the op's own layout change; the fused
-        CPU scans without autograd also take contiguous ``[B, T, C]`` k, v as they are, and return y contiguous).
+        torch.Tensor: ``[B, T, C]`` (``out`` if given) in the dtype of ``k``, possibly a transposed view of
+        channel-major storage: pass k and v as ``x.transpose(1, 2)`` views of ``[B, C, T]`` tensors to skip the op's
+        own layout change; the fused CPU scans without autograd also take contiguous ``[B, T, C]`` k, v as they are,
+        and return y contiguous.
         Half-precision inputs are computed in float32.
 
     Examples::
@@ -54,19 +60,20 @@ def bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-    return _run(k, v, w, u, semantics)
+    return _run(k, v, w, u, semantics, out)
 
 
-def causal_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def causal_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (uni-directional) WKV of the original RWKV, for the paper's ablation of Bi-WKV: token t averages the
     tokens i <= t with weights ``e^{-(t-i-1) w + k_i}`` (i < t) and ``e^{u + k_t}`` (i = t).
 
     Same arguments, shapes, dtype policy and guarantees as :func:`bi_wkv`.
     """
-    return _run(k, v, w, u, "causal")
+    return _run(k, v, w, u, "causal", out)
 
 
-def _run(k, v, w, u, semantics: str) -> torch.Tensor:
+def _run(k, v, w, u, semantics: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Check the inputs, choose the implementation and the compute dtype, and run it."""
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must both be [B, T, C]; got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -76,6 +83,8 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
     if k.shape[1] == 0:
         raise ValueError("WKV needs at least one token (T >= 1)")
     check_floating_on_one_device("WKV", {"k": k, "v": v, "w": w, "u": u})
+    if out is not None:
+        _check_out(out, k, v, w, u)
     if not _blocked_applies(k, w, u, semantics):
         impl = chunked_bi_wkv
     elif _fused_cpu_applies(k):
@@ -83,8 +92,26 @@ def _run(k, v, w, u, semantics: str) -> torch.Tensor:
     else:
         impl = blocked_bi_wkv
     # one named range in profiles (vrwkv.bench.profile attributes the operators inside it to the WKV)
+    # the fused scans write out themselves when it has the compute dtype (no cast back)
+    direct = impl is _fused_or_blocked and out is not None and out.dtype == compute_dtype((k, v, w, u))
     with named_range("vrwkv::causal_wkv" if semantics == "causal" else "vrwkv::bi_wkv"):
-        return run_in_float32(impl, (k, v, w, u), semantics=semantics)
+        y = run_in_float32(impl, (k, v, w, u), semantics=semantics, **({"out": out} if direct else {}))
+    if out is None or y is out:
+        return y
+    return out.copy_(y)
+
+
+def _check_out(out: torch.Tensor, k: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """out= as torch's ops take it: k's shape, dtype and device, no memory shared with an input, no autograd."""
+    if out.shape != k.shape or out.dtype != k.dtype or out.device != k.device:
+        raise ValueError(f"out must be {tuple(k.shape)} {k.dtype} on {k.device} like k; got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, k, *inputs)):
+        raise RuntimeError("WKV with out= does not support automatic differentiation (as torch's out= ops); run it "
+                           "under torch.no_grad() or leave out=None")
+    storage = out.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == storage for t in (k, *inputs)):
+        raise ValueError("out must not share memory with k, v, w or u (the scans read them while writing y)")
 
 
 def _fused_cpu_applies(k: torch.Tensor) -> bool:
@@ -95,9 +122,10 @@ def _fused_cpu_applies(k: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
-def _fused_or_blocked(k, v, w, u, semantics: str) -> torch.Tensor:
-    """The fused scan, or the block path for inputs whose exponent range the scan's float64 rows do not hold."""
-    y = fused_cpu_bi_wkv(k, v, w, u, semantics, KERNEL_CHUNKS, KERNEL_EPS)
+def _fused_or_blocked(k, v, w, u, semantics: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused scan (into ``out`` when it can), or the block path for inputs whose exponent range the scan's
+    float64 rows do not hold."""
+    y = fused_cpu_bi_wkv(k, v, w, u, semantics, KERNEL_CHUNKS, KERNEL_EPS, out=out)
     return blocked_bi_wkv(k, v, w, u, semantics) if y is None else y
 
 

@@ -95,7 +95,7 @@ def numba_enabled() -> bool:
 
 
 def fused_cpu_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str,
-                     chunks: int, eps: float) -> torch.Tensor | None:
+                     chunks: int, eps: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Bi-WKV by the fused scans. k, v: [B, T, C] float32 (or float64) on the CPU; w, u: [C] (divided by T).
     Differentiable: the backward is a fused scan too (:class:`_FusedBiWKV`, it keeps k and v only).
 
@@ -105,14 +105,16 @@ def fused_cpu_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch
     other layouts are copied once) and y is a [B, T, C] view of [C, B, T] storage (see :func:`token_major_inputs`).
 
     Returns y of k's dtype, or None when a row's exponents do not fit :data:`MAX_ROW_RANGE` (or a key is infinite):
-    the caller then takes another path.
+    the caller then takes another path. ``out`` ([B, T, C] of k's dtype, sharing no memory with the
+    inputs, no autograd): the token-major kernel writes y into it and returns it, the channel-major one when it is a
+    view of [C, B, T] storage; otherwise it is left alone.
     """
     try:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w, u)):
             return _FusedBiWKV.apply(k, v, w, u, semantics, chunks, eps)
         if token_major_inputs(k, v):
-            return _forward_tokens(k, v, w, u, semantics, chunks, eps)
-        return _forward(k, v, w, u, semantics, chunks, eps)[0]
+            return _forward_tokens(k, v, w, u, semantics, chunks, eps, out)
+        return _forward(k, v, w, u, semantics, chunks, eps, out)[0]
     except _OutOfRange:
         return None
 
@@ -128,12 +130,12 @@ class _OutOfRange(Exception):
     """A row's exponents exceed what the float64 scans hold."""
 
 
-def _forward_tokens(k, v, w, u, semantics: str, chunks: int, eps: float) -> torch.Tensor:
-    """y [B, T, C] (C-contiguous) from C-contiguous k, v by the token-major kernel."""
+def _forward_tokens(k, v, w, u, semantics: str, chunks: int, eps: float, out: torch.Tensor | None) -> torch.Tensor:
+    """y [B, T, C] (C-contiguous: ``out`` if it is) from C-contiguous k, v by the token-major kernel."""
     B, T, C = k.shape
     wd, ud = (x.detach().to(torch.float64).contiguous() for x in (w, u))
     chunk = math.ceil(T / chunks) if semantics == "official" else T
-    y = torch.empty(B, T, C, dtype=k.dtype)
+    y = out if out is not None and out.is_contiguous() else torch.empty(B, T, C, dtype=k.dtype)
     args = (k.detach().numpy(), v.detach().numpy(), wd.numpy(), ud.numpy(), y.numpy(), chunk, float(eps),
             semantics == "official")
     with named_range("vrwkv::fused_bi_wkv"):
@@ -143,19 +145,20 @@ def _forward_tokens(k, v, w, u, semantics: str, chunks: int, eps: float) -> torc
     return y
 
 
-def _forward(k, v, w, u, semantics: str, chunks: int, eps: float):
-    """y as a [B, T, C] view of [C, B, T] storage, and the kernels' inputs."""
+def _forward(k, v, w, u, semantics: str, chunks: int, eps: float, out: torch.Tensor | None = None):
+    """y as a [B, T, C] view of [C, B, T] storage (``out``'s if it is one), and the kernels' inputs."""
     B, T, C = k.shape
     kc, vc = (x.detach().permute(2, 0, 1).contiguous() for x in (k, v))  # [C, B, T]: no copy if channel-major
     wd, ud = (x.detach().to(torch.float64).contiguous() for x in (w, u))
     chunk = math.ceil(T / chunks) if semantics == "official" else T
-    y = torch.empty(C, B, T, dtype=k.dtype)
+    channel_major_out = out is not None and out.permute(2, 0, 1).is_contiguous()
+    y = out.permute(2, 0, 1) if channel_major_out else torch.empty(C, B, T, dtype=k.dtype)
     inputs = (kc.numpy(), vc.numpy(), wd.numpy(), ud.numpy())
     with named_range("vrwkv::fused_bi_wkv"):
         unsafe = run_kernel(FORWARD, (*inputs, y.numpy(), chunk, float(eps), semantics == "official"), C * B)
     if unsafe:
         raise _OutOfRange
-    return y.permute(1, 2, 0), (kc, vc, wd, ud, chunk)
+    return (out if channel_major_out else y.permute(1, 2, 0)), (kc, vc, wd, ud, chunk)
 
 
 class _FusedBiWKV(torch.autograd.Function):
