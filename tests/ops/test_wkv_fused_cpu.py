@@ -46,6 +46,21 @@ def test_fused_matches_reference(semantics, T, layout):
 
 
 @pytest.mark.parametrize("layout", ["token_major", "channel_major"])
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T", [300, 4100])
+def test_float32_inputs_keep_float32_precision(semantics, T, layout):
+    """float32 inputs take a shorter exponential (degree 7, ~5e-9 relative): y stays within float32 rounding of the
+    same kernels' float64 result for the same inputs (2e-7 of the largest |y|; the float64 exponential's polynomial
+    cut at degree 5 would be ~2e-6 off). T = 4,100: beyond the token-major kernel's kept exponentials."""
+    k, v, w, u = (x.float() for x in random_inputs(1, T, 16, seed=T))
+    if layout == "channel_major":
+        k, v = channel_major(k), channel_major(v)
+    y32 = fused(k, v, w, u, semantics)
+    y64 = fused(*(x.double() for x in (k, v, w, u)), semantics=semantics)
+    assert y32.dtype == torch.float32 and rel_err(y32, y64) < 2e-7
+
+
+@pytest.mark.parametrize("layout", ["token_major", "channel_major"])
 def test_fused_writes_out_in_place(layout):
     """bi_wkv(out=) with the fused scans on: the kernel writes into out (its storage, no copy afterwards) when out has
     the kernel's own output layout (C-contiguous for token-major inputs, a view of [C, B, T] storage for channel-major
