@@ -1,6 +1,7 @@
 """The benchmark runner on a tiny configuration (the real benchmark is not a unit test: see README)."""
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -20,6 +21,10 @@ def test_plan_pairs_models_and_skips_large_batches():
     wkv = [(s["impl"], s["T"]) for s in specs if s["kind"] == "wkv"]
     assert ("reference", 196) in wkv and ("reference", 4096) not in wkv and ("fast", 4096) in wkv
     assert specs[0]["kind"] == "matmul_peak"
+    fused = [(s.get("layout", "channels"), bool(s.get("out"))) for s in plan(BenchConfig(pairs=["tiny"], wkv_T=[196],
+                                                                                         numba=True))
+             if s["kind"] == "wkv" and s["impl"] == "fused" and not s["backward"]]
+    assert sorted(fused) == [("channels", False), ("channels", True), ("tokens", False), ("tokens", True)]
     models = [(s["model"], s["mode"], s["size"][0], s["batch"]) for s in specs if s["kind"] == "model"]
     for i, (model, mode, size, batch) in enumerate(models):  # each DeiT measurement right after its VRWKV twin
         if model == "deit_tiny_patch16_224":
@@ -54,6 +59,14 @@ def test_tensor_peak_sees_temporaries_freed_inside_the_call():
     assert before + 79 < peak < before + 85
     assert _tensor_peak_mb(lambda: None) < before + 1  # nothing allocated: the tensors alive before
     del kept
+
+
+@pytest.mark.parametrize("layout", ["channels", "tokens"])
+def test_wkv_op_into_a_reused_out(layout):
+    """The op benchmark's out= variant runs the fused kernels into one tensor of their own layout."""
+    result = measure(dict(kind="wkv", impl="fused", backward=False, out=True, layout=layout, B=1, T=40, C=32,
+                          repeats=2, warmup=1))
+    assert result["median_s"] > 0 and "error" not in result
 
 
 def test_bench_runs_end_to_end_on_tiny_models(tmp_path):

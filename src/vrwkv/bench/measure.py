@@ -211,10 +211,14 @@ def measure_wkv(spec: dict) -> dict:
                 t.grad = None
             bi_wkv(k_storage.permute(1, 2, 0), v_storage.permute(1, 2, 0), w, u, semantics).backward(grad)
     else:
+        # ``out``: y into one reused tensor of the kernel's own layout, as the model's spatial mix passes it
+        out = None
+        if spec.get("out"):
+            out = torch.empty(B, T, C) if k.is_contiguous() else torch.empty(C, B, T).permute(1, 2, 0)
 
         def fn():
             with torch.inference_mode():
-                bi_wkv(k, v, w, u, semantics)
+                bi_wkv(k, v, w, u, semantics, out=out)
 
     timing = _timeit(fn, spec.get("warmup", 1), spec.get("repeats", 5))
     return {**timing, "peak_rss_mb": _peak_rss_mb()}

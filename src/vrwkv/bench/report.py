@@ -97,7 +97,9 @@ def wkv_rows(report: dict) -> list[dict]:
         s, res = r["spec"], r["result"]
         if s["kind"] != "wkv":
             continue
-        impl = s["impl"] + (" (token-major)" if s.get("layout") == "tokens" else "")
+        variant = ", ".join(([
+            "token-major"] if s.get("layout") == "tokens" else []) + (["into out="] if s.get("out") else []))
+        impl = s["impl"] + (f" ({variant})" if variant else "")
         row = dict(impl=impl, backward=s["backward"], T=s["T"], C=s["C"], error=res.get("error"))
         if "error" not in res:
             row["median_s"] = res["median_s"]

@@ -131,6 +131,8 @@ def plan(cfg: BenchConfig) -> list[dict]:
                               repeats=cfg.repeats if impl != "reference" else 1, warmup=int(impl != "reference")))
             if impl == "fused" and not backward:  # the token-major kernel (the model's inference with numba)
                 specs.append(dict(specs[-1], layout="tokens"))
+                # both kernels writing into a reused out= (as the model's spatial mix does): no fresh y pages
+                specs.extend(dict(s, out=True) for s in specs[-2:])
     if cfg.threads:
         specs = [dict(spec, threads=cfg.threads) for spec in specs]
     return specs
@@ -179,7 +181,7 @@ def describe(spec: dict) -> str:
     if spec["kind"] == "model":
         return (f"{display_name(spec)} {spec['mode']} {spec['size'][0]}x{spec['size'][1]} batch {spec['batch']}")
     if spec["kind"] == "wkv":
-        layout = " token-major" if spec.get("layout") == "tokens" else ""
+        layout = (" token-major" if spec.get("layout") == "tokens" else "") + (" into out=" if spec.get("out") else "")
         return f"bi_wkv {spec['impl']}{layout}{' fwd+bwd' if spec['backward'] else ' fwd'} T={spec['T']} C={spec['C']}"
     if spec["kind"] == "matmul_peak":
         return f"matmul_peak ({spec.get('backend', 'torch')})"
