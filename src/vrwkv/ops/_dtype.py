@@ -26,8 +26,13 @@ def compute_dtype(tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
 
 
 def run_in_float32(fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], **kwargs) -> torch.Tensor:
-    """``fn(*tensors, **kwargs)`` in float32 (float64 if any input is float64), autocast off, cast back."""
-    compute = compute_dtype(tensors)
-    with torch.autocast(tensors[0].device.type, enabled=False):
-        y = fn(*(t.to(compute) for t in tensors), **kwargs)
-    return y.to(tensors[0].dtype)
+    """``fn(*tensors, **kwargs)`` in float32 (float64 if any input is float64), autocast off, cast back. (Casts and
+    the autocast context only where they change something: ~15 µs per call otherwise, as much as a small op.)"""
+    compute, dtype, device = compute_dtype(tensors), tensors[0].dtype, tensors[0].device.type
+    inputs = [t if t.dtype == compute else t.to(compute) for t in tensors]
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            y = fn(*inputs, **kwargs)
+    else:
+        y = fn(*inputs, **kwargs)
+    return y if y.dtype == dtype else y.to(dtype)
