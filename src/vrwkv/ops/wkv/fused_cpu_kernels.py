@@ -421,9 +421,16 @@ def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
     P = X v, right to left the right sums R, left to right the left sums and y (:func:`_forward_rows`: four rows in
     lockstep, as in :func:`rows_backward_kernel`). Every recurrence is written ``S = e^{-w} S + e^{-w} z``: one FMA
     on the dependency chain."""
+    return rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, np.empty((4, k.shape[2], 4)))
+
+
+@_fast
+def rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch):
+    """:func:`rows_kernel` in the caller's float64 scratch ``[4, T, 4]`` (X, P, R num, R den). A thread taking many
+    pieces of rows allocates it once: per piece, 8 MB at T = 65,536 were fresh pages every time (glibc trims them)."""
     B, T = k.shape[1], k.shape[2]
     k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
-    x, p, right_p, right_x = np.empty((T, 4)), np.empty((T, 4)), np.empty((T, 4)), np.empty((T, 4))
+    x, p, right_p, right_x = scratch[0], scratch[1], scratch[2], scratch[3]
     rows, shift = np.empty(4, np.int64), np.empty(4)
     n = unsafe = 0
     for row in range(r0, r1):  # each four rows in range run right after their check, their keys still in cache
@@ -437,6 +444,10 @@ def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
             _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x)
             n = 0
     return unsafe
+
+
+#: float64 [T + 1, 4] arrays of the backward's scratch
+BACKWARD_SCRATCH = 7
 
 
 @_fast
@@ -459,6 +470,14 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
 
     Four rows run in lockstep, one per lane of f64x4 vectors (a last group of fewer rows repeats its last row in
     the spare lanes): each lane's arithmetic is that of a float64 scan of its row, the lanes fill the SIMD width."""
+    return rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1,
+                                     np.empty((BACKWARD_SCRATCH, k.shape[2] + 1, 4)))
+
+
+@_fast
+def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1, scratch):
+    """:func:`rows_backward_kernel` in the caller's float64 scratch ``[BACKWARD_SCRATCH, T + 1, 4]`` (allocated
+    once by a thread taking many pieces, as :func:`rows_kernel_with`)."""
     B, T = k.shape[1], k.shape[2]
     k2, v2, g2, dk2, dv2 = k.reshape(-1, T), v.reshape(-1, T), gy.reshape(-1, T), dk.reshape(-1, T), dv.reshape(-1, T)
     like = k2[0, 0]  # (its type sets the exponentials' precision: exp_like)
@@ -473,14 +492,13 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
         rows[n], shift[n] = row, hi
         n += 1
     zero = vec4(0.0, 0.0, 0.0, 0.0)
-    # [T, 4] scratch, one lane per row (row T: zeros, read ahead by the left-to-right sweeps)
-    x = np.empty((T + 1, 4))
-    p = np.empty((T + 1, 4))
-    right_p = np.empty((T, 4))  # the forward's right sums R_t, then a_t
-    right_x = np.empty((T + 1, 4))  # R'_t, then (1 + eps) b_t
-    moment_p = np.empty((T + 1, 4))  # R1_t, then the terms of dX_t known left to right, then dk
-    moment_x = np.empty((T + 1, 4))  # R1'_t
-    left_p = np.empty((T, 4))  # g_t, then the terms of dP_t known left to right, then dv
+    # [T + 1, 4] scratch, one lane per row (row T: zeros, read ahead by the left-to-right sweeps)
+    x, p = scratch[0], scratch[1]
+    right_p = scratch[2]  # the forward's right sums R_t, then a_t
+    right_x = scratch[3]  # R'_t, then (1 + eps) b_t
+    moment_p = scratch[4]  # R1_t, then the terms of dX_t known left to right, then dk
+    moment_x = scratch[5]  # R1'_t
+    left_p = scratch[6]  # g_t, then the terms of dP_t known left to right, then dv
     for a in (x, p, right_x, moment_p, moment_x):
         store4(a, T, zero)
     whole = T // 4 * 4  # the tokens of whole blocks of four (transposed in and out as 4x4 blocks)

@@ -27,7 +27,8 @@ from numba.extending import intrinsic
 
 from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
 from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
-from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
+from vrwkv.ops.wkv.fused_cpu_kernels import (BACKWARD_SCRATCH, rows_backward_kernel_with, rows_kernel_with,
+                                             tokens_kernel)
 
 key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
 
@@ -142,14 +143,19 @@ def _array1(control, i, n):
     return numba.carray(_address_as_pointer(control[_ARRAYS + i]), (n,), np.float64)
 
 
-def _forward(data, array3, dtype, kernel):
+def _forward(data, array3, dtype, rows):
+    """The forward's pieces: the channel-major rows (``rows``) in one scratch per thread, or token-major units."""
     control, eps = numba.carray(data, (_SIZE,), np.int64), numba.carray(data, (_SIZE,), np.float64)[_EPS]
     C, unsafe = control[_C], 0
     k, v, w, u, y = (array3(control, 0, dtype), array3(control, 1, dtype), _array1(control, 2, C),
                      _array1(control, 3, C), array3(control, 4, dtype))
+    scratch = np.empty((4, control[_T] if rows else 0, 4))  # (allocated per piece: fresh pages every time)
     r0, r1 = _next_piece(control)
     while r0 < r1:
-        unsafe += kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
+        if rows:
+            unsafe += rows_kernel_with(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1, scratch)
+        else:
+            unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
         r0, r1 = _next_piece(control)
     _fetch_add(control, _RESULTS, unsafe)
 
@@ -161,10 +167,11 @@ def _backward(data, dtype):
                       _array1(control, 3, C), _rows3(control, 4, dtype))
     dk, dv, dw_rows, du_rows = (_rows3(control, 5, dtype), _rows3(control, 6, dtype), _array1(control, 7, rows),
                                 _array1(control, 8, rows))
+    scratch = np.empty((BACKWARD_SCRATCH, control[_T] + 1, 4))  # one per thread (see _forward)
     r0, r1 = _next_piece(control)
     while r0 < r1:
-        unsafe += rows_backward_kernel(k, v, w, u, gy, control[_CHUNK], eps, control[_OFFICIAL] != 0, dk, dv,
-                                       dw_rows, du_rows, r0, r1)
+        unsafe += rows_backward_kernel_with(k, v, w, u, gy, control[_CHUNK], eps, control[_OFFICIAL] != 0, dk, dv,
+                                            dw_rows, du_rows, r0, r1, scratch)
         r0, r1 = _next_piece(control)
     _fetch_add(control, _RESULTS, unsafe)
 
@@ -175,19 +182,19 @@ _next_piece, _rows3, _tokens3, _array1, _forward, _backward = (
 
 
 def _rows_float32(data):
-    _forward(data, _rows3, np.float32, rows_kernel)
+    _forward(data, _rows3, np.float32, True)
 
 
 def _rows_float64(data):
-    _forward(data, _rows3, np.float64, rows_kernel)
+    _forward(data, _rows3, np.float64, True)
 
 
 def _tokens_float32(data):
-    _forward(data, _tokens3, np.float32, tokens_kernel)
+    _forward(data, _tokens3, np.float32, False)
 
 
 def _tokens_float64(data):
-    _forward(data, _tokens3, np.float64, tokens_kernel)
+    _forward(data, _tokens3, np.float64, False)
 
 
 def _backward_float32(data):
