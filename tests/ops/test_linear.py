@@ -14,9 +14,10 @@ needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this PyTorch has
 
 @pytest.fixture(autouse=True)
 def every_product_takes_onednn(monkeypatch):
-    """The tests of oneDNN's path use small products: take them there whatever the CPU (the size rule has its own
-    test)."""
+    """The tests of oneDNN's path use small products and strided inputs: take them there whatever the CPU (the rules
+    of CPUs without AVX-512 have their own tests)."""
     monkeypatch.setattr(linear_op, "SMALL_PRODUCT_FLOPS", 0)
+    monkeypatch.setattr(linear_op, "_has_avx512", lambda: True)
 
 
 def _ops_run(fn) -> set[str]:
@@ -231,3 +232,26 @@ def test_small_products_take_f_linear_without_avx512(monkeypatch, avx512):
         _close_to_float64(linear(small_x, w), small_x, w)
     assert ("mkldnn::_linear_pointwise" in small) == avx512
     assert "mkldnn::_linear_pointwise" in large
+
+
+@needs_onednn
+@pytest.mark.parametrize("avx512", [False, True])
+def test_transposed_inputs_take_f_linear_without_avx512(monkeypatch, avx512):
+    """Without AVX-512 a non-contiguous input goes to F.linear (MKL reads it transposed in place; oneDNN's op would
+    copy it), in the forward and for the weight gradient grad^T @ x of the backward; contiguous ones stay on oneDNN."""
+    monkeypatch.setattr(linear_op, "_has_avx512", lambda: avx512)
+    torch.manual_seed(10)
+    x_t, w = torch.randn(192, 1568).t(), torch.randn(768, 192) / 14  # x: [1568, 192], a transposed view
+    with torch.inference_mode():
+        transposed, contiguous = _ops_run(lambda: linear(x_t, w)), _ops_run(lambda: linear(x_t.contiguous(), w))
+        _close_to_float64(linear(x_t, w), x_t, w)
+    assert ("mkldnn::_linear_pointwise" in transposed) == avx512
+    assert "mkldnn::_linear_pointwise" in contiguous
+    x = x_t.contiguous().requires_grad_()
+    weight = w.clone().requires_grad_()
+    grad = torch.randn(1568, 768)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        linear(x, weight).backward(grad)
+    onednn_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert onednn_calls == (3 if avx512 else 2)  # forward, grad @ W (contiguous grad); grad^T @ x: MKL without
+    _close_to_float64(weight.grad, grad.t().contiguous(), x.detach().t().contiguous())

@@ -10,7 +10,7 @@ dimension with FMAs), so the op only changes the speed.
 When: on CPU float32 tensors (with autograd through :class:`_Linear`, whose backward products are oneDNN's too), not
 under CPU autocast (its dtype policy is ``F.linear``'s), not while tracing, scripting or compiling (plain ops there),
 not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's op) or a
-``torch.func`` transform (no batching rule), on CPUs without AVX-512 for products of at least
+``torch.func`` transform (no batching rule), on CPUs without AVX-512 for contiguous inputs and products of at least
 :data:`SMALL_PRODUCT_FLOPS` only, and while enabled (:func:`use_onednn`; on by default where PyTorch has oneDNN;
 ``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is ``F.linear`` itself.
 
@@ -32,8 +32,10 @@ __all__ = ["ACTIVATIONS", "activate", "linear", "mm", "onednn_enabled", "onednn_
 _enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
 
 #: On CPUs without AVX-512, products of fewer FLOPs (``2 M N K``) take ``F.linear``: there oneDNN's AVX2 kernels are
-#: no faster than MKL's and its call costs ~30 µs more (``ops/linear/README.md``). With AVX-512, oneDNN is ~2x MKL on
-#: AMD CPUs at every size, and takes every product.
+#: no faster than MKL's and its call costs ~30 µs more (``ops/linear/README.md``). So do products whose input is not
+#: contiguous (a transposed view: the weight gradient ``grad^T @ x``, channel-major gates): oneDNN's op copies it
+#: first, MKL reads it in place (the weight gradients of VRWKV-T's training step 2.9x / 1.8x / 1.5x faster). With
+#: AVX-512, oneDNN is ~2x MKL on AMD CPUs at every size, and takes every product.
 SMALL_PRODUCT_FLOPS = 2**26
 
 #: The activations :func:`linear` can apply to its result (fused into oneDNN's product as a post-op).
@@ -153,8 +155,8 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False  # torch.func transforms (vmap, grad, ...): oneDNN's op has no batching rule
-    if 2 * x.numel() * weight.shape[0] < SMALL_PRODUCT_FLOPS and not _has_avx512():
-        return False
+    if not _has_avx512() and (2 * x.numel() * weight.shape[0] < SMALL_PRODUCT_FLOPS or not x.is_contiguous()):
+        return False  # (a non-contiguous x: oneDNN's op copies it, MKL reads a transposed one in place)
     return not torch.is_autocast_enabled("cpu") and onednn_enabled()
 
 
