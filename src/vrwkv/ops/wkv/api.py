@@ -91,9 +91,9 @@ def _run(k, v, w, u, semantics: str, out: torch.Tensor | None = None) -> torch.T
         impl = _fused_or_blocked
     else:
         impl = blocked_bi_wkv
-    # one named range in profiles (vrwkv.bench.profile attributes the operators inside it to the WKV)
     # the fused scans write out themselves when it has the compute dtype (no cast back)
     direct = impl is _fused_or_blocked and out is not None and out.dtype == compute_dtype((k, v, w, u))
+    # one named range in profiles (vrwkv.bench.profile attributes the operators inside it to the WKV)
     with named_range("vrwkv::causal_wkv" if semantics == "causal" else "vrwkv::bi_wkv"):
         y = run_in_float32(impl, (k, v, w, u), semantics=semantics, **({"out": out} if direct else {}))
     if out is None or y is out:

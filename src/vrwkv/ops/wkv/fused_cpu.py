@@ -44,6 +44,7 @@ import threading
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from vrwkv.ops._cpu_pool import ProcessThreadPool
@@ -207,10 +208,9 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
     with its spinning workers), otherwise the caller and a pool of our own (the kernels release the GIL).
     """
     kernels = _compiled_kernels()
-    kernel = getattr(kernels, kind)
     n = max(1, min(torch.get_num_threads(), rows))
     if n == 1:
-        return kernel(*args, 0, rows)
+        return getattr(kernels, kind)(*args, 0, rows)
     if kernels.team is not None and use_openmp_team:
         return kernels.team.run(kind, args, rows, n)
     # small pieces taken in turn by the caller and n - 1 pool threads: a thread slowed by other work on its core
@@ -220,6 +220,7 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
     take = threading.Lock()
 
     def work() -> int:
+        kernel = _piece_kernel(kernels, kind, args)  # (the rows kernels' scratch once per thread, as in the team)
         unsafe_rows = 0
         while True:
             with take:
@@ -230,6 +231,19 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
 
     futures = [_thread_pool(n - 1).submit(work) for _ in range(n - 1)]
     return work() + sum(f.result() for f in futures)
+
+
+def _piece_kernel(kernels: _Kernels, kind: str, args: tuple):
+    """``kernel(*args, r0, r1)`` of ``kind`` for one thread's pieces: the rows kernels with one scratch for all of
+    them (allocated per piece, it was fresh pages every time: 8 MB at 65,536 tokens), the token-major one as is."""
+    if kind == TOKENS:
+        return kernels.tokens
+    T = args[0].shape[2]  # k: [C, B, T]
+    if kind == FORWARD:
+        scratch = np.empty((4, T, 4))
+        return lambda *a: kernels.forward_with(*a, scratch)
+    scratch = np.empty((kernels.backward_scratch, T + 1, 4))
+    return lambda *a: kernels.backward_with(*a, scratch)
 
 
 #: Run the kernels on PyTorch's OpenMP team when its runtime is found (False: always our own thread pool).
@@ -243,6 +257,9 @@ class _Kernels(NamedTuple):
     forward: object
     backward: object
     tokens: object
+    forward_with: object  # the rows kernels in the caller's float64 scratch, [4, T, 4] ...
+    backward_with: object  # ... and [backward_scratch, T + 1, 4]
+    backward_scratch: int
     team: object  # fused_cpu_team.Team, or None without a known OpenMP runtime
 
 
@@ -251,10 +268,11 @@ def _compiled_kernels() -> _Kernels:
     global _kernels
     with _lock:
         if _kernels is None:
-            from vrwkv.ops.wkv.fused_cpu_kernels import rows_backward_kernel, rows_kernel, tokens_kernel
+            from vrwkv.ops.wkv import fused_cpu_kernels as k
             from vrwkv.ops.wkv.fused_cpu_team import Team, openmp_runtime
 
             runtime = openmp_runtime()
-            _kernels = _Kernels(rows_kernel, rows_backward_kernel, tokens_kernel,
+            _kernels = _Kernels(k.rows_kernel, k.rows_backward_kernel, k.tokens_kernel, k.rows_kernel_with,
+                                k.rows_backward_kernel_with, k.BACKWARD_SCRATCH,
                                 Team(runtime) if runtime is not None else None)
         return _kernels

@@ -149,7 +149,8 @@ def _forward(data, array3, dtype, rows):
     C, unsafe = control[_C], 0
     k, v, w, u, y = (array3(control, 0, dtype), array3(control, 1, dtype), _array1(control, 2, C),
                      _array1(control, 3, C), array3(control, 4, dtype))
-    scratch = np.empty((4, control[_T] if rows else 0, 4))  # (allocated per piece: fresh pages every time)
+    # the rows kernel's scratch, once per thread (allocated per piece, it was fresh pages every time)
+    scratch = np.empty((4, control[_T] if rows else 0, 4))
     r0, r1 = _next_piece(control)
     while r0 < r1:
         if rows:
