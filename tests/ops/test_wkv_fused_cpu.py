@@ -141,6 +141,87 @@ def test_kernel_rows_in_any_pieces_give_the_same_result(official):
                for r0, r1 in [(0, 1), (1, 4), (4, 9), (9, 10), (10, 15)]) == 1
     assert np.array_equal(whole, pieces) and (whole[2, 1] == 7.0).all()  # the out-of-range row left unwritten
 
+def blocked_rows(k, v, w, u, semantics, chunks, block):
+    """y [B, T, C] of rows_blocked_kernel on the rows of channel-major copies of k, v, by blocks of ``block``."""
+    import numpy as np
+    from vrwkv.ops.wkv.fused_cpu_kernels import rows_blocked_kernel
+
+    kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k, v))
+    y = np.full_like(kc, 7.0)
+    official = semantics == "official"
+    chunk = -(-k.shape[1] // chunks) if official else k.shape[1]
+    assert rows_blocked_kernel(kc, vc, w.double().numpy(), u.double().numpy(), y, chunk, KERNEL_EPS if official
+                               else 0.0, official, 0, kc.shape[0] * kc.shape[1], block) == 0
+    return torch.from_numpy(y).permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+@pytest.mark.parametrize("T, chunks, block", [(1, 32, 8), (7, 3, 4), (8, 32, 8), (9, 32, 8), (37, 5, 8), (203, 32, 8),
+                                              (203, 7, 12), (40, 2, 8), (300, 32, 64), (129, 32, 128)])
+def test_blocked_rows_match_reference(semantics, T, chunks, block):
+    """The channel-major forward by blocks (long rows): T shorter than a block, whole blocks, a last block with a
+    tail of fewer than four tokens, kernel chunks that start and end inside blocks; float64 and float32 inputs,
+    C = 5 (a last group of one row)."""
+    k, v, w, u = random_inputs(2, T, 5, seed=T + block)
+    ref = reference(semantics, k, v, w, u, chunks)
+    assert rel_err(blocked_rows(k, v, w, u, semantics, chunks, block), ref) < TOL64[semantics]
+    y32 = blocked_rows(*(x.float() for x in (k, v, w, u)), semantics=semantics, chunks=chunks, block=block)
+    assert y32.dtype == torch.float32 and rel_err(y32, ref) < TOL32[semantics]
+
+
+def test_blocked_rows_extremes():
+    """The block path's extreme inputs (largest key ranges and decays it takes) by blocks of 8."""
+    for semantics in ("paper", "official"):
+        k, v, w, u = extreme_inputs(197, semantics)
+        y = blocked_rows(*(x.float() for x in (k, v, w, u)), semantics=semantics, chunks=KERNEL_CHUNKS, block=8)
+        assert torch.isfinite(y).all() and rel_err(y, reference(semantics, k, v, w, u)) < 1e-5
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_blocked_rows_in_any_pieces_report_rows_out_of_range(official):
+    """As the whole-row kernel: pieces of any length give the rows of one call bit for bit, rows out of range are
+    counted and left unwritten, the rows grouped with them are written; a NaN key gives NaN in its row only."""
+    import numpy as np
+    from vrwkv.ops.wkv.fused_cpu_kernels import rows_blocked_kernel, rows_kernel
+
+    k, v, w, u = random_inputs(3, 37, 5, seed=6)  # 15 rows, T odd
+    k[1, 4, 2] = 700.0  # row c·B + b = 2·3 + 1 = 7 out of range
+    k[0, 30, 3] = float("inf")  # row 9
+    k[2, 36, 4] = float("nan")  # row 14: the frame of its last block
+    kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k, v))
+    args = (kc, vc, w.numpy(), u.numpy())
+    whole, pieces, rows = (np.full_like(kc, 7.0) for _ in range(3))
+    assert rows_blocked_kernel(*args, whole, 5, 1e-6, official, 0, 15, 8) == 2
+    assert sum(rows_blocked_kernel(*args, pieces, 5, 1e-6, official, r0, r1, 8)
+               for r0, r1 in [(0, 1), (1, 4), (4, 9), (9, 10), (10, 15)]) == 2
+    assert rows_kernel(*args, rows, 5, 1e-6, official, 0, 15) == 2
+    assert np.array_equal(whole, pieces, equal_nan=True)
+    flat = whole.reshape(15, 37)
+    assert (flat[[7, 9]] == 7.0).all() and np.isnan(flat[14]).all() and np.isfinite(np.delete(flat, [7, 9, 14], 0)).all()
+    assert np.abs(np.delete(flat - rows.reshape(15, 37), [7, 9, 14], 0)).max() < 1e-13
+
+
+def test_long_rows_take_the_blocked_kernel():
+    """Rows of ROWS_BLOCKED_FROM tokens: rows_kernel runs them by blocks of ROW_BLOCK (bit for bit the blocked
+    kernel), within float32 rounding of the exact float64 scan (bi_wkv of float64 inputs, the numba scans off)."""
+    import numpy as np
+    from vrwkv.ops.wkv import fused_cpu
+    from vrwkv.ops.wkv.fused_cpu_kernels import rows_kernel
+
+    T = fused_cpu.ROWS_BLOCKED_FROM
+    k, v, w, u = random_inputs(1, T, 3, seed=1, decay=8.0)
+    with torch.no_grad():
+        exact = bi_wkv(k, v, w, u, "official")
+    k32, v32 = channel_major(k.float()), channel_major(v.float())
+    y = fused(k32, v32, w.float(), u.float(), "official")
+    assert rel_err(y, exact) < TOL32["official"]
+    kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k32, v32))
+    whole = np.empty_like(kc)
+    assert rows_kernel(kc, vc, w.numpy(), u.numpy(), whole, -(-T // KERNEL_CHUNKS), KERNEL_EPS, True, 0, 3) == 0
+    assert torch.equal(torch.from_numpy(whole).permute(1, 2, 0),
+                       blocked_rows(k32, v32, w, u, "official", KERNEL_CHUNKS, fused_cpu.ROW_BLOCK))
+
+
 def test_dispatch(fused_cpu_scan):
     """With the fused scan on: CPU float32 in the block path's range -> the fused scans (the same numbers as calling
     them; gradients through their backward); float64 or a single token -> the other paths."""

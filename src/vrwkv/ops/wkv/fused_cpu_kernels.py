@@ -13,7 +13,7 @@ from numba.core.typing.templates import AbstractTemplate, infer_global, signatur
 from numba.extending import intrinsic, models, overload, register_model
 
 from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
-from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE, TOKEN_BLOCK, TOKEN_KEEP
+from vrwkv.ops.wkv.fused_cpu import MAX_ROW_RANGE, ROW_BLOCK, ROWS_BLOCKED_FROM, TOKEN_BLOCK, TOKEN_KEEP
 
 key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
 
@@ -421,7 +421,7 @@ def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
     P = X v, right to left the right sums R, left to right the left sums and y (:func:`_forward_rows`: four rows in
     lockstep, as in :func:`rows_backward_kernel`). Every recurrence is written ``S = e^{-w} S + e^{-w} z``: one FMA
     on the dependency chain."""
-    return rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, np.empty((4, k.shape[2], 4)))
+    return rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, rows_scratch(k.shape[2], 0))
 
 
 @_fast
@@ -429,6 +429,8 @@ def rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch):
     """:func:`rows_kernel` in the caller's float64 scratch ``[4, T, 4]`` (X, P, R num, R den). A thread taking many
     pieces of rows allocates it once: per piece, 8 MB at T = 65,536 were fresh pages every time (glibc trims them)."""
     B, T = k.shape[1], k.shape[2]
+    if T >= ROWS_BLOCKED_FROM:
+        return rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, ROW_BLOCK)
     k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
     x, p, right_p, right_x = scratch[0], scratch[1], scratch[2], scratch[3]
     rows, shift = np.empty(4, np.int64), np.empty(4)
@@ -444,6 +446,199 @@ def rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch):
             _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x)
             n = 0
     return unsafe
+
+
+@_fast
+def rows_scratch(T, block):
+    """The float64 scratch of the rows forward for rows of T tokens: with ``block`` = 0 that of
+    :func:`rows_kernel_with` (below ROWS_BLOCKED_FROM tokens ``[4, T, 4]``: X, P, R num, R den of a whole row),
+    otherwise that of :func:`rows_blocked_kernel_with` by blocks of ``block`` tokens (``[4, block + blocks + 8, 4]``:
+    a block's sweeps, then the per-block sums and the state between blocks)."""
+    if block == 0:
+        if T < ROWS_BLOCKED_FROM:
+            return np.empty((4, T, 4))
+        block = ROW_BLOCK
+    return np.empty((4, block + (T + block - 1) // block + 8, 4))
+
+
+@_fast
+def _rows_block_summary(k2, v2, ra, rb, rc, rd, s, e, decay, like):
+    """Pass A of the blocked rows forward for the tokens s..e of four rows (lanes), right to left: the block's frame
+    m (the keys of its last token), the lanes' largest and smallest keys, and the block's sums
+    Σ_{s <= j < e} e^{-(j-s) w} e^{k_j - m} [v_j | 1] (:func:`_block_summary` of the token-major kernel, four rows
+    by 4x4 transposes)."""
+    m = _gather(k2, ra, rb, rc, rd, e - 1)
+    high, low = vec4(-np.inf, -np.inf, -np.inf, -np.inf), vec4(np.inf, np.inf, np.inf, np.inf)
+    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    whole = s + (e - s) // 4 * 4
+    for t in range(e - 1, whole - 1, -1):  # (NaN keys are skipped by max and min: they propagate to the outputs)
+        key = _gather(k2, ra, rb, rc, rd, t)
+        high, low = vmax(key, high), vmin(key, low)
+        xt = exp_like(key - m, like)
+        num = decay * num + xt * _gather(v2, ra, rb, rc, rd, t)
+        den = decay * den + xt
+    for t in range(whole - 4, s - 1, -4):
+        keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+        high = vmax(vmax(keys[0], keys[1]), vmax(vmax(keys[2], keys[3]), high))
+        low = vmin(vmin(keys[0], keys[1]), vmin(vmin(keys[2], keys[3]), low))
+        x3, x2, x1, x0 = (exp_like(keys[3] - m, like), exp_like(keys[2] - m, like), exp_like(keys[1] - m, like),
+                          exp_like(keys[0] - m, like))
+        num = decay * (decay * (decay * (decay * num + x3 * values[3]) + x2 * values[2]) + x1 * values[1]) + x0 * values[0]
+        den = decay * (decay * (decay * (decay * den + x3) + x2) + x1) + x0
+    return m, high, low, num, den
+
+
+@_fast
+def _rows_block_forward(k2, v2, y2, ra, rb, rc, rd, s, e, hi, decay, grow, own, bonus, carry_p, carry_x, scratch,
+                        at, chunk, eps, official):
+    """Pass B of the blocked rows forward for the tokens s..e of four rows: right to left X = e^{k - K} (hi: the
+    rows' largest keys K), P = X v and the right sums R from R_{e-1} = (carry_p, carry_x) into the rows 0..e-s of
+    the scratch's X, P, R num, R den; left to right the left sums (entering and leaving through the rows at..at+5
+    of scratch[3]; the official function's H, O restarted at every kernel chunk, which may start or end inside the
+    block) and y, kept in R num's rows, then transposed out. The arithmetic of :func:`_forward_rows`, lane by lane,
+    but for the order in which R is summed."""
+    x, p, right_p, right_x, state = scratch[0], scratch[1], scratch[2], scratch[3], scratch[3]
+    like = k2[ra, s]  # (its type sets the exponentials' precision: exp_like)
+    whole = s + (e - s) // 4 * 4
+    num, den = carry_p, carry_x
+    for t in range(e - 1, whole - 1, -1):
+        num, den = _right_step(x, p, right_p, right_x, t - s, num, den, decay, _gather(k2, ra, rb, rc, rd, t) - hi,
+                               _gather(v2, ra, rb, rc, rd, t), like)
+    for t in range(whole - 4, s - 1, -4):
+        keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+        i = t - s
+        num, den = _right_step(x, p, right_p, right_x, i + 3, num, den, decay, keys[3] - hi, values[3], like)
+        num, den = _right_step(x, p, right_p, right_x, i + 2, num, den, decay, keys[2] - hi, values[2], like)
+        num, den = _right_step(x, p, right_p, right_x, i + 1, num, den, decay, keys[1] - hi, values[1], like)
+        num, den = _right_step(x, p, right_p, right_x, i, num, den, decay, keys[0] - hi, values[0], like)
+    num, den = load4(state, at), load4(state, at + 1)
+    if not official:  # G_{t+1} = e^{-w} (G_t + P_t), and y
+        for i in range(e - s):
+            yt, num, den = _paper_step(num, den, load4(right_p, i), load4(right_x, i), load4(x, i), load4(p, i),
+                                       decay, grow, bonus)
+            store4(right_p, i, yt)
+        store4(state, at, num)
+        store4(state, at + 1, den)
+    else:
+        h_num, h_den, o_num, o_den = load4(state, at + 2), load4(state, at + 3), load4(state, at + 4), load4(
+            state, at + 5)
+        eps1 = 1.0 + eps
+        x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
+        t = s
+        while t < e:  # the pieces of kernel chunks [c, c + chunk) in the block: H and O restart (O excludes c)
+            stop = min(e, (t // chunk + 1) * chunk)
+            if t % chunk == 0:
+                i = t - s
+                xt, pt = load4(x, i), load4(p, i)
+                store4(right_p, i, (num + load4(right_p, i) + bonus * pt) / (eps1 * (den + load4(right_x, i))
+                                                                             + x_bonus * xt))
+                h_num, h_den = decay * pt, decay * xt
+                o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+                num = decay * num + decay * pt
+                den = decay * den + decay * xt
+                t += 1
+            for t in range(t, stop):
+                i = t - s
+                xt, pt = load4(x, i), load4(p, i)
+                o_num = grow * o_num + pt
+                o_den = grow * o_den + xt
+                n_t = num + load4(right_p, i) + own * (h_num - o_num) + bonus * pt
+                d_t = eps1 * (den + load4(right_x, i) + own * (h_den - o_den)) + x_bonus * xt
+                store4(right_p, i, n_t / d_t)
+                num = decay * num + decay * pt
+                den = decay * den + decay * xt
+                h_num = decay * h_num + decay * pt
+                h_den = decay * h_den + decay * xt
+            t = stop
+        for j, sums in enumerate((num, den, h_num, h_den, o_num, o_den)):
+            store4(state, at + j, sums)
+    for t in range(s, whole, 4):
+        i = t - s
+        store_block(y2, ra, rb, rc, rd, t, load4(right_p, i), load4(right_p, i + 1), load4(right_p, i + 2),
+                    load4(right_p, i + 3))
+    for t in range(whole, e):
+        _scatter(y2, ra, rb, rc, rd, t, load4(right_p, t - s))
+
+
+@_fast
+def _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scratch, block):
+    """y of the n (1 to 4) rows of the array rows in lockstep by blocks of ``block`` tokens, unless one of them is
+    out of range: then nothing is written and the count of those rows is returned (0: written)."""
+    T = k2.shape[1]
+    L, blocks = block, (T + block - 1) // block
+    last = n - 1
+    ra, rb, rc, rd = rows[0], rows[min(1, last)], rows[min(2, last)], rows[last]
+    wv = vec4(w[ra // B], w[rb // B], w[rc // B], w[rd // B])
+    decay, grow, own = _lanes_exp(-wv), _lanes_exp(wv), _lanes_expm1(wv)
+    bonus = _lanes_exp(vec4(u[ra // B], u[rb // B], u[rc // B], u[rd // B]))
+    decay_block = _lanes_exp(wv * -float(min(L, T)))  # e^{-L w} across a whole block (within e^600 for rows in range)
+    like = k2[ra, 0]  # (its type sets the exponentials' precision: exp_like)
+    # per block (the rows L + b of the scratch's first three arrays): the frame, then e^{frame - K}; its sums, then
+    # the carries from the right; rows L + blocks.. of the fourth: the left sums between blocks, the key range
+    frames, sums_p, sums_x, state = scratch[0], scratch[1], scratch[2], scratch[3]
+    at = L + blocks
+    high, low = vec4(-np.inf, -np.inf, -np.inf, -np.inf), vec4(np.inf, np.inf, np.inf, np.inf)
+    for b in range(blocks - 1, -1, -1):  # pass A, right to left
+        m, block_high, block_low, num, den = _rows_block_summary(k2, v2, ra, rb, rc, rd, b * L, min(b * L + L, T),
+                                                                 decay, like)
+        high, low = vmax(block_high, high), vmin(block_low, low)
+        store4(frames, L + b, m)
+        store4(sums_p, L + b, num)
+        store4(sums_x, L + b, den)
+    store4(state, at + 6, high - low)
+    bad = 0
+    for i in range(n):  # the range check of _row_shift (NaN keys skipped; an infinite key: out of range)
+        row = rows[i]
+        if not (state[at + 6, i] + abs(w[row // B]) * T + abs(u[row // B]) <= MAX_ROW_RANGE):
+            bad += 1
+    if bad:
+        return bad
+    carry_p = carry_x = vec4(0.0, 0.0, 0.0, 0.0)
+    for b in range(blocks - 1, -1, -1):  # T_b = e^{m_b - K} S_b + e^{-L w} T_{b+1}; R_{e_b - 1} = e^{-w} T_{b+1}
+        scale = _exp4(load4(frames, L + b) - high)
+        block_p, block_x = load4(sums_p, L + b), load4(sums_x, L + b)
+        store4(sums_p, L + b, decay * carry_p)
+        store4(sums_x, L + b, decay * carry_x)
+        carry_p = decay_block * carry_p + scale * block_p
+        carry_x = decay_block * carry_x + scale * block_x
+    for j in range(6):
+        store4(state, at + j, vec4(0.0, 0.0, 0.0, 0.0))
+    for b in range(blocks):  # pass B, left to right
+        _rows_block_forward(k2, v2, y2, ra, rb, rc, rd, b * L, min(b * L + L, T), high, decay, grow, own, bonus,
+                            load4(sums_p, L + b), load4(sums_x, L + b), scratch, at, chunk, eps, official)
+    return 0
+
+
+@_fast
+def rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, block):
+    """:func:`rows_kernel` by blocks of ``block`` tokens (a multiple of 4), for long rows: scratch
+    (:func:`rows_scratch`) in L1/L2 whatever T, at the price of a second exponential per token. Pass A takes each
+    block's key range and its sums in its own frame (right to left, rows four at a time), a scan over the blocks
+    puts them in the frame of the rows' largest keys and gives the carries entering each block from the right, pass
+    B runs the rows kernel's sweeps block by block: k, v read twice, y written once (the token-major kernel's scheme,
+    :func:`tokens_kernel`). A group of four rows with one out of range is run again without it."""
+    B, T = k.shape[1], k.shape[2]
+    k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
+    rows, kept = np.empty(4, np.int64), np.empty(4, np.int64)
+    unsafe = 0
+    for g in range(r0, r1, 4):
+        n = min(4, r1 - g)
+        for i in range(n):
+            rows[i] = g + i
+        if _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scratch, block) == 0:
+            continue
+        for i in range(n):  # a row out of range in the group: each row again alone (rare: no trained model has any)
+            kept[0] = rows[i]
+            if _rows_blocked_group(k2, v2, y2, w, u, B, kept, 1, chunk, eps, official, scratch, block) != 0:
+                unsafe += 1
+    return unsafe
+
+
+@_fast
+def rows_blocked_kernel(k, v, w, u, y, chunk, eps, official, r0, r1, block):
+    """:func:`rows_blocked_kernel_with` in scratch of its own."""
+    return rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, rows_scratch(k.shape[2], block),
+                                    block)
 
 
 #: float64 [T + 1, 4] arrays of the backward's scratch

@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
 from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import (BACKWARD_SCRATCH, rows_backward_kernel_with, rows_kernel_with,
-                                             tokens_kernel)
+                                             rows_scratch, tokens_kernel)
 
 key_cache_on_all_kernel_sources()  # cached machine code invalidated by a change to any kernel source
 
@@ -150,7 +150,7 @@ def _forward(data, array3, dtype, rows):
     k, v, w, u, y = (array3(control, 0, dtype), array3(control, 1, dtype), _array1(control, 2, C),
                      _array1(control, 3, C), array3(control, 4, dtype))
     # the rows kernel's scratch, once per thread (allocated per piece, it was fresh pages every time)
-    scratch = np.empty((4, control[_T] if rows else 0, 4))
+    scratch = rows_scratch(control[_T] if rows else 0, 0)
     r0, r1 = _next_piece(control)
     while r0 < r1:
         if rows:
