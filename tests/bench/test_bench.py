@@ -168,7 +168,8 @@ def test_fused_cpu_scan_is_planned_and_measured(tmp_path):
 
 
 def test_onednn_variants_are_planned_named_and_compared():
-    """--onednn-variants: the ViT with oneDNN Linears next to it, ours with F.linear; both machine peaks measured."""
+    """--onednn-variants: the ViT with oneDNN Linears next to it, ours with every product through F.linear and
+    through oneDNN; both machine peaks measured."""
     from vrwkv.bench.report import model_rows, write_markdown
     from vrwkv.bench.runner import display_name
 
@@ -176,13 +177,14 @@ def test_onednn_variants_are_planned_named_and_compared():
     specs = plan(cfg)
     assert [s.get("backend") for s in specs if s["kind"] == "matmul_peak"] == ["torch", "onednn"]
     names = [display_name(s) for s in specs if s["kind"] == "model"]
-    assert names == ["test_vrwkv", "test_vrwkv+F.linear", "test_vit", "test_vit+onednn"]
+    assert names == ["test_vrwkv", "test_vrwkv+F.linear", "test_vrwkv+onednn", "test_vit", "test_vit+onednn"]
     rows = [{"spec": s, "result": measure(dict(s, n=256) if s["kind"] == "matmul_peak" else s)} for s in specs]
     assert all(r["result"]["gflops"] > 0 for r in rows if r["spec"]["kind"] == "matmul_peak")
     report = {"config": {}, "machine": {"platform": "p", "cpu_count": 2, "torch": "t", "timm": "t"}, "date": "d",
               "rows": rows}
     by_name = {r["model"]: r for r in model_rows(report)}
     assert by_name["test_vrwkv"]["speedup_vs_ref_onednn"] > 0 and by_name["test_vrwkv+F.linear"]["speedup_vs_ref"] > 0
+    assert by_name["test_vrwkv+onednn"]["speedup_vs_ref_onednn"] > 0
     md = write_markdown(report)
     assert "torch " in md and "onednn " in md and "test_vit+onednn" in md
 

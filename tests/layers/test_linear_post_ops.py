@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from vrwkv.layers import Linear
 from vrwkv.layers.linear import linear_activated
-from vrwkv.ops.linear import onednn_enabled
+from vrwkv.ops.linear import onednn_enabled, onednn_linears
 
 
 def _ops_run(fn) -> set[str]:
@@ -22,8 +22,11 @@ def test_linear_activated_equals_the_module_then_the_activation(activation):
     with torch.no_grad():
         expected = act(F.linear(x, layer.weight, layer.bias))
         out = linear_activated(layer, x, activation)
-        ran = _ops_run(lambda: linear_activated(layer, x, activation))
+        with onednn_linears(True):  # (the default takes MKL on Intel CPUs: then the activation follows in place)
+            fused_out = linear_activated(layer, x, activation)
+            ran = _ops_run(lambda: linear_activated(layer, x, activation))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_out, expected, rtol=1e-5, atol=1e-6)
     if onednn_enabled():
         assert "mkldnn::_linear_pointwise" in ran and f"aten::{activation}_" not in ran  # fused
 

@@ -13,11 +13,18 @@ needs_onednn = pytest.mark.skipif(not onednn_enabled(), reason="this PyTorch has
 
 
 @pytest.fixture(autouse=True)
-def every_product_takes_onednn(monkeypatch):
-    """The tests of oneDNN's path use small products and strided inputs: take them there whatever the CPU (the rules
-    of CPUs without AVX-512 have their own tests)."""
-    monkeypatch.setattr(linear_op, "SMALL_PRODUCT_FLOPS", 0)
-    monkeypatch.setattr(linear_op, "_has_avx512", lambda: True)
+def every_product_takes_onednn():
+    """The tests of oneDNN's path use small products and strided inputs: take them there whatever the CPU (the
+    default's choice per CPU has its own tests, which set the mode back to auto)."""
+    with onednn_linears(True):
+        yield
+
+
+def _auto_rule(monkeypatch, intel_mkl: bool, avx512: bool) -> None:
+    """The default mode, on a CPU of this kind (Intel with PyTorch's MKL or not; AVX-512 or not)."""
+    linear_op.use_onednn(None)
+    monkeypatch.setattr(linear_op, "_blas_is_intel_mkl_on_intel", lambda: intel_mkl)
+    monkeypatch.setattr(linear_op, "_has_avx512", lambda: avx512)
 
 
 def _ops_run(fn) -> set[str]:
@@ -222,8 +229,7 @@ def test_activation_float64_and_bad_names():
 @pytest.mark.parametrize("avx512", [False, True])
 def test_small_products_take_f_linear_without_avx512(monkeypatch, avx512):
     """Below SMALL_PRODUCT_FLOPS oneDNN runs only on AVX-512 CPUs (where it is ~2x MKL); larger products always."""
-    monkeypatch.setattr(linear_op, "SMALL_PRODUCT_FLOPS", 2**26)
-    monkeypatch.setattr(linear_op, "_has_avx512", lambda: avx512)
+    _auto_rule(monkeypatch, intel_mkl=False, avx512=avx512)
     torch.manual_seed(9)
     small_x, w = torch.randn(196, 192), torch.randn(768, 192) / 14  # 57.8 MFLOP
     large_x = torch.randn(1568, 192)  # 462 MFLOP
@@ -239,7 +245,7 @@ def test_small_products_take_f_linear_without_avx512(monkeypatch, avx512):
 def test_transposed_inputs_take_f_linear_without_avx512(monkeypatch, avx512):
     """Without AVX-512 a non-contiguous input goes to F.linear (MKL reads it transposed in place; oneDNN's op would
     copy it), in the forward and for the weight gradient grad^T @ x of the backward; contiguous ones stay on oneDNN."""
-    monkeypatch.setattr(linear_op, "_has_avx512", lambda: avx512)
+    _auto_rule(monkeypatch, intel_mkl=False, avx512=avx512)
     torch.manual_seed(10)
     x_t, w = torch.randn(192, 1568).t(), torch.randn(768, 192) / 14  # x: [1568, 192], a transposed view
     with torch.inference_mode():
@@ -255,3 +261,54 @@ def test_transposed_inputs_take_f_linear_without_avx512(monkeypatch, avx512):
     onednn_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
     assert onednn_calls == (3 if avx512 else 2)  # forward, grad @ W (contiguous grad); grad^T @ x: MKL without
     _close_to_float64(weight.grad, grad.t().contiguous(), x.detach().t().contiguous())
+
+
+@needs_onednn
+@pytest.mark.parametrize("avx512", [False, True])
+def test_intel_cpus_with_mkl_take_f_linear_by_default(monkeypatch, avx512):
+    """With PyTorch's MKL on an Intel CPU the default takes F.linear for every product (MKL's own AVX-512 kernels are
+    the faster there), forward, backward and with an activation; use_onednn(True) still takes oneDNN."""
+    _auto_rule(monkeypatch, intel_mkl=True, avx512=avx512)
+    torch.manual_seed(11)
+    x, w = torch.randn(1568, 192), torch.randn(768, 192) / 14  # 462 MFLOP: oneDNN's on any other CPU
+    with torch.inference_mode():
+        plain, activated = _ops_run(lambda: linear(x, w)), _ops_run(lambda: linear(x, w, activation="relu"))
+        _activation_close_to_float64(linear(x, w, activation="relu"), x, w, "relu")
+    assert "mkldnn::_linear_pointwise" not in plain | activated and "aten::relu_" in activated
+    leaf = x.clone().requires_grad_()
+    assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: linear(leaf, w).sum().backward())
+    with onednn_linears(True), torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear(x, w))
+    with onednn_linears(None):
+        monkeypatch.setattr(linear_op, "_blas_is_intel_mkl_on_intel", lambda: False)
+        assert linear_op.onednn_is_faster(x, w)  # the same product on an AMD CPU (with AVX-512 or without)
+
+
+def test_the_vendor_rule_reads_this_cpu():
+    """The rule's facts come from this machine: the vendor string of /proc/cpuinfo (or the platform's) and whether
+    PyTorch has MKL."""
+    vendor = linear_op._cpu_vendor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            ids = {line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")}
+    except OSError:
+        ids = set()
+    if ids:
+        assert ids == {vendor}
+    assert linear_op._blas_is_intel_mkl_on_intel() == (vendor == "GenuineIntel" and torch.backends.mkl.is_available())
+
+
+def test_the_mode_comes_from_use_onednn_or_the_environment(monkeypatch):
+    with onednn_linears(None):
+        assert linear_op._mode() is None
+    monkeypatch.setattr(linear_op, "_setting", linear_op._UNSET)
+    for value, mode in (("", False), ("0", False), ("off", False), ("1", True), ("ON", True), ("auto", None)):
+        monkeypatch.setenv("VRWKV_ONEDNN", value)
+        assert linear_op._mode() is mode
+    monkeypatch.delenv("VRWKV_ONEDNN")
+    assert linear_op._mode() is None
+    monkeypatch.setenv("VRWKV_ONEDNN", "fast")
+    with pytest.raises(ValueError, match="VRWKV_ONEDNN must be 1, 0 or auto, got 'fast'"):
+        linear(torch.randn(4, 8), torch.randn(3, 8))
+    with pytest.raises(TypeError, match="True, False or None"):
+        linear_op.use_onednn("yes")

@@ -13,8 +13,9 @@ Kinds:
     "reference") forward or forward+backward at one (B, T, C).
 
 ``"numba": true`` in a model spec runs our model with the fused numba CPU scan (:func:`vrwkv.ops.use_numba`);
-``"onednn"`` sets :func:`vrwkv.ops.use_onednn` (default on; for timm's models, true also computes their
-``nn.Linear`` modules through it).
+``"onednn"`` sets :func:`vrwkv.ops.use_onednn` (true: every product through oneDNN, false: none; absent: the
+default, oneDNN where it is faster than the BLAS; for timm's models, true also computes their ``nn.Linear`` modules
+through it).
 
 Run: ``python -m vrwkv.bench.measure '{"kind": "model", "model": "vrwkv_tiny", "size": [224, 224], ...}'``.
 """
@@ -164,12 +165,15 @@ def measure_matmul_peak(spec: dict) -> dict:
     n = spec.get("n", 2048)
     a, b = torch.randn(n, n), torch.randn(n, n)
     if spec.get("backend", "torch") == "onednn":
-        from vrwkv.ops.linear import linear, onednn_enabled
+        from vrwkv.ops.linear import linear, onednn_enabled, onednn_linears
 
         if not onednn_enabled():
             raise RuntimeError("oneDNN's matmul is not available in this PyTorch (or VRWKV_ONEDNN=0)")
         bt = b.t().contiguous()  # linear(a, bt) = a @ b
-        fn = lambda: linear(a, bt)  # noqa: E731
+
+        def fn():
+            with onednn_linears(True):  # (oneDNN even where the default would take the BLAS)
+                return linear(a, bt)
     else:
         fn = lambda: torch.mm(a, b)  # noqa: E731
     with torch.inference_mode():

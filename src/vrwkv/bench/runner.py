@@ -55,8 +55,8 @@ class BenchConfig:
     # keep freed memory in the heap (glibc: no mmap for blocks below 1 GiB, no trimming) in every measurement process,
     # both models: temporaries then reuse pages already mapped instead of page-faulting fresh ones on every forward
     malloc_keep: bool = False
-    # also time the ViT with its Linears through oneDNN (as ours, by default) and ours with oneDNN off (F.linear):
-    # the GEMM library's share of the speed-up, apart from the architecture's (ops/linear/README.md)
+    # also time the ViT with its Linears through oneDNN, and ours with every product through F.linear and through
+    # oneDNN: the GEMM library's share of the speed-up, apart from the architecture's (ops/linear/README.md)
     onednn_variants: bool = False
 
 
@@ -108,7 +108,7 @@ def plan(cfg: BenchConfig) -> list[dict]:
                     if cfg.numba and model == ours:  # the warm-up call loads (or compiles) the kernel
                         group.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
                     if cfg.onednn_variants:
-                        group.append(dict(spec, onednn=model != ours))
+                        group.extend(_gemm_variants(spec, model == ours))
                 specs.extend(_rounds(group, cfg.rounds))
         for size in cfg.train_sizes:
             group = []
@@ -119,7 +119,7 @@ def plan(cfg: BenchConfig) -> list[dict]:
                 if cfg.numba and model == ours:
                     group.append(dict(spec, numba=True, warmup=max(cfg.warmup, 1)))
                 if cfg.onednn_variants:
-                    group.append(dict(spec, onednn=model != ours))
+                    group.extend(_gemm_variants(spec, model == ours))
             specs.extend(_rounds(group, cfg.rounds))
     for T in cfg.wkv_T:
         impls = (("fast", False), ("fast", True)) + ((("fused", False), ("fused", True)) if cfg.numba else ()) + (
@@ -188,12 +188,18 @@ def describe(spec: dict) -> str:
     return spec["kind"]
 
 
+def _gemm_variants(spec: dict, ours: bool) -> list[dict]:
+    """``spec`` with every Linear product through one library: ours through F.linear and through oneDNN (its default
+    picks per CPU), timm's through oneDNN (its default is F.linear)."""
+    return [dict(spec, onednn=flag) for flag in ((False, True) if ours else (True,))]
+
+
 def display_name(spec: dict) -> str:
     """Model name, with ``+<backend>`` for a torch.compile measurement, ``+numba`` for the fused CPU scan, and
-    ``+onednn`` / ``+F.linear`` where the Linears' GEMM is not the model's default (oneDNN for ours, F.linear for
-    timm's)."""
+    ``+onednn`` / ``+F.linear`` where every product of the Linears was through that GEMM (without: the model's
+    default, ``F.linear`` for timm's, :func:`vrwkv.ops.linear.onednn_is_faster`'s choice for ours)."""
     onednn = spec.get("onednn")
-    gemm = "" if onednn is None or onednn == is_ours(spec["model"]) else ("+onednn" if onednn else "+F.linear")
+    gemm = "" if onednn is None else ("+onednn" if onednn else "+F.linear")
     return (spec["model"] + (f"+{spec['compile']}" if spec.get("compile") else "") +
             ("+numba" if spec.get("numba") else "") + gemm)
 

@@ -119,8 +119,8 @@ class ChannelMix(nn.Module):
     def mlp(self, xkr: torch.Tensor) -> torch.Tensor:
         """``sigmoid(receptance(xr)) * value(key_norm(relu(key(xk))^2))`` for ``xkr = [xk, xr]`` ``[2, B, T, C]``.
 
-        Without autograd the ReLU is fused into the key's product (a oneDNN post-op,
-        :func:`vrwkv.layers.linear.linear_activated`) and the other activations run in place in the matmul outputs
+        Without autograd the ReLU is fused into the key's product where oneDNN computes it (a post-op,
+        :func:`vrwkv.layers.linear.linear_activated`; else in place in its output) and the other activations run in place in the matmul outputs
         (no extra [B, T, hidden] buffer).
         """
         xk, xr = xkr.unbind(0)

@@ -1,4 +1,4 @@
-"""``nn.Linear`` whose products run through :func:`vrwkv.ops.linear.linear` (oneDNN on the CPU, float32)."""
+"""``nn.Linear`` whose products run through :func:`vrwkv.ops.linear.linear` (the faster GEMM on the CPU, float32)."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +10,8 @@ from vrwkv.ops.linear import activate, linear
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, init, state-dict names, hooks), computed by :func:`vrwkv.ops.linear.linear`:
-    oneDNN's float32 matmul on the CPU, forward and backward (2x MKL's speed on AMD CPUs; ``ops/linear/README.md``),
-    ``F.linear`` itself elsewhere.
+    on the CPU in float32 oneDNN's matmul where it is the faster library (2x MKL's speed on AMD CPUs; not on Intel
+    CPUs, where MKL is faster; ``ops/linear/README.md``), forward and backward, ``F.linear`` itself elsewhere.
 
     :func:`linear_activated` gives its output followed by an activation, fused into the product in inference.
     """

@@ -4,8 +4,8 @@ Public entry points:
   bi_wkv(k, v, w, u, semantics="paper")      -- Vision-RWKV Bi-WKV (V1), see ops/wkv/README.md
   causal_wkv(k, v, w, u)                     -- uni-directional RWKV WKV (the paper's ablation), same folder
   bi_wkv6(r, k, v, w, u, num_heads)          -- bidirectional RWKV-6 of VRWKV6, see ops/wkv6/README.md
-  linear(x, weight, bias=None)               -- F.linear, through oneDNN on the CPU (ops/linear/README.md)
-  use_onednn(enabled=True)                   -- route linear() through oneDNN where it applies (on by default)
+  linear(x, weight, bias=None)               -- F.linear, on the CPU through oneDNN where it is faster (ops/linear/README.md)
+  use_onednn(enabled=True)                   -- linear() through oneDNN always (True), never (False), where faster (None: default)
   use_numba(enabled=True)                    -- opt-in fused CPU scans of bi_wkv, forward and backward (numba; ops/wkv/fused_cpu.py),
                                                 and the mixers' fused Q-Shift-and-mix in inference (ops/shift_mix/README.md)
 """

@@ -1,41 +1,53 @@
-"""The layers' matrix products on the CPU through oneDNN: :func:`linear` is ``F.linear`` (same float32 math), faster.
+"""The layers' matrix products on the CPU: :func:`linear` is ``F.linear`` (same float32 math), through oneDNN
+where oneDNN is the faster library.
 
 Why: PyTorch's CPU ``torch.mm`` / ``F.linear`` call the BLAS it was built with (MKL for the x86 wheels). On AMD CPUs
-MKL takes a path without AVX-512: on this machine's AMD EPYC one core reached 80-95 GFLOP/s in float32 through
+MKL takes a path without AVX-512: on an AMD EPYC (AVX-512) one core reached 80-95 GFLOP/s in float32 through
 ``torch.mm`` and 190-213 GFLOP/s through oneDNN's matmul, which PyTorch ships too (``torch.ops.mkldnn``), for every
 shape of VRWKV-T (``[196 .. 16384, 192] x [192, 768]``, ``[.., 768] x [768, 192]``, ``[.., 192] x [192, 192]``) and
-for a 2048³ product (``ops/linear/README.md``). The results equal ``torch.mm``'s here (both sum over the inner
-dimension with FMAs), so the op only changes the speed.
+for a 2048³ product. On Intel CPUs MKL runs its own AVX-512 kernels and is the faster of the two (VRWKV-T's products
+through MKL 0.85-0.96x the time of oneDNN's, ``ops/linear/README.md``). The results equal ``torch.mm``'s to float32
+accuracy (both sum over the inner dimension with FMAs), so the choice only changes the speed.
 
-When: on CPU float32 tensors (with autograd through :class:`_Linear`, whose backward products are oneDNN's too), not
-under CPU autocast (its dtype policy is ``F.linear``'s), not while tracing, scripting or compiling (plain ops there),
-not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's op) or a
-``torch.func`` transform (no batching rule), on CPUs without AVX-512 for contiguous inputs and products of at least
-:data:`SMALL_PRODUCT_FLOPS` only, and while enabled (:func:`use_onednn`; on by default where PyTorch has oneDNN;
-``VRWKV_ONEDNN=0`` turns it off). Everywhere else it is ``F.linear`` itself.
+When: on CPU float32 tensors (with autograd through :class:`_Linear`, whose backward products are chosen the same
+way), not under CPU autocast (its dtype policy is ``F.linear``'s), not while tracing, scripting or compiling (plain
+ops there), not under a dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts ``aten::mm``, not oneDNN's
+op) or a ``torch.func`` transform (no batching rule), where PyTorch has oneDNN, and by the setting
+(:func:`use_onednn`, else the environment variable ``VRWKV_ONEDNN``):
 
-In inference the product can carry its activation, as a oneDNN post-op (one pass over the output less, and no
-separate operator): ``linear(..., activation="relu" | "sigmoid")``. Without oneDNN, or with autograd, it is the
-plain ops in sequence.
+- ``None`` / unset / ``auto`` (the default): where it was measured faster than MKL (:func:`onednn_is_faster`): not
+  on Intel CPUs with PyTorch's MKL; with AVX-512 (AMD) every product; without AVX-512 contiguous inputs and products
+  of at least :data:`SMALL_PRODUCT_FLOPS` only;
+- ``True`` / ``1``: every product it can compute (for A/B measurements);
+- ``False`` / ``0``: none.
+
+Everywhere else it is ``F.linear`` itself.
+
+In inference a oneDNN product can carry its activation as a post-op (one pass over the output less, no separate
+operator): ``linear(..., activation="relu" | "sigmoid")``. Through ``F.linear``, or with autograd, it is the plain
+ops in sequence (the activation in place in the product's buffer without autograd).
 """
 from __future__ import annotations
 
 import functools
 import os
+import platform
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activate", "linear", "mm", "onednn_enabled", "onednn_linears", "use_onednn"]
+__all__ = ["ACTIVATIONS", "activate", "linear", "mm", "onednn_enabled", "onednn_is_faster", "onednn_linears",
+           "use_onednn"]
 
-_enabled: bool | None = None  # None: from the environment variable VRWKV_ONEDNN (default on)
+_UNSET = object()
+_setting: object = _UNSET  # use_onednn's argument (True, False, None: auto); unset: the environment variable
 
 #: On CPUs without AVX-512, products of fewer FLOPs (``2 M N K``) take ``F.linear``: there oneDNN's AVX2 kernels are
 #: no faster than MKL's and its call costs ~30 µs more (``ops/linear/README.md``). So do products whose input is not
 #: contiguous (a transposed view: the weight gradient ``grad^T @ x``, channel-major gates): oneDNN's op copies it
 #: first, MKL reads it in place (the weight gradients of VRWKV-T's training step 2.9x / 1.8x / 1.5x faster). With
-#: AVX-512, oneDNN is ~2x MKL on AMD CPUs at every size, and takes every product.
+#: AVX-512 on an AMD CPU, oneDNN is ~2x MKL at every size and takes every product; on Intel CPUs none.
 SMALL_PRODUCT_FLOPS = 2**26
 
 #: The activations :func:`linear` can apply to its result (fused into oneDNN's product as a post-op).
@@ -45,29 +57,46 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "sigmoid")
 fuse_post_ops = True
 
 
-def use_onednn(enabled: bool = True) -> None:
-    """Route :func:`linear` through oneDNN where it applies (see the module docstring), or not (``enabled=False``:
-    always ``F.linear``). Overrides the environment variable ``VRWKV_ONEDNN``."""
-    global _enabled
-    _enabled = bool(enabled)
+def use_onednn(enabled: bool | None = True) -> None:
+    """Route :func:`linear` through oneDNN for every product it can compute (``True``), for none (``False``: always
+    ``F.linear``), or where it is faster than the BLAS (``None``, the default: :func:`onednn_is_faster`). Overrides
+    the environment variable ``VRWKV_ONEDNN`` (``1``, ``0``, ``auto``)."""
+    global _setting
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"use_onednn: enabled must be True, False or None (auto), got {enabled!r}")
+    _setting = enabled
 
 
 @contextmanager
-def onednn_linears(enabled: bool = True):
+def onednn_linears(enabled: bool | None = True):
     """:func:`use_onednn` ``(enabled)`` inside a ``with`` block; the setting before it (or the environment's) after."""
-    global _enabled
-    was = _enabled
+    global _setting
+    was = _setting
     use_onednn(enabled)
     try:
         yield
     finally:
-        _enabled = was
+        _setting = was
+
+
+def _mode() -> bool | None:
+    """The setting: True (every product), False (none), None (auto)."""
+    if _setting is not _UNSET:
+        return _setting  # type: ignore[return-value]
+    value = os.environ.get("VRWKV_ONEDNN", "auto").strip().lower()
+    if value in ("", "0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value != "auto":
+        raise ValueError(f"VRWKV_ONEDNN must be 1, 0 or auto, got {os.environ['VRWKV_ONEDNN']!r}")
+    return None
 
 
 def onednn_enabled() -> bool:
-    """Whether :func:`linear` may use oneDNN: asked for (default yes) and PyTorch has it."""
-    wanted = _enabled if _enabled is not None else os.environ.get("VRWKV_ONEDNN", "1") not in ("", "0")
-    return wanted and _onednn_available()
+    """Whether :func:`linear` may use oneDNN: not switched off, and PyTorch has it. (In the default mode it still
+    takes a product only where :func:`onednn_is_faster`.)"""
+    return _mode() is not False and _onednn_available()
 
 
 def _onednn_available() -> bool:
@@ -155,12 +184,45 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False  # torch.func transforms (vmap, grad, ...): oneDNN's op has no batching rule
-    if not _has_avx512() and (2 * x.numel() * weight.shape[0] < SMALL_PRODUCT_FLOPS or not x.is_contiguous()):
-        return False  # (a non-contiguous x: oneDNN's op copies it, MKL reads a transposed one in place)
-    return not torch.is_autocast_enabled("cpu") and onednn_enabled()
+    if torch.is_autocast_enabled("cpu") or not onednn_enabled():
+        return False
+    return _mode() is True or onednn_is_faster(x, weight)
+
+
+def onednn_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN computes the CPU float32 product ``x @ weight^T`` faster than PyTorch's BLAS here, by the
+    measurements of ``ops/linear/README.md``: on Intel CPUs MKL is faster (its AVX-512 kernels; 0.85-0.96x the time
+    of VRWKV-T with oneDNN's products, inference and training); elsewhere with AVX-512 (AMD) oneDNN is ~2x MKL at
+    every size; without AVX-512 it wins on contiguous inputs of large products only."""
+    if _blas_is_intel_mkl_on_intel():
+        return False
+    if _has_avx512():
+        return True
+    # (a non-contiguous x: oneDNN's op copies it, MKL reads a transposed one in place)
+    return 2 * x.numel() * weight.shape[0] >= SMALL_PRODUCT_FLOPS and x.is_contiguous()
 
 
 @functools.lru_cache(maxsize=None)
 def _has_avx512() -> bool:
     """Whether PyTorch runs AVX-512 kernels on this CPU (its dispatch capability)."""
     return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_is_intel_mkl_on_intel() -> bool:
+    """Whether PyTorch's CPU products run MKL on an Intel CPU (where MKL takes its fastest kernels)."""
+    return torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:  # Linux
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in processor), "")
