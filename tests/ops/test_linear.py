@@ -312,3 +312,37 @@ def test_the_mode_comes_from_use_onednn_or_the_environment(monkeypatch):
         linear(torch.randn(4, 8), torch.randn(3, 8))
     with pytest.raises(TypeError, match="True, False or None"):
         linear_op.use_onednn("yes")
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_into_takes_the_product_where_torch_mm_computes_it(onednn):
+    """``into=``: through torch.mm (F.linear's path) the product is written into the buffer, bit for bit F.linear's;
+    through oneDNN, with a bias, a batched x, autograd or a buffer that does not fit, a new tensor as without it."""
+    x, w = torch.randn(37, 24), torch.randn(16, 24)
+    buffer = torch.full((37, 16), float("nan"))
+    with onednn_linears(onednn):
+        out = linear(x, w, into=buffer)
+        if onednn and onednn_enabled():
+            assert out.data_ptr() != buffer.data_ptr() and torch.isnan(buffer).all()
+        else:
+            assert out.data_ptr() == buffer.data_ptr()
+            assert torch.equal(out, F.linear(x, w))
+        _close_to_float64(out, x, w)
+        relu = linear(x, w, activation="relu", into=buffer)
+        assert torch.equal(relu, F.linear(x, w).relu()) or onednn
+    with onednn_linears(False):
+        b = torch.randn(16)
+        not_taken = [
+            (x, w, b, buffer),  # a bias
+            (x.view(1, 37, 24), w, None, buffer),  # not 2-D
+            (x, w, None, torch.empty(36, 16)),  # wrong shape
+            (x, w, None, torch.empty(16, 37).t()),  # not contiguous
+            (x, w, None, torch.empty(37, 16, dtype=torch.float64)),  # another dtype
+        ]
+        for xi, wi, bi, into in not_taken:
+            out = linear(xi, wi, bi, into=into)
+            assert out.data_ptr() != into.data_ptr()
+            assert torch.equal(out, F.linear(xi, wi, bi))
+        xg = x.clone().requires_grad_()
+        out = linear(xg, w, into=buffer)
+        assert out.data_ptr() != buffer.data_ptr() and out.requires_grad

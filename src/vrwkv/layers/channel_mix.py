@@ -5,10 +5,11 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vrwkv.layers.linear import Linear, linear_activated
+from vrwkv.layers.linear import Linear, calls_hooks, linear_activated
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
+from vrwkv.layers.workspace import scratch
 from vrwkv.ops.linear import linear, mm
 
 
@@ -153,6 +154,9 @@ class ChannelMix(nn.Module):
         matmuls keep their efficiency (thousands of rows per chunk). The hidden ``[B, T, hidden]`` tensor is never
         allocated: at 2048 px (16,384 tokens) it is 50 MB, above glibc's mmap threshold, i.e. fresh kernel pages
         page-faulted on every forward.
+
+        The mix rows and the key's output (where its product takes a buffer) go into :func:`scratch` buffers,
+        shared by the channel mixes of a model's forward (:mod:`vrwkv.layers.workspace`), unless hooks may keep them.
         """
         B, T, C = x.shape
         rows = x.reshape(B * T, C)
@@ -161,12 +165,19 @@ class ChannelMix(nn.Module):
             mus = (self.spatial_mix_k[0, 0], self.spatial_mix_r[0, 0])
             mix_into = fused_mixer(x, hw, self.shift, mus) or lerp_mixer(x, self.shift(x, hw), mus)
         out = None if residual is None else residual.view(B * T, -1)
-        mixed = rows.new_empty(min(INFERENCE_CHUNK_TOKENS, B * T), C)
+        rows_per_chunk = min(INFERENCE_CHUNK_TOKENS, B * T)
+        shared = not any(calls_hooks(m) for m in (self.key, self.value, self.receptance))
+        if shared:
+            mixed = scratch("channel_mix.mixed", (rows_per_chunk, C), rows)
+            hidden = scratch("channel_mix.hidden", (rows_per_chunk, self.key.weight.shape[0]), rows)
+        else:
+            mixed, hidden = rows.new_empty(rows_per_chunk, C), None
         for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
             chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
             x_c, buf, tokens = rows[chunk], mixed[: chunk.stop - chunk.start], (chunk.start, chunk.stop)
             xk = x_c if mix_into is None else mix_into(0, buf, tokens)
-            k = linear_activated(self.key, xk, "relu").square_()  # [n, hidden]
+            into = None if hidden is None else hidden[: chunk.stop - chunk.start]
+            k = linear_activated(self.key, xk, "relu", into=into).square_()  # [n, hidden]
             if self.key_norm is not None:
                 k = self.key_norm(k)
             value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)

@@ -12,6 +12,7 @@ from vrwkv.layers.linear import Linear
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
+from vrwkv.layers.workspace import scratch
 from vrwkv.ops import bi_wkv, causal_wkv
 from vrwkv.ops.linear import linear, mm
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
@@ -117,7 +118,7 @@ class SpatialMix(nn.Module):
                 k, v, r = self.project(self.token_mix(x, hw))
             else:  # one mix buffer for the three mixes, Linears ([B, T, C] each), then the WKV's output in it
                 weights = (self.key.weight, self.value.weight, self.receptance.weight)
-                buffer = torch.empty_like(x)
+                buffer = scratch("spatial_mix.buffer", tuple(x.shape), x)  # (shared by a forward's spatial mixes)
                 k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights, mix_buffer=buffer)
                 return self.gate_output(r, self.wkv(k, v, x.shape[1], out=buffer))
             return self.gate_output(r, self.wkv(k, v, x.shape[1]))

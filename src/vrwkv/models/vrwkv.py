@@ -25,6 +25,7 @@ from torch import nn
 
 from vrwkv.layers import ChannelMix, Linear, PatchEmbed, SpatialMix, resize_pos_embed
 from vrwkv.layers.linear import calls_hooks
+from vrwkv.layers.workspace import inference_workspace
 from vrwkv.models._checkpoint import convert_state_dict, pos_embed_grid, read_checkpoint
 from vrwkv.models._registry import register_model
 from vrwkv.models.low_memory import check_low_memory_support, low_memory_forward_features
@@ -397,8 +398,9 @@ class VRWKV(nn.Module):
         if self.low_memory_chunk_tokens is not None and not torch.is_grad_enabled():
             return low_memory_forward_features(self, x, self.low_memory_chunk_tokens)
         x, hw = self._embed(x)
-        for blk in self.layers:
-            x = self._block(blk, x, hw)
+        with inference_workspace():  # (the blocks' inference temporaries share buffers: layers/workspace.py)
+            for blk in self.layers:
+                x = self._block(blk, x, hw)
         return self.ln1(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -424,12 +426,13 @@ class VRWKV(nn.Module):
         """
         x, hw = self._embed(x)
         outs = []
-        for i, blk in enumerate(self.layers):
-            x = self._block(blk, x, hw)
-            if i == len(self.layers) - 1:
-                x = self.ln1(x)
-            if i in self.out_indices:
-                outs.append(self._backbone_output(x, hw))
+        with inference_workspace():
+            for i, blk in enumerate(self.layers):
+                x = self._block(blk, x, hw)
+                if i == len(self.layers) - 1:
+                    x = self.ln1(x)
+                if i in self.out_indices:
+                    outs.append(self._backbone_output(x, hw))
         return tuple(outs)
 
     def _backbone_output(self, x: torch.Tensor, hw: tuple[int, int]) -> Any:
@@ -470,11 +473,12 @@ class VRWKV(nn.Module):
         x, hw = self._embed(x)
         blocks = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        for i, blk in enumerate(blocks):
-            x = self._block(blk, x, hw)
-            if i in take_indices:
-                y = self.ln1(x) if norm else x
-                intermediates.append(self._to_map(y, hw) if output_fmt == "NCHW" else y)
+        with inference_workspace():
+            for i, blk in enumerate(blocks):
+                x = self._block(blk, x, hw)
+                if i in take_indices:
+                    y = self.ln1(x) if norm else x
+                    intermediates.append(self._to_map(y, hw) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
         return self.ln1(x), intermediates

@@ -104,7 +104,8 @@ def _onednn_available() -> bool:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``; any strides. With
     ``activation`` (one of :data:`ACTIVATIONS`), ``relu`` or ``sigmoid`` of it: without autograd in the same
@@ -112,16 +113,32 @@ def linear(
 
     ``linear(weight, rows)`` with ``rows [M, K]`` is the channel-major product ``weight @ rows^T`` ``[N, M]``.
     Differentiable: with autograd the backward's two products run through oneDNN as well (:class:`_Linear`).
+
+    ``into``: a buffer for the result (contiguous, ``[M, N]`` for ``x [M, K]``, x's dtype and device) that the product
+    is written into when it runs as ``torch.mm`` on the CPU (2-D x, no bias, no autograd or autocast: the same bits
+    as ``F.linear``); oneDNN's op makes its own output. Use the returned tensor either way.
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     if not _takes_onednn(x, weight, bias):
+        if into is not None and _mm_into_applies(x, weight, bias, into):
+            return activate(torch.mm(x, weight.t(), out=into), activation)
         return activate(F.linear(x, weight, bias), activation)
     if _records_grad(x, weight, bias):
         return activate(_Linear.apply(x, weight, bias), activation)
     if activation is not None and not fuse_post_ops:
         return activate(_onednn(x, weight, bias), activation)
     return _onednn(x, weight, bias, activation or "none")
+
+
+def _mm_into_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, into: torch.Tensor) -> bool:
+    """Whether ``torch.mm(x, weight.t(), out=into)`` computes :func:`linear` (``into`` of :func:`linear`)."""
+    if bias is not None or x.dim() != 2 or x.device.type != "cpu" or _records_grad(x, weight):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return (into.device == x.device and into.dtype == x.dtype == weight.dtype and into.is_contiguous()
+            and into.shape == (x.shape[0], weight.shape[0]) and not _records_grad(into))
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Scratch buffers that the layers' inference temporaries share across the blocks of one forward.
+
+Why: on the CPU, PyTorch takes every tensor from the C library's ``malloc``. glibc's serves large blocks by ``mmap``
+(above an adaptive threshold) and returns the top of its heap to the kernel once enough of it is free, so the
+megabyte-sized temporaries a VRWKV forward makes in each block come back, depending on the heap's history, as fresh
+pages that the kernel zeroes and maps one by one (VRWKV-T at 1024 px: 15-22 K page faults per forward in a fresh
+process, ~1 µs each). A buffer per *role* (the channel mix's hidden activations, its mix rows, the spatial mix's mix
+buffer), taken again by the same role in the next block, is faulted in once per forward instead of once per block
+(``benchmarks/NOTES.md``, session 11). CUDA's caching allocator does this by itself; there the buffers are simply
+one allocation less.
+
+The model opens :func:`inference_workspace` around its blocks; inside, :func:`scratch` returns the role's buffer
+(contents undefined; the same memory for every caller of that role), outside a fresh tensor. A role's user must be
+done with the buffer before the next user of the role runs, and must not hand it to code that may keep it (module
+hooks): the layers check both. The buffers are per thread (two threads running a model at once get their own) and
+freed when the outermost workspace closes, so nothing stays allocated between forwards.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["inference_workspace", "scratch"]
+
+_local = threading.local()
+
+
+@contextmanager
+def inference_workspace() -> Iterator[None]:
+    """Within: :func:`scratch` buffers are shared per role in this thread; freed when the outermost one exits.
+    Nested workspaces share the outer one's buffers."""
+    depth = getattr(_local, "depth", 0)
+    if depth == 0:
+        _local.buffers = {}
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+        if depth == 0:
+            _local.buffers = None
+
+
+def scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` with ``like``'s dtype and device, contents undefined: within
+    :func:`inference_workspace` a view of ``role``'s buffer (grown to the largest size asked for), else a new tensor.
+
+    Args:
+        role: the buffer's name; users of one role must not need it at the same time.
+        shape: the tensor's shape.
+        like: the dtype and device to match.
+    """
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        return like.new_empty(shape)
+    numel = 1
+    for n in shape:
+        numel *= n
+    key = (role, like.dtype, like.device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = like.new_empty(numel)
+    return buffer[:numel].view(shape)
