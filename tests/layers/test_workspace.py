@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from vrwkv.layers.workspace import _local, inference_workspace, scratch
+from vrwkv.layers.workspace import _local, inference_workspace, room, scratch
 
 
 def test_outside_a_workspace_every_call_is_a_new_tensor():
@@ -56,3 +56,14 @@ def test_each_thread_has_its_own_buffers():
     for t in threads:
         t.join()
     assert pointers["t1"] != pointers["t2"]
+
+
+def test_room_is_the_current_size_of_a_roles_buffer():
+    like = torch.empty(0)
+    assert room("a", like) == 0  # outside a workspace
+    with inference_workspace():
+        assert room("a", like) == 0  # not used yet
+        scratch("a", (6, 5), like)
+        assert room("a", like) == 30 and room("a", like.double()) == 0 and room("b", like) == 0
+        scratch("a", (2,), like)
+        assert room("a", like) == 30  # a smaller request does not shrink it

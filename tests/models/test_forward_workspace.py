@@ -1,5 +1,6 @@
 """The model's forward shares its blocks' inference temporaries (layers.workspace): the same results as blocks run
 without it, hooks never see a shared buffer overwritten, and threads running one model at once do not interfere."""
+import contextlib
 import threading
 
 import pytest
@@ -27,11 +28,14 @@ def _blocks_without_workspace(model, x):
     return model.ln1(tokens), tokens
 
 
+@pytest.mark.parametrize("chunk", [7, None])
 @pytest.mark.parametrize("fused", [False, True])
-def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused):
-    """Chunks of 7 tokens (the last one short; the hidden and mix buffers reused across chunks and blocks), batch 2,
-    float32 (the buffers' path) and float64; with the fused numba kernels (spatial mix buffer) and without."""
-    monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", 7)
+def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused, chunk):
+    """Chunks of 7 tokens (the last one short; the hidden and mix buffers reused across chunks and blocks) or one
+    chunk (the spatial mix's k, v, r products fit in the block buffer too), batch 2, float32 (the buffers' path)
+    and float64; with the fused numba kernels (spatial mix buffer) and without."""
+    if chunk:
+        monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
     for dtype in (torch.float32, torch.float64):
         model = _model().to(dtype)
         x = torch.randn(2, 3, 64, 64, dtype=dtype)
@@ -45,10 +49,16 @@ def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused)
         assert torch.equal(intermediates[-1], last)
 
 
-def test_hooks_keep_what_they_saw(monkeypatch):
-    """A forward hook on the channel mix's value Linear keeps its input (the squared ReLU): with hooks the layer
-    does not put it in a shared buffer, so what each block's hook kept is still that block's activation."""
-    monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", 7)
+@pytest.mark.parametrize("hooked", ["value", "output"])
+@pytest.mark.parametrize("chunk", [7, None])
+@pytest.mark.parametrize("fused", [False, True])
+def test_hooks_keep_what_they_saw(monkeypatch, fused, chunk, hooked):
+    """Forward hooks on the channel mix's value Linear or the spatial mix's output Linear keep their inputs (the
+    squared ReLU, the gate): with hooks the layers do not put them in shared buffers, so what each block's hook kept
+    is still that block's activation. Chunks of 7 tokens, or one chunk (then the block buffer has room for the
+    spatial mix's k, v, r products too)."""
+    if chunk:
+        monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
     model = _model()
     kept, copies = [], []
 
@@ -57,12 +67,30 @@ def test_hooks_keep_what_they_saw(monkeypatch):
         copies.append(inputs[0].clone())
 
     for blk in model.layers:
-        blk.ffn.value.register_forward_hook(keep)
-    with torch.inference_mode():
+        (blk.ffn.value if hooked == "value" else blk.att.output).register_forward_hook(keep)
+    with numba_scans(fused), torch.inference_mode():
         model(torch.randn(2, 3, 64, 64))
-    assert len(kept) == 3 * 5  # 3 blocks x 5 chunks of the 32 tokens
+    if hooked == "value":  # 3 blocks x the chunks of the 32 tokens
+        assert len(kept) == 3 * (5 if chunk else 1)
+    else:  # the gate, where the output runs as a module (token-major, with the fused kernels)
+        assert len(kept) == (3 if fused else 0)
     for tensor, copy in zip(kept, copies):
         assert torch.equal(tensor, copy)
+
+
+def test_peak_memory_does_not_grow():
+    """The shared block buffer holds the spatial mix's buffer and as many k, v, r products as fit without growing
+    it: the forward's peak of live tensors is at most the one with every temporary allocated (no workspace)."""
+    from vrwkv.bench.measure import _tensor_peak_mb
+
+    model = _model()
+    x = torch.randn(8, 3, 64, 64)
+    with numba_scans(True), torch.inference_mode():
+        model(x)
+        shared = _tensor_peak_mb(lambda: model(x))
+        model._workspace = contextlib.nullcontext  # every temporary its own tensor
+        alone = _tensor_peak_mb(lambda: model(x))
+    assert shared <= alone
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -76,7 +104,7 @@ def test_two_threads_running_one_model_get_their_own_buffers(fused):
 
     def run(i):
         try:
-            with numba_scans(fused), torch.inference_mode():
+            with torch.inference_mode():  # (the numba switch is process-wide: set once, around both threads)
                 barrier.wait()
                 for _ in range(5):
                     results.setdefault(i, []).append(model(inputs[i]))
@@ -84,10 +112,11 @@ def test_two_threads_running_one_model_get_their_own_buffers(fused):
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with numba_scans(fused):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert not errors
     for i in range(2):
         for out in results[i]:

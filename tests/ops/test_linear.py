@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vrwkv.ops.linear import linear, onednn_enabled, onednn_linears
+from vrwkv.ops.linear import linear, onednn_enabled, onednn_linears, product_takes_buffer
 
 linear_op = sys.modules["vrwkv.ops.linear"]  # (the module: vrwkv.ops re-exports its function under the same name)
 
@@ -346,3 +346,16 @@ def test_into_takes_the_product_where_torch_mm_computes_it(onednn):
         xg = x.clone().requires_grad_()
         out = linear(xg, w, into=buffer)
         assert out.data_ptr() != buffer.data_ptr() and out.requires_grad
+
+
+def test_product_takes_buffer_says_where_into_is_taken():
+    x, w = torch.randn(37, 24), torch.randn(16, 24)
+    with onednn_linears(False):
+        assert product_takes_buffer(x, w)
+        assert not product_takes_buffer(x, w, torch.randn(16))  # a bias
+        assert not product_takes_buffer(x.view(1, 37, 24), w)  # not 2-D
+        assert not product_takes_buffer(x.double(), w)  # dtypes differ
+        assert not product_takes_buffer(x.requires_grad_(), w)  # autograd
+    if onednn_enabled():
+        with onednn_linears(True):
+            assert not product_takes_buffer(torch.randn(37, 24), w)  # oneDNN makes its own output

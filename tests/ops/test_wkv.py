@@ -194,3 +194,19 @@ def test_causal_wkv_gradcheck_and_extremes():
     k, v, w, u = random_inputs(2, 40, 8, decay_scale=100.0, first_scale=100.0, k_scale=60.0, seed=4)
     y = causal_wkv(*(x.float() for x in (k, v, w, u)))
     assert torch.isfinite(y).all() and rel_err(y, naive_causal_wkv(k, v, w, u)) < 1e-4
+
+
+def test_bi_wkv_out_may_be_a_disjoint_piece_of_the_inputs_buffer():
+    """k, v and out as three pieces of one buffer (the layers' shared scratch): accepted where they do not overlap
+    (the result equals the allocated one), rejected where out overlaps k by one element or is a strided view over v."""
+    k, v, w, u = random_inputs(1, 5, 4, dtype=torch.float32)
+    n = k.numel()
+    buffer = torch.empty(3 * n + 1)
+    kb, vb, ob = (buffer[i * n:(i + 1) * n].view(1, 5, 4) for i in range(3))
+    kb.copy_(k), vb.copy_(v)
+    assert bi_wkv(kb, vb, w, u, "official", out=ob) is ob
+    assert torch.equal(ob, bi_wkv(k, v, w, u, "official"))
+    with pytest.raises(ValueError, match="share memory"):
+        bi_wkv(kb, vb, w, u, out=buffer[n - 1:2 * n - 1].view(1, 5, 4))  # its first element is k's last
+    with pytest.raises(ValueError, match="share memory"):
+        bi_wkv(kb, vb, w, u, out=buffer[n:3 * n].view(1, 5, 8)[..., ::2])  # spans v's elements

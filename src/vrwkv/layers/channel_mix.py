@@ -9,8 +9,8 @@ from vrwkv.layers.linear import Linear, calls_hooks, linear_activated
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
-from vrwkv.layers.workspace import scratch
-from vrwkv.ops.linear import linear, mm
+from vrwkv.layers.workspace import BLOCK_LARGEST, scratch
+from vrwkv.ops.linear import linear, mm, product_takes_buffer
 
 
 #: Tokens per chunk of the inference forward (:meth:`ChannelMix._inference_in_token_chunks`): a [2048, 4·192]
@@ -155,8 +155,8 @@ class ChannelMix(nn.Module):
         allocated: at 2048 px (16,384 tokens) it is 50 MB, above glibc's mmap threshold, i.e. fresh kernel pages
         page-faulted on every forward.
 
-        The mix rows and the key's output (where its product takes a buffer) go into :func:`scratch` buffers,
-        shared by the channel mixes of a model's forward (:mod:`vrwkv.layers.workspace`), unless hooks may keep them.
+        Where the key's product takes a buffer, its output and the mix rows go into the block buffer shared by a
+        model's blocks (:data:`vrwkv.layers.workspace.BLOCK_LARGEST`), unless hooks may keep them.
         """
         B, T, C = x.shape
         rows = x.reshape(B * T, C)
@@ -167,11 +167,15 @@ class ChannelMix(nn.Module):
         out = None if residual is None else residual.view(B * T, -1)
         rows_per_chunk = min(INFERENCE_CHUNK_TOKENS, B * T)
         shared = not any(calls_hooks(m) for m in (self.key, self.value, self.receptance))
-        if shared:
-            mixed = scratch("channel_mix.mixed", (rows_per_chunk, C), rows)
-            hidden = scratch("channel_mix.hidden", (rows_per_chunk, self.key.weight.shape[0]), rows)
+        hidden = None
+        if shared and product_takes_buffer(rows, self.key.weight, self.key.bias):
+            # one buffer: the hidden activations [n, hidden] then the mix rows [n, C] (alive together)
+            width = self.key.weight.shape[0]
+            both = scratch(BLOCK_LARGEST, (rows_per_chunk * (width + C),), rows)
+            hidden = both[: rows_per_chunk * width].view(rows_per_chunk, width)
+            mixed = both[rows_per_chunk * width:].view(rows_per_chunk, C)
         else:
-            mixed, hidden = rows.new_empty(rows_per_chunk, C), None
+            mixed = rows.new_empty(rows_per_chunk, C)
         for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
             chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
             x_c, buf, tokens = rows[chunk], mixed[: chunk.stop - chunk.start], (chunk.start, chunk.stop)

@@ -60,6 +60,7 @@ def shift_mix_linear(
     weights: Sequence[torch.Tensor],
     channel_major: bool = False,
     mix_buffer: torch.Tensor | None = None,
+    outputs: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``.
 
@@ -76,6 +77,8 @@ def shift_mix_linear(
             work channel-major, such as the Bi-WKV), instead of token-major.
         mix_buffer: without autograd, the ``[B, T, C]`` tensor (like ``x``) each mix is written into in turn before
             its projection (a fresh one if None); the caller may reuse it afterwards.
+        outputs: without autograd, token-major, buffers ``[B, T, out_i]`` (or None: a new tensor) the products may
+            be written into (``into`` of :func:`vrwkv.ops.linear.linear`); use the returned tensors.
 
     Returns:
         ``n`` tensors ``[B, T, out_i]`` (``[out_i, B, T]`` if ``channel_major``).
@@ -96,7 +99,9 @@ def shift_mix_linear(
     elif mix_buffer.shape != x.shape or mix_buffer.dtype != x.dtype or not mix_buffer.is_contiguous():
         raise ValueError(f"shift_mix_linear: mix_buffer must be contiguous {list(x.shape)} {x.dtype} like x, got "
                          f"{list(mix_buffer.shape)} {mix_buffer.dtype}")
-    return _project_each(mix_into, mix_buffer, weights, channel_major)
+    if outputs is not None and (channel_major or len(outputs) != len(weights)):
+        raise ValueError("shift_mix_linear: outputs are for token-major products, one per weight")
+    return _project_each(mix_into, mix_buffer, weights, channel_major, outputs)
 
 
 #: ``mix_into(i, out, tokens=None)``: mix i written into ``out`` (all tokens, or the token rows ``tokens = (t0, t1)``
@@ -140,23 +145,28 @@ def project_mixes(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_
     return tuple(_project_one(m, w, channel_major) for m, w in zip(mixes.unbind(0), weights))
 
 
-def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool) -> torch.Tensor:
-    """One mix ``[B, T, C]`` projected: ``[B, T, out]``, or channel-major ``weight @ mixed^T`` ``[out, B, T]``."""
+def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """One mix ``[B, T, C]`` projected: ``[B, T, out]`` (into ``into`` ``[B, T, out]`` where the product takes it),
+    or channel-major ``weight @ mixed^T`` ``[out, B, T]``."""
     if not channel_major:
-        return linear(mixed, weight)
+        if into is None:
+            return linear(mixed, weight)
+        B, T, C = mixed.shape
+        return linear(mixed.reshape(B * T, C), weight, into=into.view(B * T, -1)).view(B, T, -1)
     B, T, C = mixed.shape
     return linear(weight, mixed.reshape(B * T, C)).view(-1, B, T)  # weight @ mixed^T
 
 
 def _project_each(mix_into: MixInto, mixed: torch.Tensor, weights: Sequence[torch.Tensor],
-                  channel_major: bool) -> tuple[torch.Tensor, ...]:
+                  channel_major: bool, outputs: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
     """:func:`project_mixes` without the stacked mixes: each mix is written into one reused ``[B, T, C]`` buffer and
     projected at once. The same passes, a third of the memory, and no ``[n, B, T, C]`` allocation: above glibc's mmap
     threshold (32 MB: 2048 px for VRWKV-T) every such allocation is fresh pages from the kernel, page-faulted on first
     write (the stacked lerp took 19.5 ms instead of 3.6 ms at 2048 px)."""
     out = []
     for i, w in enumerate(weights):
-        out.append(_project_one(mix_into(i, mixed), w, channel_major))
+        out.append(_project_one(mix_into(i, mixed), w, channel_major, None if outputs is None else outputs[i]))
     return tuple(out)
 
 

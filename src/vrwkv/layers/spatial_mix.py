@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vrwkv.layers.linear import Linear
+from vrwkv.layers.linear import Linear, calls_hooks
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
-from vrwkv.layers.workspace import scratch
+from vrwkv.layers.workspace import BLOCK_LARGEST, room, scratch
 from vrwkv.ops import bi_wkv, causal_wkv
-from vrwkv.ops.linear import linear, mm
+from vrwkv.ops.linear import linear, mm, product_takes_buffer
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
 
 WkvMode = Literal["bidirectional", "causal"]
@@ -118,8 +118,9 @@ class SpatialMix(nn.Module):
                 k, v, r = self.project(self.token_mix(x, hw))
             else:  # one mix buffer for the three mixes, Linears ([B, T, C] each), then the WKV's output in it
                 weights = (self.key.weight, self.value.weight, self.receptance.weight)
-                buffer = scratch("spatial_mix.buffer", tuple(x.shape), x)  # (shared by a forward's spatial mixes)
-                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights, mix_buffer=buffer)
+                buffer, outputs = self._inference_buffers(x, weights)
+                k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights, mix_buffer=buffer,
+                                           outputs=outputs)
                 return self.gate_output(r, self.wkv(k, v, x.shape[1], out=buffer))
             return self.gate_output(r, self.wkv(k, v, x.shape[1]))
         if self.channel_major:
@@ -133,6 +134,25 @@ class SpatialMix(nn.Module):
             return self.gate_output_channel_major(r, y.transpose(1, 2))
         k, v, r = self.project(self.token_mix(x, hw))
         return self.gate_output(r, self.wkv(k, v, x.shape[1]))
+
+    def _inference_buffers(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
+        """The mix/WKV buffer ``[B, T, C]`` and buffers for as many of the k, v, r products as fit in the rest of
+        the block buffer (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`, which the channel mix's hidden activations
+        sized: they are not alive at the same time) without growing it, so that the forward's peak memory does not
+        grow; none if hooks on the output Linear may keep ``r``. Products without a buffer are new tensors."""
+        B, T, C = x.shape
+        outputs: list[torch.Tensor | None] = [None] * len(weights)
+        sizes = [B * T * C]
+        if not calls_hooks(self.output) and product_takes_buffer(x.view(B * T, C), weights[0]):
+            space = room(BLOCK_LARGEST, x)
+            for w in weights:
+                if sum(sizes) + B * T * w.shape[0] > space:
+                    break
+                sizes.append(B * T * w.shape[0])
+        pieces = scratch(BLOCK_LARGEST, (sum(sizes),), x).split(sizes)
+        for i, (piece, w) in enumerate(zip(pieces[1:], weights)):
+            outputs[i] = piece.view(B, T, w.shape[0])
+        return pieces[0].view(B, T, C), outputs
 
     @property
     def channel_major(self) -> bool:

@@ -3,17 +3,21 @@
 Why: on the CPU, PyTorch takes every tensor from the C library's ``malloc``. glibc's serves large blocks by ``mmap``
 (above an adaptive threshold) and returns the top of its heap to the kernel once enough of it is free, so the
 megabyte-sized temporaries a VRWKV forward makes in each block come back, depending on the heap's history, as fresh
-pages that the kernel zeroes and maps one by one (VRWKV-T at 1024 px: 15-22 K page faults per forward in a fresh
-process, ~1 µs each). A buffer per *role* (the channel mix's hidden activations, its mix rows, the spatial mix's mix
-buffer), taken again by the same role in the next block, is faulted in once per forward instead of once per block
-(``benchmarks/NOTES.md``, session 11). CUDA's caching allocator does this by itself; there the buffers are simply
-one allocation less.
+pages that the kernel zeroes and maps one by one (VRWKV-T at 1024 px: 10-25 K page faults per forward in a fresh
+process, ~1 µs each). A buffer taken again by the same *role* in the next block is faulted in once per forward
+instead of once per block (``benchmarks/NOTES.md``, session 11).
 
-The model opens :func:`inference_workspace` around its blocks; inside, :func:`scratch` returns the role's buffer
-(contents undefined; the same memory for every caller of that role), outside a fresh tensor. A role's user must be
-done with the buffer before the next user of the role runs, and must not hand it to code that may keep it (module
-hooks): the layers check both. The buffers are per thread (two threads running a model at once get their own) and
-freed when the outermost workspace closes, so nothing stays allocated between forwards.
+The one role the layers use, :data:`BLOCK_LARGEST`, serves temporaries whose lifetimes do not overlap: the channel
+mix's hidden activations and mix rows (they size it), then in the next block the spatial mix's mix/WKV buffer and
+as many of its k, v, r products as fit without growing it. So the buffer alive across blocks is never more than a
+block needed at once: the forward's peak memory does not grow (separate buffers per temporary raised it by the
+largest of them: +4.6 MB at 224 px batch 8).
+
+The model opens :func:`inference_workspace` around its blocks; inside, :func:`scratch` returns a view of the role's
+buffer (contents undefined; the same memory for every caller of that role), outside a fresh tensor. A role's user
+must be done with the buffer before the next user of the role runs, and must not hand it to code that may keep it
+(module hooks): the layers check both. The buffers are per thread (two threads running a model at once get their
+own) and freed when the outermost workspace closes, so nothing stays allocated between forwards.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["inference_workspace", "scratch"]
+__all__ = ["BLOCK_LARGEST", "inference_workspace", "room", "scratch"]
+
+#: The role of a block's largest temporaries: the channel mix's hidden activations and mix rows, the spatial mix's
+#: mix/WKV buffer and k, v, r products (their lifetimes do not overlap; see the module's docstring).
+BLOCK_LARGEST = "block.largest"
 
 _local = threading.local()
 
@@ -42,6 +50,14 @@ def inference_workspace() -> Iterator[None]:
         _local.depth = depth
         if depth == 0:
             _local.buffers = None
+
+
+def room(role: str, like: torch.Tensor) -> int:
+    """The elements of ``role``'s buffer for ``like``'s dtype and device as it is now (0 outside a workspace or
+    before its first use): what a caller may take without growing it."""
+    buffers = getattr(_local, "buffers", None)
+    buffer = None if buffers is None else buffers.get((role, like.dtype, like.device))
+    return 0 if buffer is None else buffer.numel()
 
 
 def scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ from torch import nn
 
 from vrwkv.layers.ms_deform_attn import MSDeformAttn
 from vrwkv.layers.pos_embed import resize_pos_embed
-from vrwkv.layers.workspace import inference_workspace
 from vrwkv.models._checkpoint import pos_embed_grid, read_checkpoint
 from vrwkv.models.vrwkv import VRWKV
 
@@ -261,7 +260,7 @@ class VRWKVAdapter(VRWKV):
         outs = []
         for (first, last), inter in zip(self.interaction_indexes, self.interactions):
             x = inter.injector(x, ref_inject, c, prior_shapes)
-            with inference_workspace():  # (the blocks' inference temporaries share buffers: layers/workspace.py)
+            with self._workspace():  # (the blocks share buffers: VRWKV._workspace)
                 for blk in self.layers[first:last + 1]:
                     x = self._block(blk, x, (H, W))
             for extractor in [inter.extractor, *(inter.extra_extractors or [])]:

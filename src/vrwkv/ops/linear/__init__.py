@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ACTIVATIONS", "activate", "linear", "mm", "onednn_enabled", "onednn_is_faster", "onednn_linears",
-           "use_onednn"]
+           "product_takes_buffer", "use_onednn"]
 
 _UNSET = object()
 _setting: object = _UNSET  # use_onednn's argument (True, False, None: auto); unset: the environment variable
@@ -131,14 +131,24 @@ def linear(
     return _onednn(x, weight, bias, activation or "none")
 
 
-def _mm_into_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, into: torch.Tensor) -> bool:
-    """Whether ``torch.mm(x, weight.t(), out=into)`` computes :func:`linear` (``into`` of :func:`linear`)."""
+def product_takes_buffer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``linear(x, weight, bias, into=buffer)`` writes its product into a fitting ``buffer`` (``[M, N]``,
+    contiguous, x's dtype and device): on the CPU through ``torch.mm``, not oneDNN (see :func:`linear`)."""
+    return _mm_takes(x, weight, bias) and not _takes_onednn(x, weight, bias)
+
+
+def _mm_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if bias is not None or x.dim() != 2 or x.device.type != "cpu" or _records_grad(x, weight):
         return False
     if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    return (into.device == x.device and into.dtype == x.dtype == weight.dtype and into.is_contiguous()
-            and into.shape == (x.shape[0], weight.shape[0]) and not _records_grad(into))
+    return x.dtype == weight.dtype
+
+
+def _mm_into_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, into: torch.Tensor) -> bool:
+    """Whether ``torch.mm(x, weight.t(), out=into)`` computes :func:`linear` (``into`` of :func:`linear`)."""
+    return (_mm_takes(x, weight, bias) and into.device == x.device and into.dtype == x.dtype
+            and into.is_contiguous() and into.shape == (x.shape[0], weight.shape[0]) and not _records_grad(into))
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

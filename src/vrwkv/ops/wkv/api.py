@@ -109,9 +109,22 @@ def _check_out(out: torch.Tensor, k: torch.Tensor, *inputs: torch.Tensor) -> Non
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, k, *inputs)):
         raise RuntimeError("WKV with out= does not support automatic differentiation (as torch's out= ops); run it "
                            "under torch.no_grad() or leave out=None")
-    storage = out.untyped_storage().data_ptr()
-    if any(t.untyped_storage().data_ptr() == storage for t in (k, *inputs)):
+    if any(_memory_overlaps(out, t) for t in (k, *inputs)):
         raise ValueError("out must not share memory with k, v, w or u (the scans read them while writing y)")
+
+
+def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges spanned by ``a`` and ``b`` intersect (disjoint pieces of one buffer do not)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        low = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+        high = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+        return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _fused_cpu_applies(k: torch.Tensor) -> bool:
