@@ -31,8 +31,8 @@ def _blocks_without_workspace(model, x):
 @pytest.mark.parametrize("chunk", [7, None])
 @pytest.mark.parametrize("fused", [False, True])
 def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused, chunk):
-    """Chunks of 7 tokens (the last one short; the hidden and mix buffers reused across chunks and blocks) or one
-    chunk (the spatial mix's k, v, r products fit in the block buffer too), batch 2, float32 (the buffers' path)
+    """Chunks of 7 tokens (the last one short; the FFN's hidden, mix, value and gate rows reused across chunks and
+    blocks in the buffer the spatial mix's buffer and k, v, r products sized) or one chunk, batch 2, float32 (the buffers' path)
     and float64; with the fused numba kernels (spatial mix buffer) and without."""
     if chunk:
         monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
@@ -55,8 +55,7 @@ def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused,
 def test_hooks_keep_what_they_saw(monkeypatch, fused, chunk, hooked):
     """Forward hooks on the channel mix's value Linear or the spatial mix's output Linear keep their inputs (the
     squared ReLU, the gate): with hooks the layers do not put them in shared buffers, so what each block's hook kept
-    is still that block's activation. Chunks of 7 tokens, or one chunk (then the block buffer has room for the
-    spatial mix's k, v, r products too)."""
+    is still that block's activation. Chunks of 7 tokens, or one chunk."""
     if chunk:
         monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
     model = _model()
@@ -78,11 +77,16 @@ def test_hooks_keep_what_they_saw(monkeypatch, fused, chunk, hooked):
         assert torch.equal(tensor, copy)
 
 
-def test_peak_memory_does_not_grow():
-    """The shared block buffer holds the spatial mix's buffer and as many k, v, r products as fit without growing
-    it: the forward's peak of live tensors is at most the one with every temporary allocated (no workspace)."""
+@pytest.mark.parametrize("chunk", [64, None])
+def test_peak_memory_does_not_grow(monkeypatch, chunk):
+    """The forward's peak of live tensors with the shared block buffer is at most the one with every temporary
+    allocated (no workspace). FFN chunks of 64 of the 128 tokens, as at 1024 px (2,048 of 4,096): the spatial mix's
+    buffer and k, v, r products size it, and the FFN's value and gate rows must go in too; one chunk: the FFN's
+    hidden activations size it."""
     from vrwkv.bench.measure import _tensor_peak_mb
 
+    if chunk:
+        monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
     model = _model()
     x = torch.randn(8, 3, 64, 64)
     with numba_scans(True), torch.inference_mode():

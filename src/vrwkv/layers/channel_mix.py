@@ -9,7 +9,7 @@ from vrwkv.layers.linear import Linear, calls_hooks, linear_activated
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
-from vrwkv.layers.workspace import BLOCK_LARGEST, scratch
+from vrwkv.layers.workspace import BLOCK_LARGEST, room, scratch
 from vrwkv.ops.linear import linear, mm, product_takes_buffer
 
 
@@ -156,7 +156,8 @@ class ChannelMix(nn.Module):
         page-faulted on every forward.
 
         Where the key's product takes a buffer, its output and the mix rows go into the block buffer shared by a
-        model's blocks (:data:`vrwkv.layers.workspace.BLOCK_LARGEST`), unless hooks may keep them.
+        model's blocks (:data:`vrwkv.layers.workspace.BLOCK_LARGEST`), unless hooks may keep them; when adding into
+        ``residual``, the value and gate rows too if they fit in it as it is.
         """
         B, T, C = x.shape
         rows = x.reshape(B * T, C)
@@ -167,13 +168,19 @@ class ChannelMix(nn.Module):
         out = None if residual is None else residual.view(B * T, -1)
         rows_per_chunk = min(INFERENCE_CHUNK_TOKENS, B * T)
         shared = not any(calls_hooks(m) for m in (self.key, self.value, self.receptance))
-        hidden = None
+        hidden = values = gates = None
         if shared and product_takes_buffer(rows, self.key.weight, self.key.bias):
-            # one buffer: the hidden activations [n, hidden] then the mix rows [n, C] (alive together)
-            width = self.key.weight.shape[0]
-            both = scratch(BLOCK_LARGEST, (rows_per_chunk * (width + C),), rows)
-            hidden = both[: rows_per_chunk * width].view(rows_per_chunk, width)
-            mixed = both[rows_per_chunk * width:].view(rows_per_chunk, C)
+            # one buffer: the hidden activations [n, hidden] and the mix rows [n, C] (alive together), and when
+            # adding into the residual, the value and gate rows [n, C] too if they fit without growing it (at high
+            # resolution the spatial mix sized it larger; their output never leaves this method)
+            sizes = [rows_per_chunk * self.key.weight.shape[0], rows_per_chunk * C]
+            extra = [rows_per_chunk * self.value.weight.shape[0], rows_per_chunk * self.receptance.weight.shape[0]]
+            if residual is not None and sum(sizes + extra) <= room(BLOCK_LARGEST, rows):
+                sizes += extra
+            pieces = scratch(BLOCK_LARGEST, (sum(sizes),), rows).split(sizes)
+            hidden, mixed = (p.view(rows_per_chunk, -1) for p in pieces[:2])
+            if len(pieces) == 4:
+                values, gates = (p.view(rows_per_chunk, -1) for p in pieces[2:])
         else:
             mixed = rows.new_empty(rows_per_chunk, C)
         for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
@@ -184,9 +191,14 @@ class ChannelMix(nn.Module):
             k = linear_activated(self.key, xk, "relu", into=into).square_()  # [n, hidden]
             if self.key_norm is not None:
                 k = self.key_norm(k)
-            value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
             xr = x_c if mix_into is None else mix_into(1, buf, tokens)
-            gate = self.receptance(xr).sigmoid_()  # [n, C]
+            if values is None:
+                value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
+                gate = self.receptance(xr).sigmoid_()  # [n, C]
+            else:  # (the same products, into the buffer)
+                n = chunk.stop - chunk.start
+                value = linear_activated(self.value, k, None, into=values[:n])
+                gate = linear_activated(self.receptance, xr, "sigmoid", into=gates[:n])
             if residual is not None:
                 branch = value.mul_(gate)
                 out[chunk].add_(branch) if gamma is None else out[chunk].addcmul_(branch, gamma)

@@ -12,7 +12,7 @@ from vrwkv.layers.linear import Linear, calls_hooks
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
-from vrwkv.layers.workspace import BLOCK_LARGEST, room, scratch
+from vrwkv.layers.workspace import BLOCK_LARGEST, scratch
 from vrwkv.ops import bi_wkv, causal_wkv
 from vrwkv.ops.linear import linear, mm, product_takes_buffer
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
@@ -136,19 +136,14 @@ class SpatialMix(nn.Module):
         return self.gate_output(r, self.wkv(k, v, x.shape[1]))
 
     def _inference_buffers(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
-        """The mix/WKV buffer ``[B, T, C]`` and buffers for as many of the k, v, r products as fit in the rest of
-        the block buffer (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`, which the channel mix's hidden activations
-        sized: they are not alive at the same time) without growing it, so that the forward's peak memory does not
-        grow; none if hooks on the output Linear may keep ``r``. Products without a buffer are new tensors."""
+        """The mix/WKV buffer ``[B, T, C]`` and buffers for the k, v, r products, all pieces of the block buffer
+        (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`): they are alive together anyway, so one buffer for them does
+        not raise the peak; no product buffers if hooks on the output Linear may keep ``r`` (then new tensors)."""
         B, T, C = x.shape
         outputs: list[torch.Tensor | None] = [None] * len(weights)
         sizes = [B * T * C]
         if not calls_hooks(self.output) and product_takes_buffer(x.view(B * T, C), weights[0]):
-            space = room(BLOCK_LARGEST, x)
-            for w in weights:
-                if sum(sizes) + B * T * w.shape[0] > space:
-                    break
-                sizes.append(B * T * w.shape[0])
+            sizes += [B * T * w.shape[0] for w in weights]
         pieces = scratch(BLOCK_LARGEST, (sum(sizes),), x).split(sizes)
         for i, (piece, w) in enumerate(zip(pieces[1:], weights)):
             outputs[i] = piece.view(B, T, w.shape[0])

@@ -7,11 +7,13 @@ pages that the kernel zeroes and maps one by one (VRWKV-T at 1024 px: 10-25 K pa
 process, ~1 µs each). A buffer taken again by the same *role* in the next block is faulted in once per forward
 instead of once per block (``benchmarks/NOTES.md``, session 11).
 
-The one role the layers use, :data:`BLOCK_LARGEST`, serves temporaries whose lifetimes do not overlap: the channel
-mix's hidden activations and mix rows (they size it), then in the next block the spatial mix's mix/WKV buffer and
-as many of its k, v, r products as fit without growing it. So the buffer alive across blocks is never more than a
-block needed at once: the forward's peak memory does not grow (separate buffers per temporary raised it by the
-largest of them: +4.6 MB at 224 px batch 8).
+The one role the layers use, :data:`BLOCK_LARGEST`, serves temporaries whose lifetimes do not overlap: the spatial
+mix's mix/WKV buffer and k, v, r products, then the channel mix's hidden activations and mix rows (and its value
+and gate rows, where they fit without growing the buffer). The largest of the two sizes it: at low resolution the
+FFN's hidden chunk, at high resolution the spatial mix's four ``[B, T, C]`` tensors. So the buffer alive across
+blocks is never more than a block needed at once: the forward's peak memory does not grow (separate buffers per
+temporary raised it by the largest of them: +4.6 MB at 224 px batch 8; the spatial products without the FFN's
+value and gate rows in the buffer: +3 MB at 1024 px).
 
 The model opens :func:`inference_workspace` around its blocks; inside, :func:`scratch` returns a view of the role's
 buffer (contents undefined; the same memory for every caller of that role), outside a fresh tensor. A role's user
@@ -29,8 +31,8 @@ import torch
 
 __all__ = ["BLOCK_LARGEST", "inference_workspace", "room", "scratch"]
 
-#: The role of a block's largest temporaries: the channel mix's hidden activations and mix rows, the spatial mix's
-#: mix/WKV buffer and k, v, r products (their lifetimes do not overlap; see the module's docstring).
+#: The role of a block's largest temporaries: the spatial mix's mix/WKV buffer and k, v, r products, the channel
+#: mix's hidden activations, mix, value and gate rows (their lifetimes do not overlap; see the module's docstring).
 BLOCK_LARGEST = "block.largest"
 
 _local = threading.local()
@@ -78,5 +80,7 @@ def scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tens
     key = (role, like.dtype, like.device)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # (the old one freed first: its users are done with it)
+        del buffer
         buffer = buffers[key] = like.new_empty(numel)
     return buffer[:numel].view(shape)
