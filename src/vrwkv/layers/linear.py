@@ -22,9 +22,9 @@ class Linear(nn.Linear):
 
 def linear_activated(module: nn.Module, x: torch.Tensor, activation: str | None,
                      into: torch.Tensor | None = None) -> torch.Tensor:
-    """``activation(module(x))`` for ``activation`` ``"relu"``, ``"sigmoid"`` or None: for a :class:`Linear` without hooks
-    one product with the activation fused (:func:`vrwkv.ops.linear.linear`; written into ``into`` where that takes
-    it), otherwise the module's call (its hooks see its own output) and the activation after it."""
+    """``activation(module(x))`` for ``activation`` ``"relu"``, ``"sigmoid"`` or None: for a :class:`Linear`
+    without hooks one product with the activation fused (:func:`vrwkv.ops.linear.linear`; written into ``into`` where
+    that takes it), otherwise the module's call (its hooks see its own output) and the activation after it."""
     if _plain_linear(module):
         return linear(x, module.weight, module.bias, activation=activation, into=into)
     return activate(module(x), activation, in_place=False)  # (a hook may hold the module's output)

@@ -60,7 +60,7 @@ def shift_mix_linear(
     weights: Sequence[torch.Tensor],
     channel_major: bool = False,
     mix_buffer: torch.Tensor | None = None,
-    outputs: Sequence[torch.Tensor | None] | None = None,
+    outputs: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``.
 
@@ -77,8 +77,8 @@ def shift_mix_linear(
             work channel-major, such as the Bi-WKV), instead of token-major.
         mix_buffer: without autograd, the ``[B, T, C]`` tensor (like ``x``) each mix is written into in turn before
             its projection (a fresh one if None); the caller may reuse it afterwards.
-        outputs: without autograd, token-major, buffers ``[B, T, out_i]`` (or None: a new tensor) the products may
-            be written into (``into`` of :func:`vrwkv.ops.linear.linear`); use the returned tensors.
+        outputs: without autograd, token-major, buffers ``[B, T, out_i]`` the products may be written into
+            (``into`` of :func:`vrwkv.ops.linear.linear`); use the returned tensors.
 
     Returns:
         ``n`` tensors ``[B, T, out_i]`` (``[out_i, B, T]`` if ``channel_major``).
@@ -159,7 +159,7 @@ def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool,
 
 
 def _project_each(mix_into: MixInto, mixed: torch.Tensor, weights: Sequence[torch.Tensor],
-                  channel_major: bool, outputs: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
+                  channel_major: bool, outputs: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """:func:`project_mixes` without the stacked mixes: each mix is written into one reused ``[B, T, C]`` buffer and
     projected at once. The same passes, a third of the memory, and no ``[n, B, T, C]`` allocation: above glibc's mmap
     threshold (32 MB: 2048 px for VRWKV-T) every such allocation is fresh pages from the kernel, page-faulted on first

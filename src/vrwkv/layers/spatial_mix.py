@@ -138,16 +138,14 @@ class SpatialMix(nn.Module):
     def _inference_buffers(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
         """The mix/WKV buffer ``[B, T, C]`` and buffers for the k, v, r products, all pieces of the block buffer
         (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`): they are alive together anyway, so one buffer for them does
-        not raise the peak; no product buffers if hooks on the output Linear may keep ``r`` (then new tensors)."""
+        not raise the peak; no product buffers (None) if hooks on the output Linear may keep ``r``."""
         B, T, C = x.shape
-        outputs: list[torch.Tensor | None] = [None] * len(weights)
         sizes = [B * T * C]
         if not calls_hooks(self.output) and product_takes_buffer(x.view(B * T, C), weights[0]):
             sizes += [B * T * w.shape[0] for w in weights]
         pieces = scratch(BLOCK_LARGEST, (sum(sizes),), x).split(sizes)
-        for i, (piece, w) in enumerate(zip(pieces[1:], weights)):
-            outputs[i] = piece.view(B, T, w.shape[0])
-        return pieces[0].view(B, T, C), outputs
+        outputs = [piece.view(B, T, w.shape[0]) for piece, w in zip(pieces[1:], weights)]
+        return pieces[0].view(B, T, C), outputs or None
 
     @property
     def channel_major(self) -> bool:
