@@ -138,14 +138,16 @@ class SpatialMix(nn.Module):
     def _inference_buffers(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
         """The mix/WKV buffer ``[B, T, C]`` and buffers for the k, v, r products, all pieces of the block buffer
         (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`): they are alive together anyway, so one buffer for them does
-        not raise the peak; no product buffers (None) if hooks on the output Linear may keep ``r``."""
+        not raise the peak. No product buffers (None) if hooks on the output Linear may keep ``r``, or where the
+        products make their own outputs (oneDNN's): then the mix buffer is a tensor of its own, as a block buffer
+        alone would stay alive through the channel mix and raise the peak by ``[B, T, C]`` (its chunks are smaller)."""
         B, T, C = x.shape
-        sizes = [B * T * C]
-        if not calls_hooks(self.output) and product_takes_buffer(x.view(B * T, C), weights[0]):
-            sizes += [B * T * w.shape[0] for w in weights]
+        if calls_hooks(self.output) or not product_takes_buffer(x.view(B * T, C), weights[0]):
+            return x.new_empty(B, T, C), None
+        sizes = [B * T * C] + [B * T * w.shape[0] for w in weights]
         pieces = scratch(BLOCK_LARGEST, (sum(sizes),), x).split(sizes)
         outputs = [piece.view(B, T, w.shape[0]) for piece, w in zip(pieces[1:], weights)]
-        return pieces[0].view(B, T, C), outputs or None
+        return pieces[0].view(B, T, C), outputs
 
     @property
     def channel_major(self) -> bool:

@@ -13,7 +13,9 @@ and gate rows, where they fit without growing the buffer). The largest of the tw
 FFN's hidden chunk, at high resolution the spatial mix's four ``[B, T, C]`` tensors. So the buffer alive across
 blocks is never more than a block needed at once: the forward's peak memory does not grow (separate buffers per
 temporary raised it by the largest of them: +4.6 MB at 224 px batch 8; the spatial products without the FFN's
-value and gate rows in the buffer: +3 MB at 1024 px).
+value and gate rows in the buffer: +3 MB at 1024 px). Where the products cannot write into a buffer (oneDNN's, on
+AMD CPUs with AVX-512) the layers take none: the spatial mix's mix buffer alone, alive through the channel mix's
+smaller chunks, raised the peak by one ``[B, T, C]``.
 
 The model opens :func:`inference_workspace` around its blocks; inside, :func:`scratch` returns a view of the role's
 buffer (contents undefined; the same memory for every caller of that role), outside a fresh tensor. A role's user
