@@ -72,8 +72,10 @@ def process_setup(device: str | None, threads: int | None) -> Iterator[DistInfo]
         torch.set_num_threads(threads)
     try:
         yield info
-        if info.enabled:  # (a normal exit only) the ranks tear the group down together: a gloo process whose peer
-            barrier()     # closed its connections while its own threads still used them aborted ("terminate called")
+        # (on a normal exit only) the ranks tear the group down together: a gloo process whose peer closed its
+        # connections while its own threads still used them aborted ("terminate called without an active exception")
+        if info.enabled:
+            barrier()
     finally:
         torch.set_num_threads(previous)
         cleanup_distributed()
