@@ -10,11 +10,23 @@ from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv, numba_scans
 from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 from wkv_cases import extreme_inputs, random_inputs, reference
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "row_lanes")
 
 # as the block path: the official kernel's EPS·e^{m_t} is taken as EPS·(den_t + e^{k_t}) (~1e-6 relative)
 TOL64 = {"paper": 1e-12, "official": 3e-6}
 TOL32 = {"paper": 1e-6, "official": 4e-6}
+
+
+@pytest.fixture(params=[4, 8], ids=["rows4", "rows8"])
+def row_lanes(request):
+    """Every test with the channel-major kernels running four rows per vector (AVX2) and eight (AVX-512): the host
+    picks one (fused_cpu.row_lanes), both run everywhere (eight as two AVX2 registers without AVX-512). Returns the
+    kernels' ``lanes`` argument."""
+    from vrwkv.ops.wkv import fused_cpu
+
+    previous, fused_cpu.rows_per_vector = fused_cpu.rows_per_vector, request.param
+    yield (0,) * request.param
+    fused_cpu.rows_per_vector = previous
 
 
 def fused(k, v, w, u, semantics, chunks=KERNEL_CHUNKS):
@@ -125,8 +137,8 @@ def test_rows_split_over_threads_give_the_same_result():
 
 
 @pytest.mark.parametrize("official", [False, True])
-def test_kernel_rows_in_any_pieces_give_the_same_result(official):
-    """The forward kernel runs four rows in lockstep: pieces of any length from any row (groups of fewer rows, a row
+def test_kernel_rows_in_any_pieces_give_the_same_result(official, row_lanes):
+    """The forward kernel runs four or eight rows in lockstep: pieces of any length from any row (groups of fewer rows, a row
     out of range inside a group) give the rows of one call, bit for bit, and count the out-of-range rows."""
     import numpy as np
     from vrwkv.ops.wkv.fused_cpu_kernels import rows_kernel
@@ -136,14 +148,28 @@ def test_kernel_rows_in_any_pieces_give_the_same_result(official):
     kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k, v))
     args = (kc, vc, w.numpy(), u.numpy())
     whole, pieces = np.full_like(kc, 7.0), np.full_like(kc, 7.0)
-    assert rows_kernel(*args, whole, 5, 1e-6, official, 0, 15) == 1
-    assert sum(rows_kernel(*args, pieces, 5, 1e-6, official, r0, r1)
+    assert rows_kernel(*args, whole, 5, 1e-6, official, 0, 15, row_lanes) == 1
+    assert sum(rows_kernel(*args, pieces, 5, 1e-6, official, r0, r1, row_lanes)
                for r0, r1 in [(0, 1), (1, 4), (4, 9), (9, 10), (10, 15)]) == 1
     assert np.array_equal(whole, pieces) and (whole[2, 1] == 7.0).all()  # the out-of-range row left unwritten
+
+def test_rows_per_vector_and_pieces(monkeypatch):
+    """Four or eight rows per vector, nothing else; threads take whole groups of rows."""
+    from vrwkv.ops.wkv import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "rows_per_vector", None)
+    assert fused_cpu.row_lanes() in (4, 8)
+    monkeypatch.setattr(fused_cpu, "rows_per_vector", 6)
+    with pytest.raises(ValueError, match="rows_per_vector must be 4 or 8"):
+        fused_cpu.row_lanes()
+    assert [fused_cpu.piece_size(rows, 2, 8) for rows in (1, 120, 192, 1000)] == [8, 8, 16, 64]
+    assert [fused_cpu.piece_size(rows, 2, 1) for rows in (1, 120, 192)] == [1, 7, 12]
+
 
 def blocked_rows(k, v, w, u, semantics, chunks, block):
     """y [B, T, C] of rows_blocked_kernel on the rows of channel-major copies of k, v, by blocks of ``block``."""
     import numpy as np
+    from vrwkv.ops.wkv.fused_cpu import row_lanes
     from vrwkv.ops.wkv.fused_cpu_kernels import rows_blocked_kernel
 
     kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k, v))
@@ -151,7 +177,7 @@ def blocked_rows(k, v, w, u, semantics, chunks, block):
     official = semantics == "official"
     chunk = -(-k.shape[1] // chunks) if official else k.shape[1]
     assert rows_blocked_kernel(kc, vc, w.double().numpy(), u.double().numpy(), y, chunk, KERNEL_EPS if official
-                               else 0.0, official, 0, kc.shape[0] * kc.shape[1], block) == 0
+                               else 0.0, official, 0, kc.shape[0] * kc.shape[1], block, (0,) * row_lanes()) == 0
     return torch.from_numpy(y).permute(1, 2, 0)
 
 
@@ -178,7 +204,7 @@ def test_blocked_rows_extremes():
 
 
 @pytest.mark.parametrize("official", [False, True])
-def test_blocked_rows_in_any_pieces_report_rows_out_of_range(official):
+def test_blocked_rows_in_any_pieces_report_rows_out_of_range(official, row_lanes):
     """As the whole-row kernel: pieces of any length give the rows of one call bit for bit, rows out of range are
     counted and left unwritten, the rows grouped with them are written; a NaN key gives NaN in its row only."""
     import numpy as np
@@ -191,17 +217,17 @@ def test_blocked_rows_in_any_pieces_report_rows_out_of_range(official):
     kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k, v))
     args = (kc, vc, w.numpy(), u.numpy())
     whole, pieces, rows = (np.full_like(kc, 7.0) for _ in range(3))
-    assert rows_blocked_kernel(*args, whole, 5, 1e-6, official, 0, 15, 8) == 2
-    assert sum(rows_blocked_kernel(*args, pieces, 5, 1e-6, official, r0, r1, 8)
+    assert rows_blocked_kernel(*args, whole, 5, 1e-6, official, 0, 15, 8, row_lanes) == 2
+    assert sum(rows_blocked_kernel(*args, pieces, 5, 1e-6, official, r0, r1, 8, row_lanes)
                for r0, r1 in [(0, 1), (1, 4), (4, 9), (9, 10), (10, 15)]) == 2
-    assert rows_kernel(*args, rows, 5, 1e-6, official, 0, 15) == 2
+    assert rows_kernel(*args, rows, 5, 1e-6, official, 0, 15, row_lanes) == 2
     assert np.array_equal(whole, pieces, equal_nan=True)
     flat = whole.reshape(15, 37)
     assert (flat[[7, 9]] == 7.0).all() and np.isnan(flat[14]).all() and np.isfinite(np.delete(flat, [7, 9, 14], 0)).all()
     assert np.abs(np.delete(flat - rows.reshape(15, 37), [7, 9, 14], 0)).max() < 1e-13
 
 
-def test_long_rows_take_the_blocked_kernel():
+def test_long_rows_take_the_blocked_kernel(row_lanes):
     """Rows of ROWS_BLOCKED_FROM tokens: rows_kernel runs them by blocks of ROW_BLOCK (bit for bit the blocked
     kernel), within float32 rounding of the exact float64 scan (bi_wkv of float64 inputs, the numba scans off)."""
     import numpy as np
@@ -217,7 +243,7 @@ def test_long_rows_take_the_blocked_kernel():
     assert rel_err(y, exact) < TOL32["official"]
     kc, vc = (x.permute(2, 0, 1).contiguous().numpy() for x in (k32, v32))
     whole = np.empty_like(kc)
-    assert rows_kernel(kc, vc, w.numpy(), u.numpy(), whole, -(-T // KERNEL_CHUNKS), KERNEL_EPS, True, 0, 3) == 0
+    assert rows_kernel(kc, vc, w.numpy(), u.numpy(), whole, -(-T // KERNEL_CHUNKS), KERNEL_EPS, True, 0, 3, row_lanes) == 0
     assert torch.equal(torch.from_numpy(whole).permute(1, 2, 0),
                        blocked_rows(k32, v32, w, u, "official", KERNEL_CHUNKS, fused_cpu.ROW_BLOCK))
 

@@ -46,12 +46,14 @@ def _run(mode, k, v, w, u, semantics, monkeypatch):
 @pytest.mark.parametrize("semantics", ["paper", "official"])
 @pytest.mark.parametrize("B, T, C", [(3, 97, 5), (1, 300, 16), (2, 2, 1)])
 def test_team_results_equal_one_thread_and_the_pool(fused_cpu_scan, monkeypatch, dtype, semantics, B, T, C):
+    """... and with four or eight rows per vector (each lane does its row's arithmetic, whatever the width)."""
     k, v, w, u = (x.to(dtype) for x in random_inputs(B, T, C, seed=B * T + C))
     one = _run("one", k, v, w, u, semantics, monkeypatch)
-    team = _run("team", k, v, w, u, semantics, monkeypatch)
-    pool = _run("pool", k, v, w, u, semantics, monkeypatch)
-    for a, b, c in zip(one, team, pool):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for lanes in (4, 8):
+        monkeypatch.setattr(fused_cpu, "rows_per_vector", lanes)
+        for mode in ("one", "team", "pool"):
+            for a, b in zip(one, _run(mode, k, v, w, u, semantics, monkeypatch)):
+                assert torch.equal(a, b)
 
 
 def test_team_reports_rows_out_of_range(fused_cpu_scan, two_threads, monkeypatch):

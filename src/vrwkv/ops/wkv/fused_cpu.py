@@ -21,7 +21,7 @@ Numerics: in float64 with one shift per row, every term lies within ``e^{±600}`
 caller runs the block path instead. Accuracy is that of float64 sums, then one rounding to float32.
 
 Rows of at least :data:`ROWS_BLOCKED_FROM` tokens go by blocks of :data:`ROW_BLOCK` (``rows_blocked_kernel_with``):
-the whole-row sweeps' float64 scratch (128 bytes per token of four rows) would leave the cache, so a first pass
+the whole-row sweeps' float64 scratch (32 bytes per token and row) would leave the cache, so a first pass
 takes each block's key range and its sums in its own frame, a scan over the blocks the carries from the right, and a
 second pass the sweeps block by block (k, v read twice, y written once, an exponential computed twice): at 262,144
 tokens 0.64x the time, 3.2x the bandwidth floor.
@@ -202,30 +202,56 @@ TOKEN_LANES, TOKEN_UNIT = 8, 16
 TOKEN_BLOCK = 128
 #: Rows of at least this many tokens take the channel-major forward by blocks of ROW_BLOCK tokens
 #: (``rows_blocked_kernel_with``: its scratch stays in L1/L2, for a second exponential per token); shorter rows the
-#: whole-row sweeps (``rows_kernel``, float64 scratch [4, T, 4]: 128 bytes per token of four rows).
+#: whole-row sweeps (``rows_kernel``, float64 scratch [4, T, lanes]: 32 bytes per token and row).
 ROWS_BLOCKED_FROM, ROW_BLOCK = 32768, 128
 #: The token-major kernel keeps its first pass's exponentials of this many first tokens for the second ([2, 4096, 8]
 #: float64, 512 KB: in L2); the second pass computes the others again (kept in L3 they measured slower).
 TOKEN_KEEP = 4096
 
 
+#: Rows per vector of the channel-major kernels: None for the host's choice (:func:`row_lanes`), or 4 or 8.
+rows_per_vector: int | None = None
+
+
+def row_lanes() -> int:
+    """Rows the channel-major kernels run in lockstep, one per float64 lane: 8 (one 512-bit register) where LLVM
+    compiles for AVX-512, else 4 (one AVX2 register; eight would spill: AVX2 has 16 registers). On a Zen 5 core
+    (AVX-512) eight rows took 0.65-0.85x the time of four. :data:`rows_per_vector` overrides the choice."""
+    if rows_per_vector is not None:
+        if rows_per_vector not in (4, 8):
+            raise ValueError(f"rows_per_vector must be 4 or 8, got {rows_per_vector!r}")
+        return rows_per_vector
+    return _host_row_lanes()
+
+
+@functools.cache
+def _host_row_lanes() -> int:
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_NAME:  # numba compiles for a named CPU (e.g. "generic" for portable caches), not this host
+        return 8 if "+avx512f" in (numba.config.CPU_FEATURES or "") else 4
+    return 8 if binding.get_host_cpu_features().get("avx512f", False) else 4
+
+
 def run_kernel(kind: str, args: tuple, rows: int) -> int:
-    """The kernel of ``kind`` (:data:`FORWARD`, :data:`BACKWARD`, :data:`TOKENS`), ``kernel(*args, r0, r1)``, over
-    its units (rows, channel units) 0..rows on ``torch.get_num_threads()`` threads; returns the rows out of range
-    (summed over the pieces).
+    """The kernel of ``kind`` (:data:`FORWARD`, :data:`BACKWARD`, :data:`TOKENS`), ``kernel(*args, r0, r1)`` (the
+    channel-major ones ``kernel(*args, r0, r1, lanes)``, :func:`row_lanes`), over its units (rows, channel units)
+    0..rows on ``torch.get_num_threads()`` threads; returns the rows out of range (summed over the pieces).
 
     Threads: PyTorch's own OpenMP team where its runtime is found (:mod:`.fused_cpu_team`: no second pool competing
     with its spinning workers), otherwise the caller and a pool of our own (the kernels release the GIL).
     """
     kernels = _compiled_kernels()
-    n = max(1, min(torch.get_num_threads(), rows))
+    lanes = 1 if kind == TOKENS else row_lanes()
+    n = max(1, min(torch.get_num_threads(), -(-rows // lanes)))
     if n == 1:
-        return getattr(kernels, kind)(*args, 0, rows)
+        return getattr(kernels, kind)(*args, 0, rows, *([] if kind == TOKENS else [(0,) * lanes]))
     if kernels.team is not None and use_openmp_team:
-        return kernels.team.run(kind, args, rows, n)
+        return kernels.team.run(kind, args, rows, n, lanes)
     # small pieces taken in turn by the caller and n - 1 pool threads: a thread slowed by other work on its core
-    # (e.g. PyTorch's OpenMP workers still spinning after the previous op) takes fewer pieces
-    step = max(1, rows // (8 * n))
+    # (e.g. PyTorch's OpenMP workers still spinning after the previous op) takes fewer pieces; whole groups of rows
+    step = piece_size(rows, n, lanes)
     pieces = iter(range(0, rows, step))
     take = threading.Lock()
 
@@ -243,17 +269,25 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
     return work() + sum(f.result() for f in futures)
 
 
+def piece_size(units: int, threads: int, lanes: int) -> int:
+    """Units per piece taken by a thread: about eight pieces per thread, a whole number of groups of ``lanes`` rows
+    (a piece's last group would otherwise run with spare lanes)."""
+    step = max(1, units // (8 * threads))
+    return -(-step // lanes) * lanes
+
+
 def _piece_kernel(kernels: _Kernels, kind: str, args: tuple):
     """``kernel(*args, r0, r1)`` of ``kind`` for one thread's pieces: the rows kernels with one scratch for all of
     them (allocated per piece, it was fresh pages every time: 8 MB at 65,536 tokens), the token-major one as is."""
     if kind == TOKENS:
         return kernels.tokens
     T = args[0].shape[2]  # k: [C, B, T]
+    lanes = (0,) * row_lanes()
     if kind == FORWARD:
-        scratch = kernels.forward_scratch(T, 0)
-        return lambda *a: kernels.forward_with(*a, scratch)
-    scratch = np.empty((kernels.backward_scratch, T + 1, 4))
-    return lambda *a: kernels.backward_with(*a, scratch)
+        scratch = kernels.forward_scratch(T, 0, lanes)
+        return lambda *a: kernels.forward_with(*a, scratch, lanes)
+    scratch = np.empty((kernels.backward_scratch, T + 1, len(lanes)))
+    return lambda *a: kernels.backward_with(*a, scratch, lanes)
 
 
 #: Run the kernels on PyTorch's OpenMP team when its runtime is found (False: always our own thread pool).
@@ -267,8 +301,8 @@ class _Kernels(NamedTuple):
     forward: object
     backward: object
     tokens: object
-    forward_with: object  # the rows kernels in the caller's float64 scratch: forward_scratch(T, 0) ...
-    backward_with: object  # ... and [backward_scratch, T + 1, 4]
+    forward_with: object  # the rows kernels in the caller's float64 scratch: forward_scratch(T, 0, lanes) ...
+    backward_with: object  # ... and [backward_scratch, T + 1, lanes]
     forward_scratch: object
     backward_scratch: int
     team: object  # fused_cpu_team.Team, or None without a known OpenMP runtime

@@ -25,12 +25,13 @@ _ROUND = 6755399441055744.0  # 1.5·2^52: adding it rounds a float64 of magnitud
 _fast = numba.njit(fastmath={"contract"}, nogil=True, cache=True, error_model="numpy")
 
 
-# ---- Four float64 lanes in one AVX2 register (LLVM <4 x double>), for the scans' four rows in lockstep. numba
+# ---- Float64 lanes in one AVX2 register (LLVM <4 x double>) or one AVX-512 register (<8 x double>), for the
+# scans' rows in lockstep (a group of rows is a tuple of row indices, one per lane). numba
 # does not vectorise a scan across rows itself: an inner loop over the rows keeps their state in memory (and the
 # arrays may alias), and it does not pack scalar code (its SLP vectoriser is off). Arithmetic on f64x4 values (and
 # numbers, broadcast) compiles to single vector instructions, contracted to FMAs like the scalar code; typed and
 # lowered directly (as @overload functions they took ~1.5 s more to compile). The same type with eight lanes,
-# f64x8 (one AVX-512 register, or two AVX2 ones), for the token-major kernel.
+# f64x8 (one AVX-512 register, or two AVX2 ones), for the token-major kernel, and for the rows on AVX-512.
 _V4 = ir.VectorType(ir.DoubleType(), 4)
 
 
@@ -166,16 +167,6 @@ def load4(typingctx, a, t):
 
 
 @intrinsic
-def store4(typingctx, a, t, x):
-    """Row t of a float64 [n, 4] array = x."""
-    if _is_matrix(a, types.float64) and isinstance(t, types.Integer) and isinstance(x, _F64x4):
-        def codegen(context, builder, sig, args):
-            builder.store(args[2], _pointer(context, builder, sig, args, 1), align=8)
-            return context.get_dummy_value()
-        return types.none(a, t, x), codegen
-
-
-@intrinsic
 def load_run(typingctx, a, r, t):
     """a[r, t..t+3] (a: a float [rows, n] array) as float64."""
     if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer):
@@ -195,30 +186,224 @@ def _transpose(builder, rows):
             shuffle(t1, t3, [2, 3, 6, 7])]
 
 
-@intrinsic
-def load_block(typingctx, a, r0, r1, r2, r3, t):
-    """a[r0..r3, t..t+3] transposed (a: a float [rows, n] array): four vectors, the j-th (a[r0, t+j], a[r1, t+j],
-    a[r2, t+j], a[r3, t+j]) as float64."""
-    if _is_matrix(a) and all(isinstance(i, types.Integer) for i in (r0, r1, r2, r3, t)):
-        def codegen(context, builder, sig, args):
-            align = sig.args[0].dtype.bitwidth // 8
-            runs = [builder.load(_pointer(context, builder, sig, args, i, 5), align=align) for i in range(1, 5)]
-            columns = [c if c.type == _V4 else builder.fpext(c, _V4) for c in _transpose(builder, runs)]
-            return context.make_tuple(builder, sig.return_type, columns)
-        return types.UniTuple(f64x4, 4)(a, r0, r1, r2, r3, t), codegen
+def _is_group(group):
+    """A group of rows run in lockstep: a tuple of row indices, one per lane (4: f64x4 vectors, 8: f64x8)."""
+    return isinstance(group, types.UniTuple) and isinstance(group.dtype, types.Integer) and group.count in (4, 8)
+
+
+def _vector(lanes: int):
+    return ir.VectorType(ir.DoubleType(), lanes)
+
+
+def _element_pointer(context, builder, array_type, array_value, index):
+    """Pointer to array[index...] (index: LLVM integers)."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    return cgutils.get_item_pointer2(context, builder, array.data, cgutils.unpack_tuple(builder, array.shape),
+                                     cgutils.unpack_tuple(builder, array.strides), array_type.layout, index,
+                                     wraparound=False, boundscheck=False)
+
+
+def _as_index(context, builder, ty, value):
+    return context.cast(builder, value, ty, types.intp)
+
+
+def _pack(context, builder, ty, values):
+    """The values (of the scalar type ty) as float64 lanes of one vector."""
+    out = ir.Constant(_vector(len(values)), ir.Undefined)
+    for i, value in enumerate(values):
+        out = builder.insert_element(out, context.cast(builder, value, ty, types.float64), ir.IntType(32)(i))
+    return out
 
 
 @intrinsic
-def store_block(typingctx, a, r0, r1, r2, r3, t, y0, y1, y2, y3):
-    """The inverse of :func:`load_block`: a[r_i, t+j] = lane i of y_j (rounded to a's dtype)."""
-    if _is_matrix(a) and all(isinstance(y, _F64x4) for y in (y0, y1, y2, y3)):
+def pick(typingctx, a, first, n, group):
+    """The lanes of a group of n rows (1 <= n <= lanes of ``group``) from a 1-D array: a[first], ..., a[first + n - 1],
+    then a[first + n - 1] again in the spare lanes: a tuple like ``group`` for an integer array (the rows), float64
+    lanes for a float one (e.g. the rows' largest keys)."""
+    if (isinstance(a, types.Array) and a.ndim == 1 and isinstance(first, types.Integer) and isinstance(n, types.Integer)
+            and _is_group(group)):
+        lanes, integer = group.count, isinstance(a.dtype, types.Integer)
+
         def codegen(context, builder, sig, args):
-            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
-            for i, run in enumerate(_transpose(builder, list(args[6:])), start=1):
-                run = run if element == ir.DoubleType() else builder.fptrunc(run, ir.VectorType(element, 4))
-                builder.store(run, _pointer(context, builder, sig, args, i, 5), align=align)
+            start = _as_index(context, builder, sig.args[1], args[1])
+            last = builder.sub(builder.add(start, _as_index(context, builder, sig.args[2], args[2])),
+                               ir.Constant(start.type, 1))
+            values = []
+            for i in range(lanes):
+                index = builder.add(start, ir.Constant(start.type, i))
+                index = builder.select(builder.icmp_signed("<", index, last), index, last)
+                values.append(builder.load(_element_pointer(context, builder, sig.args[0], args[0], [index])))
+            if integer:
+                values = [context.cast(builder, x, sig.args[0].dtype, sig.return_type.dtype) for x in values]
+                return context.make_tuple(builder, sig.return_type, values)
+            return _pack(context, builder, sig.args[0].dtype, values)
+        result = types.UniTuple(group.dtype, lanes) if integer else _F64x4(lanes)
+        return result(a, first, n, group), codegen
+
+
+@intrinsic
+def per_row(typingctx, a, group, B):
+    """Lanes a[row // B] for the rows of the group (a: a channel's parameter, rows of the [C·B, T] grid)."""
+    if isinstance(a, types.Array) and a.ndim == 1 and _is_group(group) and isinstance(B, types.Integer):
+        def codegen(context, builder, sig, args):
+            batch = _as_index(context, builder, sig.args[2], args[2])
+            rows = cgutils.unpack_tuple(builder, args[1])
+            values = [builder.load(_element_pointer(context, builder, sig.args[0], args[0], [
+                builder.sdiv(_as_index(context, builder, sig.args[1].dtype, row), batch)])) for row in rows]
+            return _pack(context, builder, sig.args[0].dtype, values)
+        return _F64x4(group.count)(a, group, B), codegen
+
+
+@intrinsic
+def splat(typingctx, x, group):
+    """Lanes all equal to the number x, one per row of the group."""
+    if _is_number(x) and _is_group(group):
+        def codegen(context, builder, sig, args):
+            return _as_vector(context, builder, sig.args[0], args[0], sig.args[1].count)
+        return _F64x4(group.count)(x, group), codegen
+
+
+@intrinsic
+def gather(typingctx, a, group, t):
+    """Lanes a[row, t] for the rows of the group (a: a float [rows, n] array)."""
+    if _is_matrix(a) and _is_group(group) and isinstance(t, types.Integer):
+        def codegen(context, builder, sig, args):
+            column = _as_index(context, builder, sig.args[2], args[2])
+            values = [builder.load(_element_pointer(context, builder, sig.args[0], args[0], [
+                _as_index(context, builder, sig.args[1].dtype, row), column]))
+                for row in cgutils.unpack_tuple(builder, args[1])]
+            return _pack(context, builder, sig.args[0].dtype, values)
+        return _F64x4(group.count)(a, group, t), codegen
+
+
+@intrinsic
+def scatter(typingctx, a, group, t, y):
+    """a[row, t] = the row's lane of y (rounded to a's dtype), the inverse of :func:`gather` (rows repeated in spare
+    lanes get the same value again)."""
+    if _is_matrix(a) and _is_group(group) and isinstance(t, types.Integer) and y == _F64x4(group.count):
+        def codegen(context, builder, sig, args):
+            column = _as_index(context, builder, sig.args[2], args[2])
+            for i, row in enumerate(cgutils.unpack_tuple(builder, args[1])):
+                value = context.cast(builder, builder.extract_element(args[3], ir.IntType(32)(i)), types.float64,
+                                     sig.args[0].dtype)
+                builder.store(value, _element_pointer(context, builder, sig.args[0], args[0], [
+                    _as_index(context, builder, sig.args[1].dtype, row), column]))
             return context.get_dummy_value()
-        return types.none(a, r0, r1, r2, r3, t, y0, y1, y2, y3), codegen
+        return types.none(a, group, t, y), codegen
+
+
+def _join(builder, low, high):
+    """Two 4-vectors as one 8-vector."""
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(8))))
+
+
+def _split(builder, x):
+    """An 8-vector as its two 4-vectors (lanes 0..3, 4..7)."""
+    return [builder.shuffle_vector(x, ir.Constant(x.type, ir.Undefined),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(first, first + 4))))
+            for first in (0, 4)]
+
+
+@intrinsic
+def load_block(typingctx, a, group, t):
+    """a[rows of the group, t..t+3] transposed (a: a float [rows, n] array): four vectors, the j-th the lanes
+    a[row, t+j], as float64. Four loads of four tokens per 4x4 transpose (two transposes for eight rows)."""
+    if _is_matrix(a) and _is_group(group) and isinstance(t, types.Integer):
+        lanes = group.count
+
+        def codegen(context, builder, sig, args):
+            array_type, align = sig.args[0], sig.args[0].dtype.bitwidth // 8
+            column = _as_index(context, builder, sig.args[2], args[2])
+            element = context.get_data_type(array_type.dtype)
+            runs = [builder.load(builder.bitcast(_element_pointer(context, builder, array_type, args[0], [
+                _as_index(context, builder, sig.args[1].dtype, row), column]), ir.VectorType(element, 4).as_pointer()),
+                align=align) for row in cgutils.unpack_tuple(builder, args[1])]
+            quads = [_transpose(builder, runs[i:i + 4]) for i in range(0, lanes, 4)]
+            columns = quads[0] if lanes == 4 else [_join(builder, low, high) for low, high in zip(*quads)]
+            wide = _vector(lanes)
+            columns = [c if c.type == wide else builder.fpext(c, wide) for c in columns]
+            return context.make_tuple(builder, sig.return_type, columns)
+        return types.UniTuple(_F64x4(lanes), 4)(a, group, t), codegen
+
+
+@intrinsic
+def store_block(typingctx, a, group, t, y0, y1, y2, y3):
+    """The inverse of :func:`load_block`: a[row i of the group, t+j] = lane i of y_j (rounded to a's dtype)."""
+    if _is_matrix(a) and _is_group(group) and all(y == _F64x4(group.count) for y in (y0, y1, y2, y3)):
+        lanes = group.count
+
+        def codegen(context, builder, sig, args):
+            array_type, align = sig.args[0], sig.args[0].dtype.bitwidth // 8
+            element = context.get_data_type(array_type.dtype)
+            column = _as_index(context, builder, sig.args[2], args[2])
+            columns = list(args[3:])
+            if lanes == 8:  # rows 0..3 from the low halves, 4..7 from the high ones
+                halves = [_split(builder, c) for c in columns]
+                runs = _transpose(builder, [h[0] for h in halves]) + _transpose(builder, [h[1] for h in halves])
+            else:
+                runs = _transpose(builder, columns)
+            for run, row in zip(runs, cgutils.unpack_tuple(builder, args[1])):
+                run = run if element == ir.DoubleType() else builder.fptrunc(run, ir.VectorType(element, 4))
+                pointer = _element_pointer(context, builder, array_type, args[0], [
+                    _as_index(context, builder, sig.args[1].dtype, row), column])
+                builder.store(run, builder.bitcast(pointer, ir.VectorType(element, 4).as_pointer()), align=align)
+            return context.get_dummy_value()
+        return types.none(a, group, t, y0, y1, y2, y3), codegen
+
+
+@intrinsic
+def prefetch_rows(typingctx, a, group, t, write):
+    """Prefetch the cache lines of a[row, t] for the rows of the group into L1 (``write``: for writing). Any t:
+    a prefetch never faults, past the row's end it only loads a line that is not needed."""
+    if _is_matrix(a) and _is_group(group) and isinstance(t, types.Integer) and isinstance(write, types.BooleanLiteral):
+        def codegen(context, builder, sig, args):
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                      "llvm.prefetch.p0")
+            column = _as_index(context, builder, sig.args[2], args[2])
+            for row in cgutils.unpack_tuple(builder, args[1]):
+                pointer = _element_pointer(context, builder, sig.args[0], args[0], [
+                    _as_index(context, builder, sig.args[1].dtype, row), column])
+                builder.call(prefetch, [builder.bitcast(pointer, i8p), i32(int(sig.args[3].literal_value)), i32(3),
+                                        i32(1)])
+            return context.get_dummy_value()
+        return types.none(a, group, t, write), codegen
+
+
+@intrinsic
+def load_lanes(typingctx, a, t, group):
+    """Row t of a float64 [n, lanes] array (one lane per row of the group)."""
+    if _is_matrix(a, types.float64) and isinstance(t, types.Integer) and _is_group(group):
+        def codegen(context, builder, sig, args):
+            return builder.load(_pointer(context, builder, sig, args, 1, lanes=sig.args[2].count), align=8)
+        return _F64x4(group.count)(a, t, group), codegen
+
+
+@intrinsic
+def store_lanes(typingctx, a, t, x):
+    """Row t of a float64 [n, lanes] array = x."""
+    if _is_matrix(a, types.float64) and isinstance(t, types.Integer) and isinstance(x, _F64x4):
+        def codegen(context, builder, sig, args):
+            builder.store(args[2], _pointer(context, builder, sig, args, 1, lanes=sig.args[2].lanes), align=8)
+            return context.get_dummy_value()
+        return types.none(a, t, x), codegen
+
+
+def _lanes_map(function):
+    @intrinsic
+    def apply(typingctx, x):
+        if isinstance(x, _F64x4):
+            def codegen(context, builder, sig, args):
+                scalar = context.get_function(function, types.float64(types.float64))
+                values = [scalar(builder, [builder.extract_element(args[0], ir.IntType(32)(i))])
+                          for i in range(sig.args[0].lanes)]
+                return _pack(context, builder, types.float64, values)
+            return x(x), codegen
+    return apply
+
+
+# e^x, e^x - 1 lane by lane by the library functions (for the parameters w, u: once per group of rows)
+lanes_exp, lanes_expm1 = _lanes_map(math.exp), _lanes_map(math.expm1)
 
 
 @intrinsic
@@ -277,32 +462,12 @@ def _exp_like(z, like):
 
 
 @_inline
-def _lanes_exp(a):
-    return vec4(math.exp(lane(a, 0)), math.exp(lane(a, 1)), math.exp(lane(a, 2)), math.exp(lane(a, 3)))
-
-
-@_inline
-def _lanes_expm1(a):
-    return vec4(math.expm1(lane(a, 0)), math.expm1(lane(a, 1)), math.expm1(lane(a, 2)), math.expm1(lane(a, 3)))
-
-
-@_inline
-def _gather(a, r0, r1, r2, r3, t):
-    return vec4(a[r0, t], a[r1, t], a[r2, t], a[r3, t])
-
-
-@_inline
-def _scatter(a, r0, r1, r2, r3, t, y):
-    a[r0, t], a[r1, t], a[r2, t], a[r3, t] = lane(y, 0), lane(y, 1), lane(y, 2), lane(y, 3)
-
-
-@_inline
 def _inputs(x, p, g, t, shifted_key, value, grad, like):
     """X_t, P_t, g_t into the rows t of x, p, g (the exponential to the precision of ``like``: :func:`exp_like`)."""
     xt = exp_like(shifted_key, like)
-    store4(x, t, xt)
-    store4(p, t, xt * value)
-    store4(g, t, grad)
+    store_lanes(x, t, xt)
+    store_lanes(p, t, xt * value)
+    store_lanes(g, t, grad)
 
 
 @_fast
@@ -328,10 +493,10 @@ def _right_step(x, p, right_p, right_x, t, num, den, decay, shifted_key, value, 
     """X_t, P_t and the right sums R_t (num, den) into the rows t of x, p, right_p, right_x; returns R_{t-1}."""
     xt = exp_like(shifted_key, like)
     pt = xt * value
-    store4(x, t, xt)
-    store4(p, t, pt)
-    store4(right_p, t, num)
-    store4(right_x, t, den)
+    store_lanes(x, t, xt)
+    store_lanes(p, t, pt)
+    store_lanes(right_p, t, num)
+    store_lanes(right_x, t, den)
     return decay * num + decay * pt, decay * den + decay * xt
 
 
@@ -343,142 +508,144 @@ def _paper_step(num, den, right_num, right_den, xt, pt, decay, grow, bonus):
 
 
 @_fast
-def _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x):
-    """y of the n (1 to 4) rows of the array rows (in range; shift: their largest keys) into y2, four rows in
-    lockstep, one per lane of f64x4 vectors (fewer rows: the last one repeats in the spare lanes); x, p, right_p,
-    right_x: [T, 4] float64 scratch."""
+def _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x, lanes):
+    """y of the n (1 to lanes) rows of the array rows (in range; shift: their largest keys) into y2, the rows in
+    lockstep, one per lane of f64x4 or f64x8 vectors (as many as the tuple ``lanes`` has; fewer rows: the last one
+    repeats in the spare lanes); x, p, right_p, right_x: [T, lanes] float64 scratch."""
     T = k2.shape[1]
     like = k2[0, 0]  # (its type sets the exponentials' precision: exp_like)
-    last = n - 1
-    i0, i1, i2, i3 = 0, min(1, last), min(2, last), last
-    ra, rb, rc, rd = rows[i0], rows[i1], rows[i2], rows[i3]
-    wv = vec4(w[ra // B], w[rb // B], w[rc // B], w[rd // B])
-    decay, grow = _lanes_exp(-wv), _lanes_exp(wv)
-    bonus = _lanes_exp(vec4(u[ra // B], u[rb // B], u[rc // B], u[rd // B]))
-    hi = vec4(shift[i0], shift[i1], shift[i2], shift[i3])
+    group = pick(rows, 0, n, lanes)
+    wv = per_row(w, group, B)
+    decay, grow = lanes_exp(-wv), lanes_exp(wv)
+    bonus = lanes_exp(per_row(u, group, B))
+    hi = pick(shift, 0, n, lanes)
     whole = T // 4 * 4  # the tokens of whole blocks of four (transposed in and out as 4x4 blocks)
     # right to left: X, P (the exponential fills the FP pipes that the latency of the sums' chains leaves idle), R
-    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    num = den = splat(0.0, group)
     for t in range(T - 1, whole - 1, -1):
-        num, den = _right_step(x, p, right_p, right_x, t, num, den, decay, _gather(k2, ra, rb, rc, rd, t) - hi,
-                               _gather(v2, ra, rb, rc, rd, t), like)
+        num, den = _right_step(x, p, right_p, right_x, t, num, den, decay, gather(k2, group, t) - hi,
+                               gather(v2, group, t), like)
     for t in range(whole - 4, -1, -4):
-        keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+        keys, values = load_block(k2, group, t), load_block(v2, group, t)
         # (constant indices: the tuples stay in registers)
         num, den = _right_step(x, p, right_p, right_x, t + 3, num, den, decay, keys[3] - hi, values[3], like)
         num, den = _right_step(x, p, right_p, right_x, t + 2, num, den, decay, keys[2] - hi, values[2], like)
         num, den = _right_step(x, p, right_p, right_x, t + 1, num, den, decay, keys[1] - hi, values[1], like)
         num, den = _right_step(x, p, right_p, right_x, t, num, den, decay, keys[0] - hi, values[0], like)
-    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    num = den = splat(0.0, group)
     if not official:  # left to right: G_t, then G_{t+1} = e^{-w} (G_t + P_t); y transposed out block by block
         for t in range(0, whole, 4):
-            y0, num, den = _paper_step(num, den, load4(right_p, t), load4(right_x, t), load4(x, t), load4(p, t),
+            y0, num, den = _paper_step(num, den, load_lanes(right_p, t, group), load_lanes(right_x, t, group), load_lanes(x, t, group), load_lanes(p, t, group),
                                        decay, grow, bonus)
-            y1, num, den = _paper_step(num, den, load4(right_p, t + 1), load4(right_x, t + 1), load4(x, t + 1),
-                                       load4(p, t + 1), decay, grow, bonus)
-            y2_, num, den = _paper_step(num, den, load4(right_p, t + 2), load4(right_x, t + 2), load4(x, t + 2),
-                                        load4(p, t + 2), decay, grow, bonus)
-            y3, num, den = _paper_step(num, den, load4(right_p, t + 3), load4(right_x, t + 3), load4(x, t + 3),
-                                       load4(p, t + 3), decay, grow, bonus)
-            store_block(y2, ra, rb, rc, rd, t, y0, y1, y2_, y3)
+            y1, num, den = _paper_step(num, den, load_lanes(right_p, t + 1, group), load_lanes(right_x, t + 1, group), load_lanes(x, t + 1, group),
+                                       load_lanes(p, t + 1, group), decay, grow, bonus)
+            y2_, num, den = _paper_step(num, den, load_lanes(right_p, t + 2, group), load_lanes(right_x, t + 2, group), load_lanes(x, t + 2, group),
+                                        load_lanes(p, t + 2, group), decay, grow, bonus)
+            y3, num, den = _paper_step(num, den, load_lanes(right_p, t + 3, group), load_lanes(right_x, t + 3, group), load_lanes(x, t + 3, group),
+                                       load_lanes(p, t + 3, group), decay, grow, bonus)
+            store_block(y2, group, t, y0, y1, y2_, y3)
         for t in range(whole, T):
-            yt, num, den = _paper_step(num, den, load4(right_p, t), load4(right_x, t), load4(x, t), load4(p, t),
+            yt, num, den = _paper_step(num, den, load_lanes(right_p, t, group), load_lanes(right_x, t, group), load_lanes(x, t, group), load_lanes(p, t, group),
                                        decay, grow, bonus)
-            _scatter(y2, ra, rb, rc, rd, t, yt)
+            scatter(y2, group, t, yt)
         return
-    own = _lanes_expm1(wv)  # e^w - 1
+    own = lanes_expm1(wv)  # e^w - 1
     eps1 = 1.0 + eps
     for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token); y -> R
-        xt, pt = load4(x, s), load4(p, s)
-        store4(right_p, s, (num + load4(right_p, s) + bonus * pt) / (eps1 * (den + load4(right_x, s) + bonus * xt)
+        xt, pt = load_lanes(x, s, group), load_lanes(p, s, group)
+        store_lanes(right_p, s, (num + load_lanes(right_p, s, group) + bonus * pt) / (eps1 * (den + load_lanes(right_x, s, group) + bonus * xt)
                                                                      + eps * xt))
         h_num, h_den = decay * pt, decay * xt
-        o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+        o_num = o_den = splat(0.0, group)
         num = decay * num + decay * pt
         den = decay * den + decay * xt
         for t in range(s + 1, min(s + chunk, T)):
-            xt, pt = load4(x, t), load4(p, t)
+            xt, pt = load_lanes(x, t, group), load_lanes(p, t, group)
             o_num = grow * o_num + pt
             o_den = grow * o_den + xt
-            n_t = num + load4(right_p, t) + own * (h_num - o_num) + bonus * pt
-            d_t = den + load4(right_x, t) + own * (h_den - o_den) + bonus * xt
-            store4(right_p, t, n_t / (eps1 * d_t + eps * xt))
+            n_t = num + load_lanes(right_p, t, group) + own * (h_num - o_num) + bonus * pt
+            d_t = den + load_lanes(right_x, t, group) + own * (h_den - o_den) + bonus * xt
+            store_lanes(right_p, t, n_t / (eps1 * d_t + eps * xt))
             num = decay * num + decay * pt
             den = decay * den + decay * xt
             h_num = decay * h_num + decay * pt
             h_den = decay * h_den + decay * xt
     for t in range(0, whole, 4):
-        store_block(y2, ra, rb, rc, rd, t, load4(right_p, t), load4(right_p, t + 1), load4(right_p, t + 2),
-                    load4(right_p, t + 3))
+        store_block(y2, group, t, load_lanes(right_p, t, group), load_lanes(right_p, t + 1, group), load_lanes(right_p, t + 2, group),
+                    load_lanes(right_p, t + 3, group))
     for t in range(whole, T):
-        _scatter(y2, ra, rb, rc, rd, t, load4(right_p, t))
+        scatter(y2, group, t, load_lanes(right_p, t, group))
 
 
 @_fast
-def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1):
+def rows_kernel(k, v, w, u, y, chunk, eps, official, r0, r1, lanes):
     """Bi-WKV of rows r0..r1 of the flattened (channel, batch) grid (k, v, y: C-contiguous [C, B, T]; w, u: float64
     [C]); returns how many rows were out of range (left unwritten). Per row X = e^{k - K} (K: the row's largest key),
-    P = X v, right to left the right sums R, left to right the left sums and y (:func:`_forward_rows`: four rows in
-    lockstep, as in :func:`rows_backward_kernel`). Every recurrence is written ``S = e^{-w} S + e^{-w} z``: one FMA
-    on the dependency chain."""
-    return rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, rows_scratch(k.shape[2], 0))
+    P = X v, right to left the right sums R, left to right the left sums and y (:func:`_forward_rows`: rows in
+    lockstep, one per lane, as in :func:`rows_backward_kernel`; ``lanes``: a tuple of 4 or 8 ints, its length the
+    vector width, :func:`~vrwkv.ops.wkv.fused_cpu.row_lanes`). Every recurrence is written
+    ``S = e^{-w} S + e^{-w} z``: one FMA on the dependency chain."""
+    return rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, rows_scratch(k.shape[2], 0, lanes), lanes)
 
 
 @_fast
-def rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch):
-    """:func:`rows_kernel` in the caller's float64 scratch ``[4, T, 4]`` (X, P, R num, R den). A thread taking many
+def rows_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, lanes):
+    """:func:`rows_kernel` in the caller's float64 scratch ``[4, T, lanes]`` (X, P, R num, R den). A thread taking many
     pieces of rows allocates it once: per piece, 8 MB at T = 65,536 were fresh pages every time (glibc trims them)."""
     B, T = k.shape[1], k.shape[2]
     if T >= ROWS_BLOCKED_FROM:
-        return rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, ROW_BLOCK)
+        return rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, ROW_BLOCK, lanes)
     k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
     x, p, right_p, right_x = scratch[0], scratch[1], scratch[2], scratch[3]
-    rows, shift = np.empty(4, np.int64), np.empty(4)
+    rows, shift = np.empty(len(lanes), np.int64), np.empty(len(lanes))
     n = unsafe = 0
-    for row in range(r0, r1):  # each four rows in range run right after their check, their keys still in cache
+    for row in range(r0, r1):  # each group of rows in range runs right after their check, their keys still in cache
         in_range, hi = _row_shift(k2, w, u, B, row)
         if in_range:
             rows[n], shift[n] = row, hi
             n += 1
         else:
             unsafe += 1
-        if n == 4 or (n > 0 and row == r1 - 1):
-            _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x)
+        if n == len(lanes) or (n > 0 and row == r1 - 1):
+            _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, p, right_p, right_x, lanes)
             n = 0
     return unsafe
 
 
 @_fast
-def rows_scratch(T, block):
+def rows_scratch(T, block, lanes):
     """The float64 scratch of the rows forward for rows of T tokens: with ``block`` = 0 that of
-    :func:`rows_kernel_with` (below ROWS_BLOCKED_FROM tokens ``[4, T, 4]``: X, P, R num, R den of a whole row),
-    otherwise that of :func:`rows_blocked_kernel_with` by blocks of ``block`` tokens (``[4, block + blocks + 8, 4]``:
-    a block's sweeps, then the per-block sums and the state between blocks)."""
+    :func:`rows_kernel_with` (below ROWS_BLOCKED_FROM tokens ``[4, T, lanes]``: X, P, R num, R den of a whole row),
+    otherwise that of :func:`rows_blocked_kernel_with` by blocks of ``block`` tokens (``[4, block + blocks + 8,
+    lanes]``: a block's sweeps, then the per-block sums and the state between blocks)."""
     if block == 0:
         if T < ROWS_BLOCKED_FROM:
-            return np.empty((4, T, 4))
+            return np.empty((4, T, len(lanes)))
         block = ROW_BLOCK
-    return np.empty((4, block + (T + block - 1) // block + 8, 4))
+    return np.empty((4, block + (T + block - 1) // block + 8, len(lanes)))
 
 
 @_fast
-def _rows_block_summary(k2, v2, ra, rb, rc, rd, s, e, decay, like):
-    """Pass A of the blocked rows forward for the tokens s..e of four rows (lanes), right to left: the block's frame
-    m (the keys of its last token), the lanes' largest and smallest keys, and the block's sums
-    Σ_{s <= j < e} e^{-(j-s) w} e^{k_j - m} [v_j | 1] (:func:`_block_summary` of the token-major kernel, four rows
+def _rows_block_summary(k2, v2, group, s, e, decay, like):
+    """Pass A of the blocked rows forward for the tokens s..e of a group of rows (lanes), right to left: the block's
+    frame m (the keys of its last token), the lanes' largest and smallest keys, and the block's sums
+    Σ_{s <= j < e} e^{-(j-s) w} e^{k_j - m} [v_j | 1] (:func:`_block_summary` of the token-major kernel, the rows
     by 4x4 transposes)."""
-    m = _gather(k2, ra, rb, rc, rd, e - 1)
-    high, low = vec4(-np.inf, -np.inf, -np.inf, -np.inf), vec4(np.inf, np.inf, np.inf, np.inf)
-    num = den = vec4(0.0, 0.0, 0.0, 0.0)
+    m = gather(k2, group, e - 1)
+    high, low = splat(-np.inf, group), splat(np.inf, group)
+    num = den = splat(0.0, group)
     whole = s + (e - s) // 4 * 4
     for t in range(e - 1, whole - 1, -1):  # (NaN keys are skipped by max and min: they propagate to the outputs)
-        key = _gather(k2, ra, rb, rc, rd, t)
+        key = gather(k2, group, t)
         high, low = vmax(key, high), vmin(key, low)
         xt = exp_like(key - m, like)
-        num = decay * num + xt * _gather(v2, ra, rb, rc, rd, t)
+        num = decay * num + xt * gather(v2, group, t)
         den = decay * den + xt
     for t in range(whole - 4, s - 1, -4):
-        keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+        if t % 16 == 0:  # the next block's lines (to the left), one per row and array
+            prefetch_rows(k2, group, t - (e - s), False)
+            prefetch_rows(v2, group, t - (e - s), False)
+        keys, values = load_block(k2, group, t), load_block(v2, group, t)
         high = vmax(vmax(keys[0], keys[1]), vmax(vmax(keys[2], keys[3]), high))
         low = vmin(vmin(keys[0], keys[1]), vmin(vmin(keys[2], keys[3]), low))
         x3, x2, x1, x0 = (exp_like(keys[3] - m, like), exp_like(keys[2] - m, like), exp_like(keys[1] - m, like),
@@ -489,39 +656,43 @@ def _rows_block_summary(k2, v2, ra, rb, rc, rd, s, e, decay, like):
 
 
 @_fast
-def _rows_block_forward(k2, v2, y2, ra, rb, rc, rd, s, e, hi, decay, grow, own, bonus, carry_p, carry_x, scratch,
-                        at, chunk, eps, official):
-    """Pass B of the blocked rows forward for the tokens s..e of four rows: right to left X = e^{k - K} (hi: the
+def _rows_block_forward(k2, v2, y2, group, s, e, hi, decay, grow, own, bonus, carry_p, carry_x, scratch, at, chunk,
+                        eps, official):
+    """Pass B of the blocked rows forward for the tokens s..e of a group of rows: right to left X = e^{k - K} (hi: the
     rows' largest keys K), P = X v and the right sums R from R_{e-1} = (carry_p, carry_x) into the rows 0..e-s of
     the scratch's X, P, R num, R den; left to right the left sums (entering and leaving through the rows at..at+5
     of scratch[3]; the official function's H, O restarted at every kernel chunk, which may start or end inside the
     block) and y, kept in R num's rows, then transposed out. The arithmetic of :func:`_forward_rows`, lane by lane,
     but for the order in which R is summed."""
     x, p, right_p, right_x, state = scratch[0], scratch[1], scratch[2], scratch[3], scratch[3]
-    like = k2[ra, s]  # (its type sets the exponentials' precision: exp_like)
+    like = k2[0, s]  # (its type sets the exponentials' precision: exp_like)
     whole = s + (e - s) // 4 * 4
     num, den = carry_p, carry_x
     for t in range(e - 1, whole - 1, -1):
-        num, den = _right_step(x, p, right_p, right_x, t - s, num, den, decay, _gather(k2, ra, rb, rc, rd, t) - hi,
-                               _gather(v2, ra, rb, rc, rd, t), like)
+        num, den = _right_step(x, p, right_p, right_x, t - s, num, den, decay, gather(k2, group, t) - hi,
+                               gather(v2, group, t), like)
     for t in range(whole - 4, s - 1, -4):
-        keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
+        if t % 16 == 0:  # the next block's lines (to the right), one per row and array
+            prefetch_rows(k2, group, t + (e - s), False)
+            prefetch_rows(v2, group, t + (e - s), False)
+            prefetch_rows(y2, group, t + (e - s), True)
+        keys, values = load_block(k2, group, t), load_block(v2, group, t)
         i = t - s
         num, den = _right_step(x, p, right_p, right_x, i + 3, num, den, decay, keys[3] - hi, values[3], like)
         num, den = _right_step(x, p, right_p, right_x, i + 2, num, den, decay, keys[2] - hi, values[2], like)
         num, den = _right_step(x, p, right_p, right_x, i + 1, num, den, decay, keys[1] - hi, values[1], like)
         num, den = _right_step(x, p, right_p, right_x, i, num, den, decay, keys[0] - hi, values[0], like)
-    num, den = load4(state, at), load4(state, at + 1)
+    num, den = load_lanes(state, at, group), load_lanes(state, at + 1, group)
     if not official:  # G_{t+1} = e^{-w} (G_t + P_t), and y
         for i in range(e - s):
-            yt, num, den = _paper_step(num, den, load4(right_p, i), load4(right_x, i), load4(x, i), load4(p, i),
+            yt, num, den = _paper_step(num, den, load_lanes(right_p, i, group), load_lanes(right_x, i, group), load_lanes(x, i, group), load_lanes(p, i, group),
                                        decay, grow, bonus)
-            store4(right_p, i, yt)
-        store4(state, at, num)
-        store4(state, at + 1, den)
+            store_lanes(right_p, i, yt)
+        store_lanes(state, at, num)
+        store_lanes(state, at + 1, den)
     else:
-        h_num, h_den, o_num, o_den = load4(state, at + 2), load4(state, at + 3), load4(state, at + 4), load4(
-            state, at + 5)
+        h_num, h_den, o_num, o_den = load_lanes(state, at + 2, group), load_lanes(state, at + 3, group), load_lanes(state, at + 4, group), load_lanes(
+            state, at + 5, group)
         eps1 = 1.0 + eps
         x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
         t = s
@@ -529,63 +700,62 @@ def _rows_block_forward(k2, v2, y2, ra, rb, rc, rd, s, e, hi, decay, grow, own, 
             stop = min(e, (t // chunk + 1) * chunk)
             if t % chunk == 0:
                 i = t - s
-                xt, pt = load4(x, i), load4(p, i)
-                store4(right_p, i, (num + load4(right_p, i) + bonus * pt) / (eps1 * (den + load4(right_x, i))
+                xt, pt = load_lanes(x, i, group), load_lanes(p, i, group)
+                store_lanes(right_p, i, (num + load_lanes(right_p, i, group) + bonus * pt) / (eps1 * (den + load_lanes(right_x, i, group))
                                                                              + x_bonus * xt))
                 h_num, h_den = decay * pt, decay * xt
-                o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+                o_num = o_den = splat(0.0, group)
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
                 t += 1
             for t in range(t, stop):
                 i = t - s
-                xt, pt = load4(x, i), load4(p, i)
+                xt, pt = load_lanes(x, i, group), load_lanes(p, i, group)
                 o_num = grow * o_num + pt
                 o_den = grow * o_den + xt
-                n_t = num + load4(right_p, i) + own * (h_num - o_num) + bonus * pt
-                d_t = eps1 * (den + load4(right_x, i) + own * (h_den - o_den)) + x_bonus * xt
-                store4(right_p, i, n_t / d_t)
+                n_t = num + load_lanes(right_p, i, group) + own * (h_num - o_num) + bonus * pt
+                d_t = eps1 * (den + load_lanes(right_x, i, group) + own * (h_den - o_den)) + x_bonus * xt
+                store_lanes(right_p, i, n_t / d_t)
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
                 h_num = decay * h_num + decay * pt
                 h_den = decay * h_den + decay * xt
             t = stop
         for j, sums in enumerate((num, den, h_num, h_den, o_num, o_den)):
-            store4(state, at + j, sums)
+            store_lanes(state, at + j, sums)
     for t in range(s, whole, 4):
         i = t - s
-        store_block(y2, ra, rb, rc, rd, t, load4(right_p, i), load4(right_p, i + 1), load4(right_p, i + 2),
-                    load4(right_p, i + 3))
+        store_block(y2, group, t, load_lanes(right_p, i, group), load_lanes(right_p, i + 1, group), load_lanes(right_p, i + 2, group),
+                    load_lanes(right_p, i + 3, group))
     for t in range(whole, e):
-        _scatter(y2, ra, rb, rc, rd, t, load4(right_p, t - s))
+        scatter(y2, group, t, load_lanes(right_p, t - s, group))
 
 
 @_fast
-def _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scratch, block):
-    """y of the n (1 to 4) rows of the array rows in lockstep by blocks of ``block`` tokens, unless one of them is
-    out of range: then nothing is written and the count of those rows is returned (0: written)."""
+def _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scratch, block, lanes):
+    """y of the n (1 to lanes) rows of the array rows in lockstep by blocks of ``block`` tokens, unless one of them
+    is out of range: then nothing is written and the count of those rows is returned (0: written)."""
     T = k2.shape[1]
     L, blocks = block, (T + block - 1) // block
-    last = n - 1
-    ra, rb, rc, rd = rows[0], rows[min(1, last)], rows[min(2, last)], rows[last]
-    wv = vec4(w[ra // B], w[rb // B], w[rc // B], w[rd // B])
-    decay, grow, own = _lanes_exp(-wv), _lanes_exp(wv), _lanes_expm1(wv)
-    bonus = _lanes_exp(vec4(u[ra // B], u[rb // B], u[rc // B], u[rd // B]))
-    decay_block = _lanes_exp(wv * -float(min(L, T)))  # e^{-L w} across a whole block (within e^600 for rows in range)
-    like = k2[ra, 0]  # (its type sets the exponentials' precision: exp_like)
+    group = pick(rows, 0, n, lanes)
+    wv = per_row(w, group, B)
+    decay, grow, own = lanes_exp(-wv), lanes_exp(wv), lanes_expm1(wv)
+    bonus = lanes_exp(per_row(u, group, B))
+    decay_block = lanes_exp(wv * -float(min(L, T)))  # e^{-L w} across a whole block (within e^600 for rows in range)
+    like = k2[0, 0]  # (its type sets the exponentials' precision: exp_like)
     # per block (the rows L + b of the scratch's first three arrays): the frame, then e^{frame - K}; its sums, then
     # the carries from the right; rows L + blocks.. of the fourth: the left sums between blocks, the key range
     frames, sums_p, sums_x, state = scratch[0], scratch[1], scratch[2], scratch[3]
     at = L + blocks
-    high, low = vec4(-np.inf, -np.inf, -np.inf, -np.inf), vec4(np.inf, np.inf, np.inf, np.inf)
+    high, low = splat(-np.inf, group), splat(np.inf, group)
     for b in range(blocks - 1, -1, -1):  # pass A, right to left
-        m, block_high, block_low, num, den = _rows_block_summary(k2, v2, ra, rb, rc, rd, b * L, min(b * L + L, T),
-                                                                 decay, like)
+        m, block_high, block_low, num, den = _rows_block_summary(k2, v2, group, b * L, min(b * L + L, T), decay,
+                                                                 like)
         high, low = vmax(block_high, high), vmin(block_low, low)
-        store4(frames, L + b, m)
-        store4(sums_p, L + b, num)
-        store4(sums_x, L + b, den)
-    store4(state, at + 6, high - low)
+        store_lanes(frames, L + b, m)
+        store_lanes(sums_p, L + b, num)
+        store_lanes(sums_x, L + b, den)
+    store_lanes(state, at + 6, high - low)
     bad = 0
     for i in range(n):  # the range check of _row_shift (NaN keys skipped; an infinite key: out of range)
         row = rows[i]
@@ -593,52 +763,53 @@ def _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scra
             bad += 1
     if bad:
         return bad
-    carry_p = carry_x = vec4(0.0, 0.0, 0.0, 0.0)
+    carry_p = carry_x = splat(0.0, group)
     for b in range(blocks - 1, -1, -1):  # T_b = e^{m_b - K} S_b + e^{-L w} T_{b+1}; R_{e_b - 1} = e^{-w} T_{b+1}
-        scale = _exp4(load4(frames, L + b) - high)
-        block_p, block_x = load4(sums_p, L + b), load4(sums_x, L + b)
-        store4(sums_p, L + b, decay * carry_p)
-        store4(sums_x, L + b, decay * carry_x)
+        scale = _exp4(load_lanes(frames, L + b, group) - high)
+        block_p, block_x = load_lanes(sums_p, L + b, group), load_lanes(sums_x, L + b, group)
+        store_lanes(sums_p, L + b, decay * carry_p)
+        store_lanes(sums_x, L + b, decay * carry_x)
         carry_p = decay_block * carry_p + scale * block_p
         carry_x = decay_block * carry_x + scale * block_x
     for j in range(6):
-        store4(state, at + j, vec4(0.0, 0.0, 0.0, 0.0))
+        store_lanes(state, at + j, splat(0.0, group))
     for b in range(blocks):  # pass B, left to right
-        _rows_block_forward(k2, v2, y2, ra, rb, rc, rd, b * L, min(b * L + L, T), high, decay, grow, own, bonus,
-                            load4(sums_p, L + b), load4(sums_x, L + b), scratch, at, chunk, eps, official)
+        _rows_block_forward(k2, v2, y2, group, b * L, min(b * L + L, T), high, decay, grow, own, bonus,
+                            load_lanes(sums_p, L + b, group), load_lanes(sums_x, L + b, group), scratch, at, chunk, eps,
+                            official)
     return 0
 
 
 @_fast
-def rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, block):
+def rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, block, lanes):
     """:func:`rows_kernel` by blocks of ``block`` tokens (a multiple of 4), for long rows: scratch
     (:func:`rows_scratch`) in L1/L2 whatever T, at the price of a second exponential per token. Pass A takes each
-    block's key range and its sums in its own frame (right to left, rows four at a time), a scan over the blocks
+    block's key range and its sums in its own frame (right to left, rows ``len(lanes)`` at a time), a scan over the blocks
     puts them in the frame of the rows' largest keys and gives the carries entering each block from the right, pass
     B runs the rows kernel's sweeps block by block: k, v read twice, y written once (the token-major kernel's scheme,
-    :func:`tokens_kernel`). A group of four rows with one out of range is run again without it."""
+    :func:`tokens_kernel`). A group of rows with one out of range is run again without it."""
     B, T = k.shape[1], k.shape[2]
     k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
-    rows, kept = np.empty(4, np.int64), np.empty(4, np.int64)
+    rows, kept = np.empty(len(lanes), np.int64), np.empty(len(lanes), np.int64)
     unsafe = 0
-    for g in range(r0, r1, 4):
-        n = min(4, r1 - g)
+    for g in range(r0, r1, len(lanes)):
+        n = min(len(lanes), r1 - g)
         for i in range(n):
             rows[i] = g + i
-        if _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scratch, block) == 0:
+        if _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scratch, block, lanes) == 0:
             continue
         for i in range(n):  # a row out of range in the group: each row again alone (rare: no trained model has any)
             kept[0] = rows[i]
-            if _rows_blocked_group(k2, v2, y2, w, u, B, kept, 1, chunk, eps, official, scratch, block) != 0:
+            if _rows_blocked_group(k2, v2, y2, w, u, B, kept, 1, chunk, eps, official, scratch, block, lanes) != 0:
                 unsafe += 1
     return unsafe
 
 
 @_fast
-def rows_blocked_kernel(k, v, w, u, y, chunk, eps, official, r0, r1, block):
+def rows_blocked_kernel(k, v, w, u, y, chunk, eps, official, r0, r1, block, lanes):
     """:func:`rows_blocked_kernel_with` in scratch of its own."""
-    return rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, rows_scratch(k.shape[2], block),
-                                    block)
+    return rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1,
+                                    rows_scratch(k.shape[2], block, lanes), block, lanes)
 
 
 #: float64 [T + 1, 4] arrays of the backward's scratch
@@ -646,7 +817,7 @@ BACKWARD_SCRATCH = 7
 
 
 @_fast
-def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1):
+def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1, lanes):
     """Backward of :func:`rows_kernel` for rows r0..r1 (same arguments as it, gy: the gradient of y, [C, B, T]):
     writes dk, dv ([C, B, T], the dtype of k) and the per-row partials dw_rows[row], du_rows[row] (float64 [C·B],
     row = c·B + b: the caller sums them over b). Returns how many rows were out of range (left unwritten: the
@@ -663,15 +834,17 @@ def rows_backward_kernel(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, 
     dX, dk, dv, and transposed the pairs of each key with the queries to its right (P_j times the moments of the right
     sums of a); dk, dv transposed out. Splitting the moments between the sweeps keeps each sweep's state in registers.
 
-    Four rows run in lockstep, one per lane of f64x4 vectors (a last group of fewer rows repeats its last row in
-    the spare lanes): each lane's arithmetic is that of a float64 scan of its row, the lanes fill the SIMD width."""
+    Rows run in lockstep, one per lane of f64x4 or f64x8 vectors (``lanes``: a tuple of 4 or 8 ints; a last group
+    of fewer rows repeats its last row in the spare lanes): each lane's arithmetic is that of a float64 scan of its
+    row, the lanes fill the SIMD width."""
     return rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1,
-                                     np.empty((BACKWARD_SCRATCH, k.shape[2] + 1, 4)))
+                                     np.empty((BACKWARD_SCRATCH, k.shape[2] + 1, len(lanes))), lanes)
 
 
 @_fast
-def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1, scratch):
-    """:func:`rows_backward_kernel` in the caller's float64 scratch ``[BACKWARD_SCRATCH, T + 1, 4]`` (allocated
+def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_rows, du_rows, r0, r1, scratch,
+                              lanes):
+    """:func:`rows_backward_kernel` in the caller's float64 scratch ``[BACKWARD_SCRATCH, T + 1, lanes]`` (allocated
     once by a thread taking many pieces, as :func:`rows_kernel_with`)."""
     B, T = k.shape[1], k.shape[2]
     k2, v2, g2, dk2, dv2 = k.reshape(-1, T), v.reshape(-1, T), gy.reshape(-1, T), dk.reshape(-1, T), dv.reshape(-1, T)
@@ -686,8 +859,8 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
             continue
         rows[n], shift[n] = row, hi
         n += 1
-    zero = vec4(0.0, 0.0, 0.0, 0.0)
-    # [T + 1, 4] scratch, one lane per row (row T: zeros, read ahead by the left-to-right sweeps)
+    zero = splat(0.0, lanes)
+    # [T + 1, lanes] scratch, one lane per row (row T: zeros, read ahead by the left-to-right sweeps)
     x, p = scratch[0], scratch[1]
     right_p = scratch[2]  # the forward's right sums R_t, then a_t
     right_x = scratch[3]  # R'_t, then (1 + eps) b_t
@@ -695,38 +868,37 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
     moment_x = scratch[5]  # R1'_t
     left_p = scratch[6]  # g_t, then the terms of dP_t known left to right, then dv
     for a in (x, p, right_x, moment_p, moment_x):
-        store4(a, T, zero)
+        store_lanes(a, T, zero)
     whole = T // 4 * 4  # the tokens of whole blocks of four (transposed in and out as 4x4 blocks)
-    for first in range(0, n, 4):
-        last = min(first + 3, n - 1)
-        i0, i1, i2, i3 = first, min(first + 1, last), min(first + 2, last), last
-        ra, rb, rc, rd = rows[i0], rows[i1], rows[i2], rows[i3]
-        wv = vec4(w[ra // B], w[rb // B], w[rc // B], w[rd // B])
-        decay, grow, own = _lanes_exp(-wv), _lanes_exp(wv), _lanes_expm1(wv)
-        bonus = _lanes_exp(vec4(u[ra // B], u[rb // B], u[rc // B], u[rd // B]))
-        hi = vec4(shift[i0], shift[i1], shift[i2], shift[i3])
+    for first in range(0, n, len(lanes)):
+        size = min(len(lanes), n - first)
+        group = pick(rows, first, size, lanes)
+        wv = per_row(w, group, B)
+        decay, grow, own = lanes_exp(-wv), lanes_exp(wv), lanes_expm1(wv)
+        bonus = lanes_exp(per_row(u, group, B))
+        hi = pick(shift, first, size, lanes)
         for t in range(0, whole, 4):
-            keys, values = load_block(k2, ra, rb, rc, rd, t), load_block(v2, ra, rb, rc, rd, t)
-            grads = load_block(g2, ra, rb, rc, rd, t)
+            keys, values = load_block(k2, group, t), load_block(v2, group, t)
+            grads = load_block(g2, group, t)
             # (constant indices: the tuples stay in registers)
             _inputs(x, p, left_p, t, keys[0] - hi, values[0], grads[0], like)
             _inputs(x, p, left_p, t + 1, keys[1] - hi, values[1], grads[1], like)
             _inputs(x, p, left_p, t + 2, keys[2] - hi, values[2], grads[2], like)
             _inputs(x, p, left_p, t + 3, keys[3] - hi, values[3], grads[3], like)
         for t in range(whole, T):
-            _inputs(x, p, left_p, t, _gather(k2, ra, rb, rc, rd, t) - hi, _gather(v2, ra, rb, rc, rd, t),
-                    _gather(g2, ra, rb, rc, rd, t), like)
-        # The sums are updated as S = e^{-w} (S + z) where that measured faster: with four rows per vector the sweeps
+            _inputs(x, p, left_p, t, gather(k2, group, t) - hi, gather(v2, group, t),
+                    gather(g2, group, t), like)
+        # The sums are updated as S = e^{-w} (S + z) where that measured faster: with a group of rows per vector the sweeps
         # are bound by throughput, not by their chains' latency, and an add and a multiply load the FP pipes less
         # than a multiply and an FMA.
         num = den = num1 = den1 = zero
         for t in range(T - 1, -1, -1):  # R_t, R1_t, then R_{t-1} = e^{-w} (R_t + P_t), R1_{t-1} = e^{-w} R1_t + R_{t-1}
-            store4(right_p, t, num)
-            store4(right_x, t, den)
-            store4(moment_p, t, num1)
-            store4(moment_x, t, den1)
-            num = decay * (num + load4(p, t))
-            den = decay * (den + load4(x, t))
+            store_lanes(right_p, t, num)
+            store_lanes(right_x, t, den)
+            store_lanes(moment_p, t, num1)
+            store_lanes(moment_x, t, den1)
+            num = decay * (num + load_lanes(p, t, group))
+            den = decay * (den + load_lanes(x, t, group))
             num1 = decay * num1 + num
             den1 = decay * den1 + den
         # left to right: G (the forward's left sums), A (the same of a, (1 + eps) b). The division for the next
@@ -736,35 +908,35 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
         if not official:
             # α_{tj} = e^{-(|t-j| - 1) w} (j != t), e^u (j = t): ∂α/∂w = -(d - 1) e^{-(d - 1) w} at distance d, the
             # moments of one token further (R1_{t+1} is Σ_{j>t} (j-t-1) e^{-(j-t-1) w} P_j): no cancellation
-            r_next = 1.0 / (grow * load4(right_x, 0) + bonus * load4(x, 0))
+            r_next = 1.0 / (grow * load_lanes(right_x, 0, group) + bonus * load_lanes(x, 0, group))
             for t in range(T):
-                xt, pt, r_t = load4(x, t), load4(p, t), r_next
-                n_t = grow * (num + load4(right_p, t)) + bonus * pt
+                xt, pt, r_t = load_lanes(x, t, group), load_lanes(p, t, group), r_next
+                n_t = grow * (num + load_lanes(right_p, t, group)) + bonus * pt
                 num = decay * (num + pt)
                 den = decay * (den + xt)
-                r_next = 1.0 / (grow * (den + load4(right_x, t + 1)) + bonus * load4(x, t + 1))
-                a_t = load4(left_p, t) * r_t
+                r_next = 1.0 / (grow * (den + load_lanes(right_x, t + 1, group)) + bonus * load_lanes(x, t + 1, group))
+                a_t = load_lanes(left_p, t, group) * r_t
                 b_t = (a_t * r_t) * -n_t
-                dw_t -= a_t * load4(moment_p, t + 1) + b_t * load4(moment_x, t + 1)
+                dw_t -= a_t * load_lanes(moment_p, t + 1, group) + b_t * load_lanes(moment_x, t + 1, group)
                 du += a_t * pt + b_t * xt
-                store4(left_p, t, grow * sa + bonus * a_t)
-                store4(moment_p, t, grow * sb + bonus * b_t)
-                store4(right_p, t, a_t)
-                store4(right_x, t, b_t)
+                store_lanes(left_p, t, grow * sa + bonus * a_t)
+                store_lanes(moment_p, t, grow * sb + bonus * b_t)
+                store_lanes(right_p, t, a_t)
+                store_lanes(right_x, t, b_t)
                 sa = decay * (sa + a_t)
                 sb = decay * (sb + b_t)
             # right to left: A_t, A1_{t+1} (A1_t = Σ_{j>t} (j-t) e^{-(j-t) w} a_j, again one token further)
             sa = sb = sa1 = sb1 = zero
             for t in range(T - 1, -1, -1):
-                xt, pt = load4(x, t), load4(p, t)
+                xt, pt = load_lanes(x, t, group), load_lanes(p, t, group)
                 dw_t -= pt * sa1 + xt * sb1
                 sa1 = decay * sa1 + sa
                 sb1 = decay * sb1 + sb
-                dp_t = load4(left_p, t) + grow * sa
-                store4(left_p, t, xt * dp_t)  # dv
-                store4(moment_p, t, pt * dp_t + xt * (load4(moment_p, t) + grow * sb))  # dk
-                sa = decay * (sa + load4(right_p, t))
-                sb = decay * (sb + load4(right_x, t))
+                dp_t = load_lanes(left_p, t, group) + grow * sa
+                store_lanes(left_p, t, xt * dp_t)  # dv
+                store_lanes(moment_p, t, pt * dp_t + xt * (load_lanes(moment_p, t, group) + grow * sb))  # dk
+                sa = decay * (sa + load_lanes(right_p, t, group))
+                sb = decay * (sb + load_lanes(right_x, t, group))
         else:
             # official: α_{tj} = e^{-|t-j| w} (j != t) + (e^w - 1) e^{-(t-j) w} [s <= j < t] (H)
             # - (e^w - 1) e^{(t-j) w} [s < j <= t] (O) + e^u [j = t], s the chunk start of t. ∂/∂w of the H, O terms:
@@ -775,27 +947,27 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
             b_bonus = bonus + eps / eps1  # the weight of (1 + eps) b_t in dX_t
             for s in range(0, T, chunk):
                 h_num = h_den = o_num = o_den = zero  # O_s = 0: O excludes s
-                r_next = 1.0 / (eps1 * (den + load4(right_x, s)) + x_bonus * load4(x, s))
+                r_next = 1.0 / (eps1 * (den + load_lanes(right_x, s, group)) + x_bonus * load_lanes(x, s, group))
                 for t in range(s, min(s + chunk, T)):
-                    xt, pt, r_t = load4(x, t), load4(p, t), r_next
+                    xt, pt, r_t = load_lanes(x, t, group), load_lanes(p, t, group), r_next
                     hmo_num, hmo_den = h_num - o_num, h_den - o_den
-                    n_t = num + load4(right_p, t) + own * hmo_num + bonus * pt
-                    o_num = grow * o_num + load4(p, t + 1)  # O_{t+1} = e^w O_t + P_{t+1}
-                    o_den = grow * o_den + load4(x, t + 1)
+                    n_t = num + load_lanes(right_p, t, group) + own * hmo_num + bonus * pt
+                    o_num = grow * o_num + load_lanes(p, t + 1, group)  # O_{t+1} = e^w O_t + P_{t+1}
+                    o_den = grow * o_den + load_lanes(x, t + 1, group)
                     num = decay * (num + pt)
                     den = decay * (den + xt)
                     h_num = decay * (h_num + pt)
                     h_den = decay * (h_den + xt)
-                    r_next = 1.0 / (eps1 * (den + load4(right_x, t + 1) + own * (h_den - o_den))
-                                    + x_bonus * load4(x, t + 1))
-                    a_t = load4(left_p, t) * r_t
+                    r_next = 1.0 / (eps1 * (den + load_lanes(right_x, t + 1, group) + own * (h_den - o_den))
+                                    + x_bonus * load_lanes(x, t + 1, group))
+                    a_t = load_lanes(left_p, t, group) * r_t
                     b_t = (a_t * r_t) * (n_t * -eps1)  # (1 + eps) b_t
-                    dw_t += a_t * (grow * hmo_num - load4(moment_p, t)) + b_t * (grow * hmo_den - load4(moment_x, t))
+                    dw_t += a_t * (grow * hmo_num - load_lanes(moment_p, t, group)) + b_t * (grow * hmo_den - load_lanes(moment_x, t, group))
                     du += a_t * pt + b_t * xt
-                    store4(left_p, t, sa + bonus * a_t)
-                    store4(moment_p, t, sb + b_bonus * b_t)
-                    store4(right_p, t, a_t)
-                    store4(right_x, t, b_t)
+                    store_lanes(left_p, t, sa + bonus * a_t)
+                    store_lanes(moment_p, t, sb + b_bonus * b_t)
+                    store_lanes(right_p, t, a_t)
+                    store_lanes(right_x, t, b_t)
                     sa = decay * (sa + a_t)
                     sb = decay * (sb + b_t)
             # right to left, transposed: a token j gets H from the later queries of its chunk, O from itself and the
@@ -805,7 +977,7 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
             for s in range((T - 1) // chunk * chunk, -1, -chunk):
                 ha = hb = ha1 = hb1 = oa = ob = oa1 = ob1 = zero
                 for t in range(min(s + chunk, T) - 1, s - 1, -1):
-                    a_t, b_t = load4(right_p, t), load4(right_x, t)
+                    a_t, b_t = load_lanes(right_p, t, group), load_lanes(right_x, t, group)
                     oa1 = grow * oa1 + grow * oa  # O1_t = e^w (O1_{t+1} + O_{t+1}), then O_t = e^w O_{t+1} + a_t
                     ob1 = grow * ob1 + grow * ob
                     oa = grow * oa + a_t
@@ -815,27 +987,27 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
                     ha1 = decay * ha1 + ha
                     hb1 = decay * hb1 + hb
                     keep = 1.0 if t > s else 0.0
-                    xt, pt = load4(x, t), load4(p, t)
+                    xt, pt = load_lanes(x, t, group), load_lanes(p, t, group)
                     dw_t -= pt * (sa1 + own * (ha1 + keep * oa1)) + xt * (sb1 + own * (hb1 + keep * ob1))
-                    dp_t = load4(left_p, t) + sa + own * (ha - keep * oa)
-                    store4(left_p, t, xt * dp_t)  # dv
-                    store4(moment_p, t, pt * dp_t + xt * (load4(moment_p, t) + sb + own * (hb - keep * ob)))  # dk
+                    dp_t = load_lanes(left_p, t, group) + sa + own * (ha - keep * oa)
+                    store_lanes(left_p, t, xt * dp_t)  # dv
+                    store_lanes(moment_p, t, pt * dp_t + xt * (load_lanes(moment_p, t, group) + sb + own * (hb - keep * ob)))  # dk
                     da, db = decay * a_t, decay * b_t
                     sa = decay * sa + da
                     sb = decay * sb + db
                     ha = decay * ha + da
                     hb = decay * hb + db
         for t in range(0, whole, 4):
-            store_block(dv2, ra, rb, rc, rd, t, load4(left_p, t), load4(left_p, t + 1), load4(left_p, t + 2),
-                        load4(left_p, t + 3))
-            store_block(dk2, ra, rb, rc, rd, t, load4(moment_p, t), load4(moment_p, t + 1), load4(moment_p, t + 2),
-                        load4(moment_p, t + 3))
+            store_block(dv2, group, t, load_lanes(left_p, t, group), load_lanes(left_p, t + 1, group), load_lanes(left_p, t + 2, group),
+                        load_lanes(left_p, t + 3, group))
+            store_block(dk2, group, t, load_lanes(moment_p, t, group), load_lanes(moment_p, t + 1, group), load_lanes(moment_p, t + 2, group),
+                        load_lanes(moment_p, t + 3, group))
         for t in range(whole, T):
-            _scatter(dv2, ra, rb, rc, rd, t, load4(left_p, t))
-            _scatter(dk2, ra, rb, rc, rd, t, load4(moment_p, t))
+            scatter(dv2, group, t, load_lanes(left_p, t, group))
+            scatter(dk2, group, t, load_lanes(moment_p, t, group))
         du = bonus * du
-        dw_rows[ra], dw_rows[rb], dw_rows[rc], dw_rows[rd] = lane(dw_t, 0), lane(dw_t, 1), lane(dw_t, 2), lane(dw_t, 3)
-        du_rows[ra], du_rows[rb], du_rows[rc], du_rows[rd] = lane(du, 0), lane(du, 1), lane(du, 2), lane(du, 3)
+        for i in range(size):
+            dw_rows[rows[first + i]], du_rows[rows[first + i]] = lane(dw_t, i), lane(du, i)
     return unsafe
 
 
@@ -965,14 +1137,14 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
             xt = exp_like(load_run8(k2, base + t, col) - hi, like)
         pt = xt * load_run8(v2, base + t, col)
         i = t - s
-        store4(x, i, low4(xt))
-        store4(x, L + i, high4(xt))
-        store4(p, i, low4(pt))
-        store4(p, L + i, high4(pt))
-        store4(right_p, i, low4(num))
-        store4(right_p, L + i, high4(num))
-        store4(right_x, i, low4(den))
-        store4(right_x, L + i, high4(den))
+        store_lanes(x, i, low4(xt))
+        store_lanes(x, L + i, high4(xt))
+        store_lanes(p, i, low4(pt))
+        store_lanes(p, L + i, high4(pt))
+        store_lanes(right_p, i, low4(num))
+        store_lanes(right_p, L + i, high4(num))
+        store_lanes(right_x, i, low4(den))
+        store_lanes(right_x, L + i, high4(den))
         num = decay * num + decay * pt
         den = decay * den + decay * xt
     eps1 = 1.0 + eps
@@ -990,8 +1162,8 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
                 store_run(y2, base + t, col + 4 * h, n_t / d_t)
-            store4(state, q, num)
-            store4(state, q + 2, den)
+            store_lanes(state, q, num)
+            store_lanes(state, q + 2, den)
             continue
         h_num, h_den, o_num, o_den = load4(state, q + 4), load4(state, q + 6), load4(state, q + 8), load4(state, q + 10)
         x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
@@ -1023,7 +1195,7 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
                 h_den = decay * h_den + decay * xt
             t = stop
         for i, sums in enumerate((num, den, h_num, h_den, o_num, o_den)):
-            store4(state, q + 2 * i, sums)
+            store_lanes(state, q + 2 * i, sums)
 
 
 @_fast
@@ -1119,7 +1291,7 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 carry_p = decay_block * carry_p + scale * block_p
                 carry_x = decay_block * carry_x + scale * block_x
             for i in range(12 * g, 12 * g + 12):
-                store4(state, i, vec4(0.0, 0.0, 0.0, 0.0))
+                store_lanes(state, i, vec4(0.0, 0.0, 0.0, 0.0))
         for blk in range(blocks):  # pass B
             s, e = blk * L, min(blk * L + L, T)
             keep = -1 if e > W else 0

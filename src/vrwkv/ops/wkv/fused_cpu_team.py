@@ -26,7 +26,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
-from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
+from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS, piece_size
 from vrwkv.ops.wkv.fused_cpu_kernels import (BACKWARD_SCRATCH, rows_backward_kernel_with, rows_kernel_with,
                                              rows_scratch, tokens_kernel)
 
@@ -91,10 +91,11 @@ class Team:
         self._parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         self._parallel.restype = None
 
-    def run(self, kind: str, args: tuple, units: int, threads: int) -> int:
+    def run(self, kind: str, args: tuple, units: int, threads: int, lanes: int) -> int:
         """The kernel of ``kind`` (:data:`FORWARD` ``rows_kernel``, :data:`BACKWARD` ``rows_backward_kernel``,
         :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (channel units) on ``threads`` OpenMP threads, for the
-        same ``args`` as the kernel minus the range (r0, r1); returns the rows out of range."""
+        same ``args`` as the kernel minus the range (r0, r1) and the rows kernels' ``lanes`` (4 or 8 rows per
+        vector; 1 for the token-major kernel); returns the rows out of range."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         k, w = arrays[0], arrays[2]
         threads = min(threads, _MAX_THREADS, units)
@@ -106,7 +107,7 @@ class Team:
             C, B, T = k.shape
         # small pieces taken in turn: a thread slowed by other work on its core takes fewer
         control[[_C, _B, _T, _CHUNK, _OFFICIAL, _UNITS, _STEP]] = (
-            C, B, T, chunk, int(official), units, max(1, units // (8 * threads)))
+            C, B, T, chunk, int(official), units, piece_size(units, threads, lanes))
         control.view(np.float64)[_EPS] = eps
         for i, a in enumerate(arrays):
             if not a.flags.c_contiguous:
@@ -115,7 +116,7 @@ class Team:
                 raise ValueError(f"fused CPU kernels: array {i} has dtype {a.dtype}")
             control[_ARRAYS + i] = a.ctypes.data
         assert w.shape == (C,) and len(arrays) <= _MAX_ARRAYS
-        body = _body(kind, k.dtype.name)
+        body = _body(kind, k.dtype.name, lanes)
         self._parallel(body.address, control.ctypes.data, threads, 0)  # (ctypes releases the GIL meanwhile)
         return int(control[_RESULTS])
 
@@ -143,36 +144,38 @@ def _array1(control, i, n):
     return numba.carray(_address_as_pointer(control[_ARRAYS + i]), (n,), np.float64)
 
 
-def _forward(data, array3, dtype, rows):
-    """The forward's pieces: the channel-major rows (``rows``) in one scratch per thread, or token-major units."""
+def _forward(data, array3, dtype, rows, lanes):
+    """The forward's pieces: the channel-major rows (``rows``, ``lanes`` per vector) in one scratch per thread, or
+    token-major units."""
     control, eps = numba.carray(data, (_SIZE,), np.int64), numba.carray(data, (_SIZE,), np.float64)[_EPS]
     C, unsafe = control[_C], 0
     k, v, w, u, y = (array3(control, 0, dtype), array3(control, 1, dtype), _array1(control, 2, C),
                      _array1(control, 3, C), array3(control, 4, dtype))
     # the rows kernel's scratch, once per thread (allocated per piece, it was fresh pages every time)
-    scratch = rows_scratch(control[_T] if rows else 0, 0)
+    scratch = rows_scratch(control[_T] if rows else 0, 0, lanes)
     r0, r1 = _next_piece(control)
     while r0 < r1:
         if rows:
-            unsafe += rows_kernel_with(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1, scratch)
+            unsafe += rows_kernel_with(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1, scratch,
+                                       lanes)
         else:
             unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
         r0, r1 = _next_piece(control)
     _fetch_add(control, _RESULTS, unsafe)
 
 
-def _backward(data, dtype):
+def _backward(data, dtype, lanes):
     control, eps = numba.carray(data, (_SIZE,), np.int64), numba.carray(data, (_SIZE,), np.float64)[_EPS]
     C, rows, unsafe = control[_C], control[_C] * control[_B], 0
     k, v, w, u, gy = (_rows3(control, 0, dtype), _rows3(control, 1, dtype), _array1(control, 2, C),
                       _array1(control, 3, C), _rows3(control, 4, dtype))
     dk, dv, dw_rows, du_rows = (_rows3(control, 5, dtype), _rows3(control, 6, dtype), _array1(control, 7, rows),
                                 _array1(control, 8, rows))
-    scratch = np.empty((BACKWARD_SCRATCH, control[_T] + 1, 4))  # one per thread (see _forward)
+    scratch = np.empty((BACKWARD_SCRATCH, control[_T] + 1, len(lanes)))  # one per thread (see _forward)
     r0, r1 = _next_piece(control)
     while r0 < r1:
         unsafe += rows_backward_kernel_with(k, v, w, u, gy, control[_CHUNK], eps, control[_OFFICIAL] != 0, dk, dv,
-                                            dw_rows, du_rows, r0, r1, scratch)
+                                            dw_rows, du_rows, r0, r1, scratch, lanes)
         r0, r1 = _next_piece(control)
     _fetch_add(control, _RESULTS, unsafe)
 
@@ -182,40 +185,62 @@ _next_piece, _rows3, _tokens3, _array1, _forward, _backward = (
     for f in (_next_piece, _rows3, _tokens3, _array1, _forward, _backward))
 
 
-def _rows_float32(data):
-    _forward(data, _rows3, np.float32, True)
+_X4, _X8 = (0,) * 4, (0,) * 8  # the rows kernels' lanes: four or eight rows per vector
 
 
-def _rows_float64(data):
-    _forward(data, _rows3, np.float64, True)
+def _rows_float32_x4(data):
+    _forward(data, _rows3, np.float32, True, _X4)
+
+
+def _rows_float64_x4(data):
+    _forward(data, _rows3, np.float64, True, _X4)
+
+
+def _rows_float32_x8(data):
+    _forward(data, _rows3, np.float32, True, _X8)
+
+
+def _rows_float64_x8(data):
+    _forward(data, _rows3, np.float64, True, _X8)
 
 
 def _tokens_float32(data):
-    _forward(data, _tokens3, np.float32, False)
+    _forward(data, _tokens3, np.float32, False, _X4)
 
 
 def _tokens_float64(data):
-    _forward(data, _tokens3, np.float64, False)
+    _forward(data, _tokens3, np.float64, False, _X4)
 
 
-def _backward_float32(data):
-    _backward(data, np.float32)
+def _backward_float32_x4(data):
+    _backward(data, np.float32, _X4)
 
 
-def _backward_float64(data):
-    _backward(data, np.float64)
+def _backward_float64_x4(data):
+    _backward(data, np.float64, _X4)
 
 
-_BODIES = {(FORWARD, "float32"): _rows_float32, (FORWARD, "float64"): _rows_float64,
-           (TOKENS, "float32"): _tokens_float32, (TOKENS, "float64"): _tokens_float64,
-           (BACKWARD, "float32"): _backward_float32, (BACKWARD, "float64"): _backward_float64}
+def _backward_float32_x8(data):
+    _backward(data, np.float32, _X8)
+
+
+def _backward_float64_x8(data):
+    _backward(data, np.float64, _X8)
+
+
+_BODIES = {(FORWARD, "float32", 4): _rows_float32_x4, (FORWARD, "float64", 4): _rows_float64_x4,
+           (FORWARD, "float32", 8): _rows_float32_x8, (FORWARD, "float64", 8): _rows_float64_x8,
+           (TOKENS, "float32", 1): _tokens_float32, (TOKENS, "float64", 1): _tokens_float64,
+           (BACKWARD, "float32", 4): _backward_float32_x4, (BACKWARD, "float64", 4): _backward_float64_x4,
+           (BACKWARD, "float32", 8): _backward_float32_x8, (BACKWARD, "float64", 8): _backward_float64_x8}
 _compiled = {}
 
 
-def _body(kind: str, dtype: str):
-    """The cfunc of ``kind`` and ``dtype``: compiled at its first use in a process, or loaded from numba's cache."""
-    cfunc = _compiled.get((kind, dtype))
+def _body(kind: str, dtype: str, lanes: int):
+    """The cfunc of ``kind``, ``dtype`` and ``lanes``: compiled at its first use in a process, or loaded from numba's
+    cache."""
+    cfunc = _compiled.get((kind, dtype, lanes))
     if cfunc is None:
-        cfunc = _compiled[kind, dtype] = numba.cfunc(types.void(types.voidptr), nopython=True, cache=True)(
-            _BODIES[kind, dtype])
+        cfunc = _compiled[kind, dtype, lanes] = numba.cfunc(types.void(types.voidptr), nopython=True, cache=True)(
+            _BODIES[kind, dtype, lanes])
     return cfunc
