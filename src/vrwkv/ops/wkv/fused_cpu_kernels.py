@@ -351,23 +351,37 @@ def store_block(typingctx, a, group, t, y0, y1, y2, y3):
         return types.none(a, group, t, y0, y1, y2, y3), codegen
 
 
+def _prefetch(builder, pointer, write: bool):
+    """Prefetch the cache line at ``pointer`` into L1 (``write``: for writing). Any address: a prefetch never faults,
+    past an array's end it only loads a line that is not needed."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                              "llvm.prefetch.p0")
+    builder.call(prefetch, [builder.bitcast(pointer, i8p), i32(int(write)), i32(3), i32(1)])
+
+
 @intrinsic
 def prefetch_rows(typingctx, a, group, t, write):
-    """Prefetch the cache lines of a[row, t] for the rows of the group into L1 (``write``: for writing). Any t:
-    a prefetch never faults, past the row's end it only loads a line that is not needed."""
+    """Prefetch the lines of a[row, t] for the rows of the group (``write``: a literal bool; see :func:`_prefetch`)."""
     if _is_matrix(a) and _is_group(group) and isinstance(t, types.Integer) and isinstance(write, types.BooleanLiteral):
         def codegen(context, builder, sig, args):
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                                      "llvm.prefetch.p0")
             column = _as_index(context, builder, sig.args[2], args[2])
             for row in cgutils.unpack_tuple(builder, args[1]):
-                pointer = _element_pointer(context, builder, sig.args[0], args[0], [
-                    _as_index(context, builder, sig.args[1].dtype, row), column])
-                builder.call(prefetch, [builder.bitcast(pointer, i8p), i32(int(sig.args[3].literal_value)), i32(3),
-                                        i32(1)])
+                _prefetch(builder, _element_pointer(context, builder, sig.args[0], args[0], [
+                    _as_index(context, builder, sig.args[1].dtype, row), column]), sig.args[3].literal_value)
             return context.get_dummy_value()
         return types.none(a, group, t, write), codegen
+
+
+@intrinsic
+def prefetch_at(typingctx, a, r, c, write):
+    """Prefetch the line of a[r, c] (``write``: a literal bool; see :func:`_prefetch`)."""
+    if (_is_matrix(a) and isinstance(r, types.Integer) and isinstance(c, types.Integer)
+            and isinstance(write, types.BooleanLiteral)):
+        def codegen(context, builder, sig, args):
+            _prefetch(builder, _pointer(context, builder, sig, args, 1, 2), sig.args[3].literal_value)
+            return context.get_dummy_value()
+        return types.none(a, r, c, write), codegen
 
 
 @intrinsic
@@ -1103,6 +1117,8 @@ def _block_summary(k2, v2, base, col, s, e, decay, keep, kept):
     high, low = m, m
     num = den = splat8(0.0)
     for t in range(e - 1, s - 1, -1):
+        prefetch_at(k2, base + t - (e - s), col, False)  # the next block's lines (to the left)
+        prefetch_at(v2, base + t - (e - s), col, False)
         key = load_run8(k2, base + t, col)
         high, low = vmax(key, high), vmin(key, low)  # (NaN keys are skipped, as by max and min: they propagate)
         xt = exp_like(key - m, like)
@@ -1131,6 +1147,9 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
     like = k2[base + s, col]  # (its type sets the exponentials' precision: exp_like)
     num, den = carry_p, carry_x
     for t in range(e - 1, s - 1, -1):
+        prefetch_at(k2, base + t + (e - s), col, False)  # the next block's lines (to the right)
+        prefetch_at(v2, base + t + (e - s), col, False)
+        prefetch_at(y2, base + t + (e - s), col, True)
         if keep >= 0:
             xt = load8(kept, keep + t) * scale
         else:
