@@ -49,6 +49,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=[4, 8], ids=["rows4", "rows8"])
+def row_lanes(request):
+    """The fused Bi-WKV kernels with four rows per vector (AVX2) and eight (AVX-512; the token-major kernel's
+    left-to-right sweep in one part of eight lanes instead of two of four): the host picks one
+    (``fused_cpu.row_lanes``), both run everywhere (eight as two AVX2 registers without AVX-512). Returns the
+    kernels' ``lanes`` argument."""
+    from vrwkv.ops.wkv import fused_cpu
+
+    previous, fused_cpu.rows_per_vector = fused_cpu.rows_per_vector, request.param
+    yield (0,) * request.param
+    fused_cpu.rows_per_vector = previous
+
+
 @pytest.fixture
 def fused_cpu_scan():
     """Bi-WKV on CPU tensors through the fused numba scan (``vrwkv.ops.use_numba``) for the test."""

@@ -17,18 +17,6 @@ TOL64 = {"paper": 1e-12, "official": 3e-6}
 TOL32 = {"paper": 1e-6, "official": 4e-6}
 
 
-@pytest.fixture(params=[4, 8], ids=["rows4", "rows8"])
-def row_lanes(request):
-    """Every test with the channel-major kernels running four rows per vector (AVX2) and eight (AVX-512): the host
-    picks one (fused_cpu.row_lanes), both run everywhere (eight as two AVX2 registers without AVX-512). Returns the
-    kernels' ``lanes`` argument."""
-    from vrwkv.ops.wkv import fused_cpu
-
-    previous, fused_cpu.rows_per_vector = fused_cpu.rows_per_vector, request.param
-    yield (0,) * request.param
-    fused_cpu.rows_per_vector = previous
-
-
 def fused(k, v, w, u, semantics, chunks=KERNEL_CHUNKS):
     return fused_cpu_bi_wkv(k, v, w, u, semantics, chunks, KERNEL_EPS)
 

@@ -13,7 +13,7 @@ from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv, token_major_inputs
 from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
 from wkv_cases import random_inputs, reference
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "row_lanes")
 
 TOL64 = {"paper": 1e-12, "official": 3e-6}  # as test_wkv_fused_cpu.py (the official EPS form: ~1e-6 relative)
 TOL32 = {"paper": 1e-6, "official": 4e-6}
@@ -99,7 +99,7 @@ def test_kept_and_recomputed_exponentials_agree(semantics):
 
 
 @pytest.mark.parametrize("official", [False, True])
-def test_kernel_groups_in_any_pieces_give_the_same_result(official):
+def test_kernel_groups_in_any_pieces_give_the_same_result(official, row_lanes):
     """Pieces of lane groups from any group (across batch elements, with and without the tail group of C = 22) give
     the groups of one call, bit for bit; a row out of range leaves its group unwritten and is counted once."""
     from vrwkv.ops.wkv.fused_cpu_kernels import tokens_kernel
@@ -111,14 +111,15 @@ def test_kernel_groups_in_any_pieces_give_the_same_result(official):
     k[2, 5, 21] = 700.0  # (channel 21, batch 2): unit 5, the tail group (channel 21 repeats in two spare lanes)
     args = (k.numpy(), v.numpy(), w.numpy(), u.numpy())
     whole, pieces = np.full(k.shape, 7.0, np.float32), np.full(k.shape, 7.0, np.float32)
-    assert tokens_kernel(*args, whole, 5, 1e-6, official, 0, 6) == 2
-    assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1)
+    assert tokens_kernel(*args, whole, 5, 1e-6, official, 0, 6, row_lanes) == 2
+    assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1, row_lanes)
                for g0, g1 in [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6)]) == 2
     assert np.array_equal(whole, pieces)
     assert (whole[1, :, 8:16] == 7.0).all() and (whole[2, :, 16:] == 7.0).all()  # the two groups left unwritten
     assert (whole[1, :, :8] != 7.0).all() and (whole[1, :, 16:] != 7.0).all() and (whole[2, :, :16] != 7.0).all()
     pieces[:] = 7.0
-    assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1) for g0, g1 in [(0, 3), (3, 6)]) == 2
+    assert sum(tokens_kernel(*args, pieces, 5, 1e-6, official, g0, g1, row_lanes)
+               for g0, g1 in [(0, 3), (3, 6)]) == 2
     assert np.array_equal(whole, pieces)
 
 

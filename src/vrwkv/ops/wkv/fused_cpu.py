@@ -235,23 +235,24 @@ def _host_row_lanes() -> int:
 
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:
-    """The kernel of ``kind`` (:data:`FORWARD`, :data:`BACKWARD`, :data:`TOKENS`), ``kernel(*args, r0, r1)`` (the
-    channel-major ones ``kernel(*args, r0, r1, lanes)``, :func:`row_lanes`), over its units (rows, channel units)
-    0..rows on ``torch.get_num_threads()`` threads; returns the rows out of range (summed over the pieces).
+    """The kernel of ``kind`` (:data:`FORWARD`, :data:`BACKWARD`, :data:`TOKENS`), ``kernel(*args, r0, r1, lanes)``
+    (``lanes``: :func:`row_lanes` zeros), over its units (rows, channel units) 0..rows on ``torch.get_num_threads()``
+    threads; returns the rows out of range (summed over the pieces).
 
     Threads: PyTorch's own OpenMP team where its runtime is found (:mod:`.fused_cpu_team`: no second pool competing
     with its spinning workers), otherwise the caller and a pool of our own (the kernels release the GIL).
     """
     kernels = _compiled_kernels()
-    lanes = 1 if kind == TOKENS else row_lanes()
-    n = max(1, min(torch.get_num_threads(), -(-rows // lanes)))
+    lanes = row_lanes()
+    group = 1 if kind == TOKENS else lanes  # units in lockstep (a token-major unit holds its lanes itself)
+    n = max(1, min(torch.get_num_threads(), -(-rows // group)))
     if n == 1:
-        return getattr(kernels, kind)(*args, 0, rows, *([] if kind == TOKENS else [(0,) * lanes]))
+        return getattr(kernels, kind)(*args, 0, rows, (0,) * lanes)
     if kernels.team is not None and use_openmp_team:
         return kernels.team.run(kind, args, rows, n, lanes)
     # small pieces taken in turn by the caller and n - 1 pool threads: a thread slowed by other work on its core
     # (e.g. PyTorch's OpenMP workers still spinning after the previous op) takes fewer pieces; whole groups of rows
-    step = piece_size(rows, n, lanes)
+    step = piece_size(rows, n, group)
     pieces = iter(range(0, rows, step))
     take = threading.Lock()
 
@@ -279,10 +280,10 @@ def piece_size(units: int, threads: int, lanes: int) -> int:
 def _piece_kernel(kernels: _Kernels, kind: str, args: tuple):
     """``kernel(*args, r0, r1)`` of ``kind`` for one thread's pieces: the rows kernels with one scratch for all of
     them (allocated per piece, it was fresh pages every time: 8 MB at 65,536 tokens), the token-major one as is."""
-    if kind == TOKENS:
-        return kernels.tokens
-    T = args[0].shape[2]  # k: [C, B, T]
     lanes = (0,) * row_lanes()
+    if kind == TOKENS:
+        return lambda *a: kernels.tokens(*a, lanes)
+    T = args[0].shape[2]  # k: [C, B, T]
     if kind == FORWARD:
         scratch = kernels.forward_scratch(T, 0, lanes)
         return lambda *a: kernels.forward_with(*a, scratch, lanes)

@@ -1070,38 +1070,38 @@ def load_run8(typingctx, a, r, t):
         return f64x8(a, r, t), codegen
 
 
-def _store_run_of(vector, lanes: int):
-    """The intrinsic ``a[r, t..t+lanes-1] = x`` rounded to a's dtype (a: a float [rows, n] array; x: ``vector``)."""
-
-    def store(typingctx, a, r, t, x):
-        if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and x == vector:
-            def codegen(context, builder, sig, args):
-                element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
-                run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, lanes))
-                builder.store(run, _pointer(context, builder, sig, args, 1, 2, lanes=lanes), align=align)
-                return context.get_dummy_value()
-            return types.none(a, r, t, x), codegen
-
-    store.__doc__ = f"a[r, t..t+{lanes - 1}] = x rounded to a's dtype (a: a float [rows, n] array)."
-    return intrinsic(store)
+@intrinsic
+def store_run(typingctx, a, r, t, x):
+    """a[r, t..t+lanes-1] = x (f64x4 or f64x8) rounded to a's dtype (a: a float [rows, n] array)."""
+    if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer) and isinstance(x, _F64x4):
+        def codegen(context, builder, sig, args):
+            lanes = sig.args[3].lanes
+            element, align = context.get_data_type(sig.args[0].dtype), sig.args[0].dtype.bitwidth // 8
+            run = args[3] if element == ir.DoubleType() else builder.fptrunc(args[3], ir.VectorType(element, lanes))
+            builder.store(run, _pointer(context, builder, sig, args, 1, 2, lanes=lanes), align=align)
+            return context.get_dummy_value()
+        return types.none(a, r, t, x), codegen
 
 
-store_run8 = _store_run_of(f64x8, 8)
-store_run = _store_run_of(f64x4, 4)
+@intrinsic
+def store_parts(typingctx, a, i, stride, x, part):
+    """The lanes of x (f64x8) in parts of the width of ``part`` (a group: 4 or 8 lanes): part h into row
+    h·stride + i of the float64 [n, width] array a (eight lanes in one row, or lanes 0..3 in row i and 4..7 in row
+    stride + i)."""
+    if (_is_matrix(a, types.float64) and isinstance(i, types.Integer) and isinstance(stride, types.Integer)
+            and x == f64x8 and _is_group(part)):
+        width = part.count
 
-
-def _half(first):
-    @intrinsic
-    def half(typingctx, x):
-        if x == f64x8:
-            def codegen(context, builder, sig, args):
-                mask = ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(first, first + 4)))
-                return builder.shuffle_vector(args[0], ir.Constant(args[0].type, ir.Undefined), mask)
-            return f64x4(x), codegen
-    return half
-
-
-low4, high4 = _half(0), _half(4)  # lanes 0..3, 4..7 of an f64x8
+        def codegen(context, builder, sig, args):
+            row = _as_index(context, builder, sig.args[1], args[1])
+            step = _as_index(context, builder, sig.args[2], args[2])
+            pieces = [args[3]] if width == 8 else _split(builder, args[3])
+            for h, piece in enumerate(pieces):
+                index = builder.add(row, builder.mul(step, ir.Constant(step.type, h)))
+                pointer = _element_pointer(context, builder, sig.args[0], args[0], [index, ir.Constant(step.type, 0)])
+                builder.store(piece, builder.bitcast(pointer, _vector(width).as_pointer()), align=8)
+            return context.get_dummy_value()
+        return types.none(a, i, stride, x, part), codegen
 
 
 @_fast
@@ -1131,15 +1131,16 @@ def _block_summary(k2, v2, base, col, s, e, decay, keep, kept):
 
 @_fast
 def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, carry_x, state, chunk, eps, official,
-                   x, p, right_p, right_x, keep, kept, scale):
-    """Pass B of the token-major forward for the tokens s..e of a block, lane group g (params: its rows e^{-w} at
-    5g and e^{-L w} at 5g + 4; halves: the rows e^{-w}, e^w, e^w - 1, e^u of its lanes 4h..4h+3 at 2(5g + i) + h;
-    hi: its largest keys K): right to left X = e^{k - K}, P = X v and the right sums R into the [2 block, 4] scratch
-    x, p, right_p, right_x (lanes 4h..4h+3 of token s + i in row h·block + i), starting from R_{e-1} = (carry_p,
-    carry_x) (the tokens after the block); then left to right, four lanes at a time (eight lanes' sums would not
-    stay in the 16 AVX2 registers), the left sums (the official function's H, O restarted at every kernel chunk,
-    which may start or end inside the block) and y. The left sums enter and leave through the rows
-    2(6g + i) + h of state. With ``keep``, X is pass A's e^{k - m} (rows keep + t of kept) times scale = e^{m - K}
+                   x, p, right_p, right_x, keep, kept, scale, part):
+    """Pass B of the token-major forward for the tokens s..e of a block, lane group g, its eight lanes in H parts of
+    n = 8 / H (``part``: a group of n lanes; H = 1 with AVX-512's 32 registers, 2 with AVX2's 16, where eight lanes'
+    sums of the official function would spill) (params: its rows e^{-w} at 5g and e^{-L w} at 5g + 4; halves: the
+    rows e^{-w}, e^w, e^w - 1, e^u of its lanes nh..nh+n-1 at H(5g + i) + h; hi: its largest keys K): right to
+    left X = e^{k - K}, P = X v and the right sums R into the [H block, n] scratch x, p, right_p, right_x (lanes
+    nh..nh+n-1 of token s + i in row h·block + i), starting from R_{e-1} = (carry_p, carry_x) (the tokens after the
+    block); then left to right, part by part, the left sums (the official function's H, O restarted at every kernel
+    chunk, which may start or end inside the block) and y. The left sums enter and leave through the rows
+    H(6g + i) + h of state. With ``keep``, X is pass A's e^{k - m} (rows keep + t of kept) times scale = e^{m - K}
     instead of a second exponential. The arithmetic of :func:`_forward_rows`, lane by lane, but for the order in
     which R is summed."""
     L = TOKEN_BLOCK
@@ -1156,69 +1157,68 @@ def _block_forward(k2, v2, y2, base, col, s, e, params, halves, g, hi, carry_p, 
             xt = exp_like(load_run8(k2, base + t, col) - hi, like)
         pt = xt * load_run8(v2, base + t, col)
         i = t - s
-        store_lanes(x, i, low4(xt))
-        store_lanes(x, L + i, high4(xt))
-        store_lanes(p, i, low4(pt))
-        store_lanes(p, L + i, high4(pt))
-        store_lanes(right_p, i, low4(num))
-        store_lanes(right_p, L + i, high4(num))
-        store_lanes(right_x, i, low4(den))
-        store_lanes(right_x, L + i, high4(den))
+        store_parts(x, i, L, xt, part)
+        store_parts(p, i, L, pt, part)
+        store_parts(right_p, i, L, num, part)
+        store_parts(right_x, i, L, den, part)
         num = decay * num + decay * pt
         den = decay * den + decay * xt
     eps1 = 1.0 + eps
-    for h in range(2):
-        row, q = 10 * g + h, 12 * g + h  # (the rows of the half's parameters and left sums)
-        decay, grow, own, bonus = load4(halves, row), load4(halves, row + 2), load4(halves, row + 4), load4(
-            halves, row + 6)
-        num, den = load4(state, q), load4(state, q + 2)
+    n = len(part)
+    H = 8 // n
+    for h in range(H):
+        row, q = 5 * H * g + h, 6 * H * g + h  # (the rows of the part's parameters and left sums)
+        decay, grow, own, bonus = (load_lanes(halves, row, part), load_lanes(halves, row + H, part),
+                                   load_lanes(halves, row + 2 * H, part), load_lanes(halves, row + 3 * H, part))
+        num, den = load_lanes(state, q, part), load_lanes(state, q + H, part)
         if not official:  # G_{t+1} = e^{-w} (G_t + P_t), and y
             for t in range(s, e):
                 i = h * L + t - s
-                xt, pt = load4(x, i), load4(p, i)
-                n_t = grow * (num + load4(right_p, i)) + bonus * pt
-                d_t = grow * (den + load4(right_x, i)) + bonus * xt
+                xt, pt = load_lanes(x, i, part), load_lanes(p, i, part)
+                n_t = grow * (num + load_lanes(right_p, i, part)) + bonus * pt
+                d_t = grow * (den + load_lanes(right_x, i, part)) + bonus * xt
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
-                store_run(y2, base + t, col + 4 * h, n_t / d_t)
+                store_run(y2, base + t, col + n * h, n_t / d_t)
             store_lanes(state, q, num)
-            store_lanes(state, q + 2, den)
+            store_lanes(state, q + H, den)
             continue
-        h_num, h_den, o_num, o_den = load4(state, q + 4), load4(state, q + 6), load4(state, q + 8), load4(state, q + 10)
+        h_num, h_den, o_num, o_den = (load_lanes(state, q + 2 * H, part), load_lanes(state, q + 3 * H, part),
+                                      load_lanes(state, q + 4 * H, part), load_lanes(state, q + 5 * H, part))
         x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
         t = s
         while t < e:  # the pieces of kernel chunks [c, c + chunk) in the block: H and O restart (O excludes c)
             stop = min(e, (t // chunk + 1) * chunk)
             if t % chunk == 0:
                 i = h * L + t - s
-                xt, pt = load4(x, i), load4(p, i)
-                n_t = num + load4(right_p, i) + bonus * pt
-                d_t = eps1 * (den + load4(right_x, i)) + x_bonus * xt
-                store_run(y2, base + t, col + 4 * h, n_t / d_t)
+                xt, pt = load_lanes(x, i, part), load_lanes(p, i, part)
+                n_t = num + load_lanes(right_p, i, part) + bonus * pt
+                d_t = eps1 * (den + load_lanes(right_x, i, part)) + x_bonus * xt
+                store_run(y2, base + t, col + n * h, n_t / d_t)
                 h_num, h_den = decay * pt, decay * xt
-                o_num = o_den = vec4(0.0, 0.0, 0.0, 0.0)
+                o_num = o_den = splat(0.0, part)
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
                 t += 1
             for t in range(t, stop):
                 i = h * L + t - s
-                xt, pt = load4(x, i), load4(p, i)
+                xt, pt = load_lanes(x, i, part), load_lanes(p, i, part)
                 o_num = grow * o_num + pt
                 o_den = grow * o_den + xt
-                n_t = num + load4(right_p, i) + own * (h_num - o_num) + bonus * pt
-                d_t = eps1 * (den + load4(right_x, i) + own * (h_den - o_den)) + x_bonus * xt
-                store_run(y2, base + t, col + 4 * h, n_t / d_t)
+                n_t = num + load_lanes(right_p, i, part) + own * (h_num - o_num) + bonus * pt
+                d_t = eps1 * (den + load_lanes(right_x, i, part) + own * (h_den - o_den)) + x_bonus * xt
+                store_run(y2, base + t, col + n * h, n_t / d_t)
                 num = decay * num + decay * pt
                 den = decay * den + decay * xt
                 h_num = decay * h_num + decay * pt
                 h_den = decay * h_den + decay * xt
             t = stop
         for i, sums in enumerate((num, den, h_num, h_den, o_num, o_den)):
-            store_lanes(state, q + 2 * i, sums)
+            store_lanes(state, q + H * i, sums)
 
 
 @_fast
-def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
+def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1, part):
     """Bi-WKV of the units g0..g1 of token-major k, v, y (C-contiguous [B, T, C]; w, u: float64 [C]): unit b·U + j
     (U = ceil(C / 16)) is the channels 16j..16j+15 of batch element b, a cache line of float32, as two lane groups of
     eight (units of a whole line: two threads never write halves of one line at the same time). A last group of a C
@@ -1230,7 +1230,8 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
     memory once per pass): pass A (:func:`_block_summary`) takes each block's key range and its right sums in its own
     frame; a scan over the blocks puts them in the frame of the row's largest key K (e^{m_b - K}, m_b the block's
     frame) and sums the carries R_{e-1} entering each block from the right; pass B (:func:`_block_forward`) runs
-    the sweeps of :func:`rows_kernel` block by block, in [2 block, 4] scratch that stays in L1/L2. Pass A's
+    the sweeps of :func:`rows_kernel` block by block, in [block, 8] scratch that stays in L1/L2 (its left-to-right
+    sweep in parts of ``part``'s width, 4 or 8 lanes: [2 block, 4] for parts of 4). Pass A's
     exponentials of the first TOKEN_KEEP tokens are kept for pass B. Lane by lane the same arithmetic as the rows
     but for the order of the right sums."""
     B, T, C = k.shape
@@ -1238,8 +1239,10 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
     k2, v2, y2 = k.reshape(-1, C), v.reshape(-1, C), y.reshape(-1, C)
     L = TOKEN_BLOCK
     blocks = (T + L - 1) // L
-    x, p, right_p, right_x = np.empty((2 * L, 4)), np.empty((2 * L, 4)), np.empty((2 * L, 4)), np.empty((2 * L, 4))
-    params, halves, state = np.empty((10, 8)), np.empty((20, 4)), np.empty((24, 4))
+    n, H = len(part), 8 // len(part)  # lanes per part, parts per group of eight lanes
+    x, p, right_p, right_x = np.empty((H * L, n)), np.empty((H * L, n)), np.empty((H * L, n)), np.empty((H * L, n))
+    params, state = np.empty((10, 8)), np.empty((12 * H, n))
+    halves = params.reshape(10 * H, n)  # the rows of params in parts: lanes nh..nh+n-1 of row r in row H r + h
     high, low = np.empty((2, 8)), np.empty((2, 8))
     # per (group, block): the block's frame, then e^{frame - K}; its sums, then the carries from the right
     block_frame, sum_p, sum_x = np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8)), np.empty((2 * blocks, 8))
@@ -1248,8 +1251,8 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
     W = min(T, TOKEN_KEEP)
     kept = np.empty((2 * W, 8))
     # [T, 8] copies of the columns of a last group (in one of the units g0..g1 if C is not a multiple of 8)
-    n = T if C % 8 != 0 and g1 > g0 and (g0 // units < (g1 - 1) // units or (g1 - 1) % units == units - 1) else 0
-    tk, tv, ty = np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype), np.empty((n, 8), k.dtype)
+    copies = T if C % 8 != 0 and g1 > g0 and (g0 // units < (g1 - 1) // units or (g1 - 1) % units == units - 1) else 0
+    tk, tv, ty = np.empty((copies, 8), k.dtype), np.empty((copies, 8), k.dtype), np.empty((copies, 8), k.dtype)
     unsafe = 0
     for unit in range(g0, g1):
         b, first = unit // units, unit % units * 16
@@ -1265,8 +1268,6 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 params[5 * g + 2, i], params[5 * g + 3, i] = math.expm1(w[c]), math.exp(u[c])
                 # e^{-L w} across a whole block (at most T tokens: within e^600 for a row in range)
                 params[5 * g + 4, i] = math.exp(-min(L, T) * w[c])
-                for j in range(4):  # the rows of halves: 2 (5g + j) + h, lanes 4h..4h+3
-                    halves[2 * (5 * g + j) + i // 4, i % 4] = params[5 * g + j, i]
             store8(high, g, splat8(-np.inf))
             store8(low, g, splat8(np.inf))
         if tail:
@@ -1309,8 +1310,8 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 store8(sum_x, r, decay * carry_x)
                 carry_p = decay_block * carry_p + scale * block_p
                 carry_x = decay_block * carry_x + scale * block_x
-            for i in range(12 * g, 12 * g + 12):
-                store_lanes(state, i, vec4(0.0, 0.0, 0.0, 0.0))
+            for i in range(6 * H * g, 6 * H * (g + 1)):
+                store_lanes(state, i, splat(0.0, part))
         for blk in range(blocks):  # pass B
             s, e = blk * L, min(blk * L + L, T)
             keep = -1 if e > W else 0
@@ -1323,8 +1324,7 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1):
                 r = g * blocks + blk
                 _block_forward(kg, vg, yg, base, col, s, e, params, halves, g, load8(high, g), load8(sum_p, r),
                                load8(sum_x, r), state, chunk, eps, official, x, p, right_p, right_x,
-                               keep if keep < 0 else g * W, kept,
-                               load8(block_frame, r))
+                               keep if keep < 0 else g * W, kept, load8(block_frame, r), part)
         if tail and not skip[groups - 1]:
             c0 = first + 8 * (groups - 1)
             for t in range(T):

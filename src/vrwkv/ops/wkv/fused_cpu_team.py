@@ -94,8 +94,8 @@ class Team:
     def run(self, kind: str, args: tuple, units: int, threads: int, lanes: int) -> int:
         """The kernel of ``kind`` (:data:`FORWARD` ``rows_kernel``, :data:`BACKWARD` ``rows_backward_kernel``,
         :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (channel units) on ``threads`` OpenMP threads, for the
-        same ``args`` as the kernel minus the range (r0, r1) and the rows kernels' ``lanes`` (4 or 8 rows per
-        vector; 1 for the token-major kernel); returns the rows out of range."""
+        same ``args`` as the kernel minus the range (r0, r1) and ``lanes`` (4 or 8 rows per vector); returns the rows
+        out of range."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         k, w = arrays[0], arrays[2]
         threads = min(threads, _MAX_THREADS, units)
@@ -107,7 +107,7 @@ class Team:
             C, B, T = k.shape
         # small pieces taken in turn: a thread slowed by other work on its core takes fewer
         control[[_C, _B, _T, _CHUNK, _OFFICIAL, _UNITS, _STEP]] = (
-            C, B, T, chunk, int(official), units, piece_size(units, threads, lanes))
+            C, B, T, chunk, int(official), units, piece_size(units, threads, 1 if kind == TOKENS else lanes))
         control.view(np.float64)[_EPS] = eps
         for i, a in enumerate(arrays):
             if not a.flags.c_contiguous:
@@ -159,7 +159,7 @@ def _forward(data, array3, dtype, rows, lanes):
             unsafe += rows_kernel_with(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1, scratch,
                                        lanes)
         else:
-            unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1)
+            unsafe += tokens_kernel(k, v, w, u, y, control[_CHUNK], eps, control[_OFFICIAL] != 0, r0, r1, lanes)
         r0, r1 = _next_piece(control)
     _fetch_add(control, _RESULTS, unsafe)
 
@@ -204,12 +204,20 @@ def _rows_float64_x8(data):
     _forward(data, _rows3, np.float64, True, _X8)
 
 
-def _tokens_float32(data):
+def _tokens_float32_x4(data):
     _forward(data, _tokens3, np.float32, False, _X4)
 
 
-def _tokens_float64(data):
+def _tokens_float64_x4(data):
     _forward(data, _tokens3, np.float64, False, _X4)
+
+
+def _tokens_float32_x8(data):
+    _forward(data, _tokens3, np.float32, False, _X8)
+
+
+def _tokens_float64_x8(data):
+    _forward(data, _tokens3, np.float64, False, _X8)
 
 
 def _backward_float32_x4(data):
@@ -230,7 +238,8 @@ def _backward_float64_x8(data):
 
 _BODIES = {(FORWARD, "float32", 4): _rows_float32_x4, (FORWARD, "float64", 4): _rows_float64_x4,
            (FORWARD, "float32", 8): _rows_float32_x8, (FORWARD, "float64", 8): _rows_float64_x8,
-           (TOKENS, "float32", 1): _tokens_float32, (TOKENS, "float64", 1): _tokens_float64,
+           (TOKENS, "float32", 4): _tokens_float32_x4, (TOKENS, "float64", 4): _tokens_float64_x4,
+           (TOKENS, "float32", 8): _tokens_float32_x8, (TOKENS, "float64", 8): _tokens_float64_x8,
            (BACKWARD, "float32", 4): _backward_float32_x4, (BACKWARD, "float64", 4): _backward_float64_x4,
            (BACKWARD, "float32", 8): _backward_float32_x8, (BACKWARD, "float64", 8): _backward_float64_x8}
 _compiled = {}
