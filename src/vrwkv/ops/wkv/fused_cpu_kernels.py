@@ -515,10 +515,20 @@ def _right_step(x, p, right_p, right_x, t, num, den, decay, shifted_key, value, 
 
 
 @_inline
-def _paper_step(num, den, right_num, right_den, xt, pt, decay, grow, bonus):
-    """y_t of the paper formula from the left sums G_t (num, den) and the right sums; returns it and G_{t+1}."""
-    yt = (grow * (num + right_num) + bonus * pt) / (grow * (den + right_den) + bonus * xt)
+def _paper_step(num, den, x, p, right_p, right_x, i, group, decay, grow, bonus):
+    """y_t of the paper formula from the left sums G_t (num, den) and the rows i of the scratch (X_t, P_t, the right
+    sums); returns it and G_{t+1}."""
+    xt, pt = load_lanes(x, i, group), load_lanes(p, i, group)
+    yt = ((grow * (num + load_lanes(right_p, i, group)) + bonus * pt)
+          / (grow * (den + load_lanes(right_x, i, group)) + bonus * xt))
     return yt, decay * num + decay * pt, decay * den + decay * xt
+
+
+@_inline
+def _store_block_of(a, group, t, rows, i):
+    """a[rows of the group, t..t+3] = the rows i..i+3 of the float64 [n, lanes] array ``rows`` (:func:`store_block`)."""
+    store_block(a, group, t, load_lanes(rows, i, group), load_lanes(rows, i + 1, group), load_lanes(rows, i + 2, group),
+                load_lanes(rows, i + 3, group))
 
 
 @_fast
@@ -549,26 +559,21 @@ def _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, 
     num = den = splat(0.0, group)
     if not official:  # left to right: G_t, then G_{t+1} = e^{-w} (G_t + P_t); y transposed out block by block
         for t in range(0, whole, 4):
-            y0, num, den = _paper_step(num, den, load_lanes(right_p, t, group), load_lanes(right_x, t, group), load_lanes(x, t, group), load_lanes(p, t, group),
-                                       decay, grow, bonus)
-            y1, num, den = _paper_step(num, den, load_lanes(right_p, t + 1, group), load_lanes(right_x, t + 1, group), load_lanes(x, t + 1, group),
-                                       load_lanes(p, t + 1, group), decay, grow, bonus)
-            y2_, num, den = _paper_step(num, den, load_lanes(right_p, t + 2, group), load_lanes(right_x, t + 2, group), load_lanes(x, t + 2, group),
-                                        load_lanes(p, t + 2, group), decay, grow, bonus)
-            y3, num, den = _paper_step(num, den, load_lanes(right_p, t + 3, group), load_lanes(right_x, t + 3, group), load_lanes(x, t + 3, group),
-                                       load_lanes(p, t + 3, group), decay, grow, bonus)
+            y0, num, den = _paper_step(num, den, x, p, right_p, right_x, t, group, decay, grow, bonus)
+            y1, num, den = _paper_step(num, den, x, p, right_p, right_x, t + 1, group, decay, grow, bonus)
+            y2_, num, den = _paper_step(num, den, x, p, right_p, right_x, t + 2, group, decay, grow, bonus)
+            y3, num, den = _paper_step(num, den, x, p, right_p, right_x, t + 3, group, decay, grow, bonus)
             store_block(y2, group, t, y0, y1, y2_, y3)
         for t in range(whole, T):
-            yt, num, den = _paper_step(num, den, load_lanes(right_p, t, group), load_lanes(right_x, t, group), load_lanes(x, t, group), load_lanes(p, t, group),
-                                       decay, grow, bonus)
+            yt, num, den = _paper_step(num, den, x, p, right_p, right_x, t, group, decay, grow, bonus)
             scatter(y2, group, t, yt)
         return
     own = lanes_expm1(wv)  # e^w - 1
     eps1 = 1.0 + eps
     for s in range(0, T, chunk):  # a kernel chunk [s, e): H and O restart (O excludes the chunk's first token); y -> R
         xt, pt = load_lanes(x, s, group), load_lanes(p, s, group)
-        store_lanes(right_p, s, (num + load_lanes(right_p, s, group) + bonus * pt) / (eps1 * (den + load_lanes(right_x, s, group) + bonus * xt)
-                                                                     + eps * xt))
+        store_lanes(right_p, s, (num + load_lanes(right_p, s, group) + bonus * pt)
+                    / (eps1 * (den + load_lanes(right_x, s, group) + bonus * xt) + eps * xt))
         h_num, h_den = decay * pt, decay * xt
         o_num = o_den = splat(0.0, group)
         num = decay * num + decay * pt
@@ -585,8 +590,7 @@ def _forward_rows(k2, v2, y2, w, u, B, rows, shift, n, chunk, eps, official, x, 
             h_num = decay * h_num + decay * pt
             h_den = decay * h_den + decay * xt
     for t in range(0, whole, 4):
-        store_block(y2, group, t, load_lanes(right_p, t, group), load_lanes(right_p, t + 1, group), load_lanes(right_p, t + 2, group),
-                    load_lanes(right_p, t + 3, group))
+        _store_block_of(y2, group, t, right_p, t)
     for t in range(whole, T):
         scatter(y2, group, t, load_lanes(right_p, t, group))
 
@@ -699,14 +703,13 @@ def _rows_block_forward(k2, v2, y2, group, s, e, hi, decay, grow, own, bonus, ca
     num, den = load_lanes(state, at, group), load_lanes(state, at + 1, group)
     if not official:  # G_{t+1} = e^{-w} (G_t + P_t), and y
         for i in range(e - s):
-            yt, num, den = _paper_step(num, den, load_lanes(right_p, i, group), load_lanes(right_x, i, group), load_lanes(x, i, group), load_lanes(p, i, group),
-                                       decay, grow, bonus)
+            yt, num, den = _paper_step(num, den, x, p, right_p, right_x, i, group, decay, grow, bonus)
             store_lanes(right_p, i, yt)
         store_lanes(state, at, num)
         store_lanes(state, at + 1, den)
     else:
-        h_num, h_den, o_num, o_den = load_lanes(state, at + 2, group), load_lanes(state, at + 3, group), load_lanes(state, at + 4, group), load_lanes(
-            state, at + 5, group)
+        h_num, h_den, o_num, o_den = (load_lanes(state, at + 2, group), load_lanes(state, at + 3, group),
+                                      load_lanes(state, at + 4, group), load_lanes(state, at + 5, group))
         eps1 = 1.0 + eps
         x_bonus = eps1 * bonus + eps  # (1 + eps) e^u + eps: the weight of X_t in D'_t
         t = s
@@ -715,8 +718,8 @@ def _rows_block_forward(k2, v2, y2, group, s, e, hi, decay, grow, own, bonus, ca
             if t % chunk == 0:
                 i = t - s
                 xt, pt = load_lanes(x, i, group), load_lanes(p, i, group)
-                store_lanes(right_p, i, (num + load_lanes(right_p, i, group) + bonus * pt) / (eps1 * (den + load_lanes(right_x, i, group))
-                                                                             + x_bonus * xt))
+                store_lanes(right_p, i, (num + load_lanes(right_p, i, group) + bonus * pt)
+                            / (eps1 * (den + load_lanes(right_x, i, group)) + x_bonus * xt))
                 h_num, h_den = decay * pt, decay * xt
                 o_num = o_den = splat(0.0, group)
                 num = decay * num + decay * pt
@@ -738,9 +741,7 @@ def _rows_block_forward(k2, v2, y2, group, s, e, hi, decay, grow, own, bonus, ca
         for j, sums in enumerate((num, den, h_num, h_den, o_num, o_den)):
             store_lanes(state, at + j, sums)
     for t in range(s, whole, 4):
-        i = t - s
-        store_block(y2, group, t, load_lanes(right_p, i, group), load_lanes(right_p, i + 1, group), load_lanes(right_p, i + 2, group),
-                    load_lanes(right_p, i + 3, group))
+        _store_block_of(y2, group, t, right_p, t - s)
     for t in range(whole, e):
         scatter(y2, group, t, load_lanes(right_p, t - s, group))
 
@@ -798,10 +799,10 @@ def _rows_blocked_group(k2, v2, y2, w, u, B, rows, n, chunk, eps, official, scra
 def rows_blocked_kernel_with(k, v, w, u, y, chunk, eps, official, r0, r1, scratch, block, lanes):
     """:func:`rows_kernel` by blocks of ``block`` tokens (a multiple of 4), for long rows: scratch
     (:func:`rows_scratch`) in L1/L2 whatever T, at the price of a second exponential per token. Pass A takes each
-    block's key range and its sums in its own frame (right to left, rows ``len(lanes)`` at a time), a scan over the blocks
-    puts them in the frame of the rows' largest keys and gives the carries entering each block from the right, pass
-    B runs the rows kernel's sweeps block by block: k, v read twice, y written once (the token-major kernel's scheme,
-    :func:`tokens_kernel`). A group of rows with one out of range is run again without it."""
+    block's key range and its sums in its own frame (right to left, ``len(lanes)`` rows at a time), a scan over the
+    blocks puts them in the frame of the rows' largest keys and gives the carries entering each block from the
+    right, pass B runs the rows kernel's sweeps block by block: k, v read twice, y written once (the token-major
+    kernel's scheme, :func:`tokens_kernel`). A group of rows with one out of range is run again without it."""
     B, T = k.shape[1], k.shape[2]
     k2, v2, y2 = k.reshape(-1, T), v.reshape(-1, T), y.reshape(-1, T)
     rows, kept = np.empty(len(lanes), np.int64), np.empty(len(lanes), np.int64)
@@ -902,8 +903,8 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
         for t in range(whole, T):
             _inputs(x, p, left_p, t, gather(k2, group, t) - hi, gather(v2, group, t),
                     gather(g2, group, t), like)
-        # The sums are updated as S = e^{-w} (S + z) where that measured faster: with a group of rows per vector the sweeps
-        # are bound by throughput, not by their chains' latency, and an add and a multiply load the FP pipes less
+        # The sums are updated as S = e^{-w} (S + z) where that measured faster: with a group of rows per vector the
+        # sweeps are bound by throughput, not by their chains' latency, and an add and a multiply load the FP pipes less
         # than a multiply and an FMA.
         num = den = num1 = den1 = zero
         for t in range(T - 1, -1, -1):  # R_t, R1_t, then R_{t-1} = e^{-w} (R_t + P_t), R1_{t-1} = e^{-w} R1_t + R_{t-1}
@@ -976,7 +977,8 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
                                     + x_bonus * load_lanes(x, t + 1, group))
                     a_t = load_lanes(left_p, t, group) * r_t
                     b_t = (a_t * r_t) * (n_t * -eps1)  # (1 + eps) b_t
-                    dw_t += a_t * (grow * hmo_num - load_lanes(moment_p, t, group)) + b_t * (grow * hmo_den - load_lanes(moment_x, t, group))
+                    dw_t += (a_t * (grow * hmo_num - load_lanes(moment_p, t, group))
+                             + b_t * (grow * hmo_den - load_lanes(moment_x, t, group)))
                     du += a_t * pt + b_t * xt
                     store_lanes(left_p, t, sa + bonus * a_t)
                     store_lanes(moment_p, t, sb + b_bonus * b_t)
@@ -1005,17 +1007,16 @@ def rows_backward_kernel_with(k, v, w, u, gy, chunk, eps, official, dk, dv, dw_r
                     dw_t -= pt * (sa1 + own * (ha1 + keep * oa1)) + xt * (sb1 + own * (hb1 + keep * ob1))
                     dp_t = load_lanes(left_p, t, group) + sa + own * (ha - keep * oa)
                     store_lanes(left_p, t, xt * dp_t)  # dv
-                    store_lanes(moment_p, t, pt * dp_t + xt * (load_lanes(moment_p, t, group) + sb + own * (hb - keep * ob)))  # dk
+                    dk_t = pt * dp_t + xt * (load_lanes(moment_p, t, group) + sb + own * (hb - keep * ob))
+                    store_lanes(moment_p, t, dk_t)
                     da, db = decay * a_t, decay * b_t
                     sa = decay * sa + da
                     sb = decay * sb + db
                     ha = decay * ha + da
                     hb = decay * hb + db
         for t in range(0, whole, 4):
-            store_block(dv2, group, t, load_lanes(left_p, t, group), load_lanes(left_p, t + 1, group), load_lanes(left_p, t + 2, group),
-                        load_lanes(left_p, t + 3, group))
-            store_block(dk2, group, t, load_lanes(moment_p, t, group), load_lanes(moment_p, t + 1, group), load_lanes(moment_p, t + 2, group),
-                        load_lanes(moment_p, t + 3, group))
+            _store_block_of(dv2, group, t, left_p, t)
+            _store_block_of(dk2, group, t, moment_p, t)
         for t in range(whole, T):
             scatter(dv2, group, t, load_lanes(left_p, t, group))
             scatter(dk2, group, t, load_lanes(moment_p, t, group))
