@@ -65,6 +65,7 @@ def _live_tensor_bytes() -> int:
     inputs, caches), each storage counted once."""
     import gc
 
+    gc.collect()  # (tensors in unreachable cycles are not alive: collected now, not counted by chance)
     storages = {}
     for obj in gc.get_objects():
         # (type(), not isinstance: isinstance reads __class__, which some lazy module objects answer with a warning)
