@@ -60,3 +60,32 @@ def test_low_memory_bad_use_raises():
         model.train()(torch.randn(1, 3, 64, 64, device=DEVICE))
     with pytest.raises(ValueError, match="SpatialMix"):
         timm.create_model("test_vrwkv6").set_low_memory()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the fused numba kernels run on CPU tensors")
+def test_low_memory_with_the_fused_kernels_takes_whole_units(fused_cpu_scan, monkeypatch):
+    """With the numba kernels the WKV channel groups are whole 16-channel units, one per thread (a group of a few
+    channels left the kernel's vector lanes part-empty, copied columns, and one thread idle): features equal the
+    normal path's in float64 with chunks of one row."""
+    from vrwkv.layers import SpatialMix
+    from vrwkv.ops.wkv.fused_cpu import TOKEN_UNIT
+
+    model = _perturbed("test_vrwkv").double()
+    widths = []
+    wkv = SpatialMix.wkv
+
+    def recording_wkv(self, k, v, num_tokens, channels=slice(None), out=None):
+        widths.append(k.shape[-1])
+        return wkv(self, k, v, num_tokens, channels, out)
+
+    x = torch.randn(1, 3, 112, 80, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        monkeypatch.setattr(SpatialMix, "wkv", recording_wkv)
+        model.set_low_memory(chunk_tokens=1)
+        assert rel_err(model.forward_features(x), ref) < 1e-13
+    C = model.embed_dim
+    group = min(C, TOKEN_UNIT * torch.get_num_threads())
+    calls = -(-C // group)  # per block
+    assert len(widths) == calls * len(model.layers)
+    assert widths[:calls] == [group] * (calls - 1) + [C - (calls - 1) * group]
