@@ -64,3 +64,23 @@ def test_team_reports_rows_out_of_range(fused_cpu_scan, two_threads, monkeypatch
     assert fused_cpu.fused_cpu_bi_wkv(k, v, w, u, "official", 16, 1e-8) is None
     k[0, 10, 37] = 0.0
     assert fused_cpu.fused_cpu_bi_wkv(k, v, w, u, "official", 16, 1e-8) is not None
+
+
+def test_the_bodies_come_from_numbas_disk_cache(fused_cpu_scan):
+    """A second process loads every parallel-region body (kind x dtype x rows per vector: closures told apart by
+    their values) from numba's disk cache instead of compiling it."""
+    import subprocess
+    import sys
+
+    from vrwkv.ops.wkv import fused_cpu_team
+
+    if fused_cpu._compiled_kernels().team is None:
+        pytest.skip("no OpenMP runtime found in this PyTorch: no parallel-region bodies")
+    keys = [(kind, dtype, lanes) for kind in (fused_cpu.FORWARD, fused_cpu.TOKENS, fused_cpu.BACKWARD)
+            for dtype in ("float32", "float64") for lanes in (4, 8)]
+    for key in keys:  # (this process compiled or loaded them)
+        fused_cpu_team._body(*key)
+    code = ("from vrwkv.ops.wkv import fused_cpu_team as t\n"
+            f"print(*(t._body(*key).cache_hits for key in {keys!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["1"] * len(keys)

@@ -185,63 +185,22 @@ _next_piece, _rows3, _tokens3, _array1, _forward, _backward = (
     for f in (_next_piece, _rows3, _tokens3, _array1, _forward, _backward))
 
 
-_X4, _X8 = (0,) * 4, (0,) * 8  # the rows kernels' lanes: four or eight rows per vector
+def _make_body(kind: str, dtype_name: str, lanes: int):
+    """The region body ``body(data)`` of ``kind`` for ``dtype_name`` arrays and ``lanes`` rows per vector. numba
+    caches each on disk by its code and its closure's values (the dtype and the lanes tuple)."""
+    dtype, group = np.dtype(dtype_name).type, (0,) * lanes
+    if kind == FORWARD:
+        def body(data):
+            _forward(data, _rows3, dtype, True, group)
+    elif kind == TOKENS:
+        def body(data):
+            _forward(data, _tokens3, dtype, False, group)
+    else:
+        def body(data):
+            _backward(data, dtype, group)
+    return body
 
 
-def _rows_float32_x4(data):
-    _forward(data, _rows3, np.float32, True, _X4)
-
-
-def _rows_float64_x4(data):
-    _forward(data, _rows3, np.float64, True, _X4)
-
-
-def _rows_float32_x8(data):
-    _forward(data, _rows3, np.float32, True, _X8)
-
-
-def _rows_float64_x8(data):
-    _forward(data, _rows3, np.float64, True, _X8)
-
-
-def _tokens_float32_x4(data):
-    _forward(data, _tokens3, np.float32, False, _X4)
-
-
-def _tokens_float64_x4(data):
-    _forward(data, _tokens3, np.float64, False, _X4)
-
-
-def _tokens_float32_x8(data):
-    _forward(data, _tokens3, np.float32, False, _X8)
-
-
-def _tokens_float64_x8(data):
-    _forward(data, _tokens3, np.float64, False, _X8)
-
-
-def _backward_float32_x4(data):
-    _backward(data, np.float32, _X4)
-
-
-def _backward_float64_x4(data):
-    _backward(data, np.float64, _X4)
-
-
-def _backward_float32_x8(data):
-    _backward(data, np.float32, _X8)
-
-
-def _backward_float64_x8(data):
-    _backward(data, np.float64, _X8)
-
-
-_BODIES = {(FORWARD, "float32", 4): _rows_float32_x4, (FORWARD, "float64", 4): _rows_float64_x4,
-           (FORWARD, "float32", 8): _rows_float32_x8, (FORWARD, "float64", 8): _rows_float64_x8,
-           (TOKENS, "float32", 4): _tokens_float32_x4, (TOKENS, "float64", 4): _tokens_float64_x4,
-           (TOKENS, "float32", 8): _tokens_float32_x8, (TOKENS, "float64", 8): _tokens_float64_x8,
-           (BACKWARD, "float32", 4): _backward_float32_x4, (BACKWARD, "float64", 4): _backward_float64_x4,
-           (BACKWARD, "float32", 8): _backward_float32_x8, (BACKWARD, "float64", 8): _backward_float64_x8}
 _compiled = {}
 
 
@@ -251,5 +210,5 @@ def _body(kind: str, dtype: str, lanes: int):
     cfunc = _compiled.get((kind, dtype, lanes))
     if cfunc is None:
         cfunc = _compiled[kind, dtype, lanes] = numba.cfunc(types.void(types.voidptr), nopython=True, cache=True)(
-            _BODIES[kind, dtype, lanes])
+            _make_body(kind, dtype, lanes))
     return cfunc
