@@ -214,9 +214,11 @@ rows_per_vector: int | None = None
 
 
 def row_lanes() -> int:
-    """Rows the channel-major kernels run in lockstep, one per float64 lane: 8 (one 512-bit register) where LLVM
-    compiles for AVX-512, else 4 (one AVX2 register; eight would spill: AVX2 has 16 registers). On a Zen 5 core
-    (AVX-512) eight rows took 0.65-0.85x the time of four. :data:`rows_per_vector` overrides the choice."""
+    """Rows the channel-major kernels run in lockstep, one per float64 lane (the token-major kernel's left-to-right
+    sweep: lanes per part): 8 (one 512-bit register) where LLVM compiles for AVX-512, else 4 (one AVX2 register of
+    16; eight take two, and the token-major sweep's eight lanes spilled on an AVX2 host). On a Zen 5 core eight rows
+    took 0.65-0.85x the time of four, and still 0.7-0.8x compiled for AVX2 (``NUMBA_CPU_NAME=haswell``): an AVX2
+    host may gain from eight too, not measured. :data:`rows_per_vector` overrides the choice."""
     if rows_per_vector is not None:
         if rows_per_vector not in (4, 8):
             raise ValueError(f"rows_per_vector must be 4 or 8, got {rows_per_vector!r}")
