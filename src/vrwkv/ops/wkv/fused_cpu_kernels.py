@@ -158,15 +158,6 @@ def _pointer(context, builder, sig, args, row, column=None, lanes=4):
 
 
 @intrinsic
-def load4(typingctx, a, t):
-    """Row t of a float64 [n, 4] array."""
-    if _is_matrix(a, types.float64) and isinstance(t, types.Integer):
-        def codegen(context, builder, sig, args):
-            return builder.load(_pointer(context, builder, sig, args, 1), align=8)
-        return f64x4(a, t), codegen
-
-
-@intrinsic
 def load_run(typingctx, a, r, t):
     """a[r, t..t+3] (a: a float [rows, n] array) as float64."""
     if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer):
@@ -1050,16 +1041,6 @@ def load8(typingctx, a, t):
 
 
 @intrinsic
-def store8(typingctx, a, t, x):
-    """Row t of a float64 [n, 8] array = x."""
-    if _is_matrix(a, types.float64) and isinstance(t, types.Integer) and x == f64x8:
-        def codegen(context, builder, sig, args):
-            builder.store(args[2], _pointer(context, builder, sig, args, 1, lanes=8), align=8)
-            return context.get_dummy_value()
-        return types.none(a, t, x), codegen
-
-
-@intrinsic
 def load_run8(typingctx, a, r, t):
     """a[r, t..t+7] (a: a float [rows, n] array) as float64."""
     if _is_matrix(a) and isinstance(r, types.Integer) and isinstance(t, types.Integer):
@@ -1124,7 +1105,7 @@ def _block_summary(k2, v2, base, col, s, e, decay, keep, kept):
         high, low = vmax(key, high), vmin(key, low)  # (NaN keys are skipped, as by max and min: they propagate)
         xt = exp_like(key - m, like)
         if keep >= 0:
-            store8(kept, keep + t, xt)
+            store_lanes(kept, keep + t, xt)
         num = decay * num + xt * load_run8(v2, base + t, col)
         den = decay * den + xt
     return m, high, low, num, den
@@ -1269,8 +1250,8 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1, part):
                 params[5 * g + 2, i], params[5 * g + 3, i] = math.expm1(w[c]), math.exp(u[c])
                 # e^{-L w} across a whole block (at most T tokens: within e^600 for a row in range)
                 params[5 * g + 4, i] = math.exp(-min(L, T) * w[c])
-            store8(high, g, splat8(-np.inf))
-            store8(low, g, splat8(np.inf))
+            store_lanes(high, g, splat8(-np.inf))
+            store_lanes(low, g, splat8(np.inf))
         if tail:
             c0 = first + 8 * (groups - 1)
             for t in range(T):
@@ -1286,11 +1267,11 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1, part):
                 base, col = (0, 0) if on_copy else (b * T, first + 8 * g)
                 m, hi, lo, num, den = _block_summary(kg, vg, base, col, s, e, load8(params, 5 * g),
                                                      keep if keep < 0 else g * W, kept)
-                store8(high, g, vmax(hi, load8(high, g)))
-                store8(low, g, vmin(lo, load8(low, g)))
-                store8(block_frame, g * blocks + blk, m)
-                store8(sum_p, g * blocks + blk, num)
-                store8(sum_x, g * blocks + blk, den)
+                store_lanes(high, g, vmax(hi, load8(high, g)))
+                store_lanes(low, g, vmin(lo, load8(low, g)))
+                store_lanes(block_frame, g * blocks + blk, m)
+                store_lanes(sum_p, g * blocks + blk, num)
+                store_lanes(sum_x, g * blocks + blk, den)
         for g in range(groups):  # the range check, the carries
             bad, prev = 0, -1
             for i in range(8):
@@ -1306,9 +1287,9 @@ def tokens_kernel(k, v, w, u, y, chunk, eps, official, g0, g1, part):
                 r = g * blocks + blk
                 scale = _exp4(load8(block_frame, r) - hi)
                 block_p, block_x = load8(sum_p, r), load8(sum_x, r)
-                store8(block_frame, r, scale)  # (pass B's factor for the kept exponentials)
-                store8(sum_p, r, decay * carry_p)
-                store8(sum_x, r, decay * carry_x)
+                store_lanes(block_frame, r, scale)  # (pass B's factor for the kept exponentials)
+                store_lanes(sum_p, r, decay * carry_p)
+                store_lanes(sum_x, r, decay * carry_x)
                 carry_p = decay_block * carry_p + scale * block_p
                 carry_x = decay_block * carry_x + scale * block_x
             for i in range(6 * H * g, 6 * H * (g + 1)):
