@@ -246,20 +246,21 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
     """
     kernels = _compiled_kernels()
     lanes = row_lanes()
+    lane_zeros = (0,) * lanes  # the kernels' ``lanes`` argument: its length is the vector width
     group = 1 if kind == TOKENS else lanes  # units in lockstep (a token-major unit holds its lanes itself)
     n = max(1, min(torch.get_num_threads(), -(-rows // group)))
     if n == 1:
-        return getattr(kernels, kind)(*args, 0, rows, (0,) * lanes)
-    if kernels.team is not None and use_openmp_team:
-        return kernels.team.run(kind, args, rows, n, lanes)
-    # small pieces taken in turn by the caller and n - 1 pool threads: a thread slowed by other work on its core
-    # (e.g. PyTorch's OpenMP workers still spinning after the previous op) takes fewer pieces; whole groups of rows
+        return getattr(kernels, kind)(*args, 0, rows, lane_zeros)
+    # small pieces taken in turn by the threads: a thread slowed by other work on its core (e.g. PyTorch's OpenMP
+    # workers still spinning after the previous op) takes fewer pieces; whole groups of rows
     step = piece_size(rows, n, group)
+    if kernels.team is not None and use_openmp_team:
+        return kernels.team.run(kind, args, rows, n, lanes, step)
     pieces = iter(range(0, rows, step))
     take = threading.Lock()
 
     def work() -> int:
-        kernel = _piece_kernel(kernels, kind, args)  # (the rows kernels' scratch once per thread, as in the team)
+        kernel = _piece_kernel(kernels, kind, args, lane_zeros)  # (the rows kernels' scratch once per thread)
         unsafe_rows = 0
         while True:
             with take:
@@ -279,10 +280,10 @@ def piece_size(units: int, threads: int, lanes: int) -> int:
     return -(-step // lanes) * lanes
 
 
-def _piece_kernel(kernels: _Kernels, kind: str, args: tuple):
-    """``kernel(*args, r0, r1)`` of ``kind`` for one thread's pieces: the rows kernels with one scratch for all of
-    them (allocated per piece, it was fresh pages every time: 8 MB at 65,536 tokens), the token-major one as is."""
-    lanes = (0,) * row_lanes()
+def _piece_kernel(kernels: _Kernels, kind: str, args: tuple, lanes: tuple[int, ...]):
+    """``kernel(*args, r0, r1)`` of ``kind`` for one thread's pieces, with the kernels' ``lanes`` argument: the rows
+    kernels with one scratch for all of them (allocated per piece, it was fresh pages every time: 8 MB at 65,536
+    tokens), as in the team."""
     if kind == TOKENS:
         return lambda *a: kernels.tokens(*a, lanes)
     T = args[0].shape[2]  # k: [C, B, T]

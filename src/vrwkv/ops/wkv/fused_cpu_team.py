@@ -26,7 +26,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from vrwkv.ops._numba_cache import key_cache_on_all_kernel_sources
-from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS, piece_size
+from vrwkv.ops.wkv.fused_cpu import BACKWARD, FORWARD, TOKENS
 from vrwkv.ops.wkv.fused_cpu_kernels import (BACKWARD_SCRATCH, rows_backward_kernel_with, rows_kernel_with,
                                              rows_scratch, tokens_kernel)
 
@@ -91,11 +91,11 @@ class Team:
         self._parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         self._parallel.restype = None
 
-    def run(self, kind: str, args: tuple, units: int, threads: int, lanes: int) -> int:
+    def run(self, kind: str, args: tuple, units: int, threads: int, lanes: int, step: int) -> int:
         """The kernel of ``kind`` (:data:`FORWARD` ``rows_kernel``, :data:`BACKWARD` ``rows_backward_kernel``,
-        :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (channel units) on ``threads`` OpenMP threads, for the
-        same ``args`` as the kernel minus the range (r0, r1) and ``lanes`` (4 or 8 rows per vector); returns the rows
-        out of range."""
+        :data:`TOKENS` ``tokens_kernel``) over ``units`` rows (channel units) on ``threads`` OpenMP threads in pieces
+        of ``step`` units taken in turn, for the same ``args`` as the kernel minus the range (r0, r1) and ``lanes``
+        (4 or 8 rows per vector); returns the rows out of range."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         k, w = arrays[0], arrays[2]
         threads = min(threads, _MAX_THREADS, units)
@@ -105,9 +105,7 @@ class Team:
             B, T, C = k.shape
         else:
             C, B, T = k.shape
-        # small pieces taken in turn: a thread slowed by other work on its core takes fewer
-        control[[_C, _B, _T, _CHUNK, _OFFICIAL, _UNITS, _STEP]] = (
-            C, B, T, chunk, int(official), units, piece_size(units, threads, 1 if kind == TOKENS else lanes))
+        control[[_C, _B, _T, _CHUNK, _OFFICIAL, _UNITS, _STEP]] = (C, B, T, chunk, int(official), units, step)
         control.view(np.float64)[_EPS] = eps
         for i, a in enumerate(arrays):
             if not a.flags.c_contiguous:
