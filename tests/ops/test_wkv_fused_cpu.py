@@ -240,12 +240,12 @@ def test_dispatch(fused_cpu_scan):
     """With the fused scan on: CPU float32 in the block path's range -> the fused scans (the same numbers as calling
     them; gradients through their backward); float64 or a single token -> the other paths."""
     k, v, w, u = (x.float() for x in random_inputs(2, 64, 6, seed=5))
-    assert api._fused_cpu_applies(k)
+    assert api.fused_cpu_applies(k)
     with torch.no_grad():
         assert torch.equal(bi_wkv(k, v, w, u, "official"), fused(k, v, w, u, "official"))
     y = bi_wkv(k.requires_grad_(), v, w, u, "official")
     assert y.grad_fn is not None and "Fused" in type(y.grad_fn).__name__
-    assert not api._fused_cpu_applies(k[:, :1].detach())
+    assert not api.fused_cpu_applies(k[:, :1].detach())
     assert not api._blocked_applies(k.double(), w.double(), u.double(), "official")  # float64: the chunked scan
 
 
@@ -256,11 +256,11 @@ def test_off_by_default(monkeypatch):
     monkeypatch.setattr(fused_cpu, "_enabled", None)
     monkeypatch.delenv("VRWKV_NUMBA", raising=False)
     k, v, w, u = (x.float() for x in random_inputs(1, 16, 4))
-    assert not api._fused_cpu_applies(k)
+    assert not api.fused_cpu_applies(k)
     monkeypatch.setenv("VRWKV_NUMBA", "1")
-    assert api._fused_cpu_applies(k)
+    assert api.fused_cpu_applies(k)
     use_numba(False)  # the call wins over the environment
-    assert not api._fused_cpu_applies(k)
+    assert not api.fused_cpu_applies(k)
 
 
 def grad_err(g, ref) -> float:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from vrwkv.layers import ChannelMix, SpatialMix, q_shift, token_shift
-from vrwkv.ops.wkv.fused_cpu import TOKEN_UNIT, numba_enabled
+from vrwkv.ops.wkv.api import fused_cpu_applies
+from vrwkv.ops.wkv.fused_cpu import TOKEN_UNIT
 
 
 def check_low_memory_support(model: nn.Module) -> None:
@@ -75,8 +76,8 @@ def low_memory_forward_features(model: nn.Module, images: torch.Tensor, chunk_to
     x = _embed(model, images, (H, W), rows)  # [B, T, C], the residual stream, updated in place
     k, v, r = (torch.empty_like(x) for _ in range(3))
     group = max(1, min(C, chunk_tokens * C // (B * T)))  # WKV channels per call
-    if images.device.type == "cpu" and numba_enabled():
-        # the fused kernel's work units are 16 adjacent channels: a thread per unit, no part-empty vector lanes
+    if fused_cpu_applies(x):
+        # the fused numba kernels' work units are 16 adjacent channels: a thread per unit, no part-empty vector lanes
         group = min(C, max(group, TOKEN_UNIT * torch.get_num_threads()))
     for blk in model.layers:
         _block(blk, x, (H, W), rows, group, k, v, r)

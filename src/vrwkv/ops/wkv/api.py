@@ -87,7 +87,7 @@ def _run(k, v, w, u, semantics: str, out: torch.Tensor | None = None) -> torch.T
         _check_out(out, k, v, w, u)
     if not _blocked_applies(k, w, u, semantics):
         impl = chunked_bi_wkv
-    elif _fused_cpu_applies(k):
+    elif fused_cpu_applies(k):
         impl = _fused_or_blocked
     else:
         impl = blocked_bi_wkv
@@ -127,7 +127,7 @@ def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _fused_cpu_applies(k: torch.Tensor) -> bool:
+def fused_cpu_applies(k: torch.Tensor) -> bool:
     """The fused numba scans: asked for (:func:`vrwkv.ops.use_numba`), CPU tensors, at least two tokens, no graph
     capture (numba kernels are opaque to torch.compile and tracing)."""
     if not numba_enabled() or k.device.type != "cpu" or k.shape[1] < 2:
