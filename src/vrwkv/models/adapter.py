@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 
+from vrwkv.layers.linear import calls_hooks
 from vrwkv.layers.ms_deform_attn import MSDeformAttn
 from vrwkv.layers.pos_embed import resize_pos_embed
 from vrwkv.models._checkpoint import pos_embed_grid, read_checkpoint
@@ -261,8 +262,9 @@ class VRWKVAdapter(VRWKV):
         for (first, last), inter in zip(self.interaction_indexes, self.interactions):
             x = inter.injector(x, ref_inject, c, prior_shapes)
             with self._workspace():  # (the blocks share buffers: VRWKV._workspace)
+                producer = inter.injector
                 for blk in self.layers[first:last + 1]:
-                    x = self._block(blk, x, (H, W))
+                    x, producer = self._block(blk, x, (H, W), not calls_hooks(producer)), blk
             for extractor in [inter.extractor, *(inter.extra_extractors or [])]:
                 c = extractor(c, ref_extract, x, [(H, W)], (H, W))
             outs.append(self._to_map(x, (H, W)))

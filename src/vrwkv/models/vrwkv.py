@@ -84,18 +84,39 @@ class Block(nn.Module):
         else:
             self.gamma1 = self.gamma2 = None
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], *, consume_input: bool = False) -> torch.Tensor:
+        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``.
+
+        ``consume_input``: the caller gives ``x`` up (it will not read it again and nothing else holds it). Without
+        autograd the block then writes the stream into ``x`` (``ln0`` in block 0, the first residual sum) instead of
+        into new tensors: else the input, which the caller holds until the block returns, is alive next to the stream
+        through the block, one ``[B, T, C]`` more at the forward's tensor peak (``benchmarks/NOTES.md``, session 15).
+        """
         if self.ln0 is not None:
-            x = self.ln0(x)
+            x = self._ln0(x, consume_input)
         if self.post_norm:
-            x = self.residual(x, self.ln1(self.att(x, hw)), self.gamma1)
+            x = self.residual(x, self.ln1(self.att(x, hw)), self.gamma1, own_x=consume_input)
             return self.residual(x, self.ln2(self.ffn(x, hw)), self.gamma2, own_x=True)
-        branch = self.att(self.ln1(x), hw)
-        x = self.residual(x, branch, self.gamma1, own_branch=not calls_hooks(self.att))
+        x = self.residual(x, self.att(self.ln1(x), hw), self.gamma1, own_x=consume_input,  # (no name keeps the
+                          own_branch=not calls_hooks(self.att))  # branch alive through the FFN)
         if self._ffn_adds_in_place():  # (x is this block's tensor now)
             return self.ffn.add_to(x, self.ln2(x), hw, self.gamma2)
         return self.residual(x, self.ffn(self.ln2(x), hw), self.gamma2, own_x=True)
+
+    def _ln0(self, x: torch.Tensor, consume_input: bool) -> torch.Tensor:
+        """``ln0(x)``; written over ``x`` (rows at a time, the same values) when the caller gives ``x`` up and no
+        autograd, graph capture or hook can see the difference."""
+        in_place = (consume_input and not torch.is_grad_enabled() and type(self.ln0) is nn.LayerNorm
+                    and not calls_hooks(self.ln0) and x.is_contiguous()
+                    and (torch.is_inference_mode_enabled() or not torch.is_inference(x))  # (else no in-place writes)
+                    and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
+        if not in_place:
+            return self.ln0(x)
+        rows = x.view(-1, x.shape[-1])  # [B·T, C]
+        for start in range(0, rows.shape[0], LN0_ROWS_IN_PLACE):
+            chunk = rows[start:start + LN0_ROWS_IN_PLACE]
+            chunk.copy_(self.ln0(chunk))
+        return x
 
     def _ffn_adds_in_place(self) -> bool:
         """Inference with the V1 channel mix, called without hooks: it adds its output rows into the residual stream
@@ -129,6 +150,13 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _holds_storage_of(output: Any, x: torch.Tensor) -> bool:
+    """Whether ``output`` (a tensor, or a list/tuple of them) is or holds a view of ``x``'s storage."""
+    if isinstance(output, torch.Tensor):
+        return _same_storage(output, x)
+    return isinstance(output, (list, tuple)) and any(_holds_storage_of(o, x) for o in output)
+
+
 def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     return x if gamma is None else x * gamma
 
@@ -159,6 +187,9 @@ def _init_linear_and_norm(module: nn.Module) -> None:
 #: Largest resized ``pos_embed`` (bytes) that :meth:`VRWKV.pos_embed_for` keeps between forwards (VRWKV-T at
 #: 4096 px: 50 MB; the low-memory mode's 16384 px would be 805 MB, recomputed instead).
 POS_EMBED_CACHE_BYTES = 64 * 2**20
+
+#: Rows per step of block 0's in-place ``ln0`` (:meth:`Block._ln0`): its temporary is one step's output (1.5 MB).
+LN0_ROWS_IN_PLACE = 2048
 
 
 class VRWKV(nn.Module):
@@ -333,8 +364,13 @@ class VRWKV(nn.Module):
     # ---------------------------------------------------------------------------------------------- forward
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images ``[B, in_chans, h, w]`` -> tokens ``[B, T, C]`` with position embedding, and the grid (H, W)."""
-        x, hw = self.patch_embed(x)
-        x = x + self.pos_embed_for(hw)
+        x, hw = self.patch_embed(x)  # [B, T, C] view of the conv's [B, C, T]
+        pos = self.pos_embed_for(hw)
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            x = x + pos
+        else:  # the stream token-major (x + pos would take the conv's layout, which every norm copies first), so
+            stream = x.new_empty(x.shape, dtype=torch.result_type(x, pos))  # (x is bfloat16 under autocast)
+            x = torch.add(x, pos, out=stream)  # block 0 can normalise it in place (Block._ln0)
         return self.drop_after_pos(x), hw
 
     def pos_embed_for(self, hw: tuple[int, int]) -> torch.Tensor:
@@ -366,10 +402,12 @@ class VRWKV(nn.Module):
         the peak (+4.6 MB at 224 px batch 8) for no measured gain in time."""
         return inference_workspace() if numba_enabled() else contextlib.nullcontext()
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def _block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int], consume_input: bool = False) -> torch.Tensor:
+        """``blk(x, hw)``; ``consume_input`` (see :meth:`Block.forward`): the caller replaces ``x`` by the result and
+        no hook on the module that made ``x`` (``producer``) may have kept it."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
-        return blk(x, hw)
+        return blk(x, hw, consume_input=consume_input)
 
     def set_low_memory(self, enable: bool = True, chunk_tokens: int = 16384) -> None:
         """Low-memory exact inference for very large images (see :mod:`vrwkv.models.low_memory`).
@@ -409,8 +447,9 @@ class VRWKV(nn.Module):
             return low_memory_forward_features(self, x, self.low_memory_chunk_tokens)
         x, hw = self._embed(x)
         with self._workspace():  # (the blocks' inference temporaries share buffers: layers/workspace.py)
+            producer = self.drop_after_pos
             for blk in self.layers:
-                x = self._block(blk, x, hw)
+                x, producer = self._block(blk, x, hw, not calls_hooks(producer)), blk
         return self.ln1(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -437,12 +476,15 @@ class VRWKV(nn.Module):
         x, hw = self._embed(x)
         outs = []
         with self._workspace():
+            private = not calls_hooks(self.drop_after_pos)  # (whether the next block may write into x)
             for i, blk in enumerate(self.layers):
-                x = self._block(blk, x, hw)
+                x = self._block(blk, x, hw, private)
                 if i == len(self.layers) - 1:
                     x = self.ln1(x)
+                private = not calls_hooks(blk)
                 if i in self.out_indices:
                     outs.append(self._backbone_output(x, hw))
+                    private = private and not _holds_storage_of(outs[-1], x)
         return tuple(outs)
 
     def _backbone_output(self, x: torch.Tensor, hw: tuple[int, int]) -> Any:
@@ -484,11 +526,14 @@ class VRWKV(nn.Module):
         blocks = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
         with self._workspace():
+            private = not calls_hooks(self.drop_after_pos)  # (whether the next block may write into x)
             for i, blk in enumerate(blocks):
-                x = self._block(blk, x, hw)
+                x = self._block(blk, x, hw, private)
+                private = not calls_hooks(blk)
                 if i in take_indices:
                     y = self.ln1(x) if norm else x
                     intermediates.append(self._to_map(y, hw) if output_fmt == "NCHW" else y)
+                    private = private and not _holds_storage_of(intermediates[-1], x)
         if intermediates_only:
             return intermediates
         return self.ln1(x), intermediates
