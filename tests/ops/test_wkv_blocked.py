@@ -5,7 +5,7 @@ import torch
 import wkv_cases
 from conftest import DEVICE, rel_err
 from vrwkv.ops import bi_wkv
-from vrwkv.ops.wkv import api
+from vrwkv.ops.wkv import api, blocked
 from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports, plan_blocks
 from vrwkv.ops.wkv.reference import naive_official_bi_wkv, naive_paper_bi_wkv
 from wkv_cases import extreme_inputs, reference
@@ -78,6 +78,26 @@ def test_channel_major_input_and_inference_path(semantics):
     assert y_grad.requires_grad
     assert rel_err(y_grad.detach(), y_inference) < 1e-6
     assert y_inference.permute(2, 0, 1).is_contiguous() and y_grad.permute(2, 0, 1).is_contiguous()  # [C, B, T]
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_inference_by_channel_groups(monkeypatch, semantics):
+    """Without autograd the op runs groups of channels (``GROUP_ELEMENTS`` elements, at least
+    ``MIN_GROUP_CHANNELS``) into one y: 7 channels as 3 + 3 + 1 equal the reference and the op in one group."""
+    k, v, w, u = random_inputs(2, 61, 7, seed=5)
+    ref = reference(semantics, k, v, w, u)
+    k, v, w, u = (x.float() for x in (k, v, w, u))
+    with torch.no_grad():
+        whole = blocked_bi_wkv(k, v, w, u, semantics)
+        monkeypatch.setattr(blocked, "GROUP_ELEMENTS", 2 * 61 * 3)
+        monkeypatch.setattr(blocked, "MIN_GROUP_CHANNELS", 2)
+        groups = []
+        forward = blocked._forward
+        monkeypatch.setattr(blocked, "_forward", lambda k, *a, **kw: groups.append(k.shape[2]) or forward(k, *a, **kw))
+        grouped = blocked_bi_wkv(k, v, w, u, semantics)
+    assert groups == [3, 3, 1]
+    assert grouped.permute(2, 0, 1).is_contiguous()  # [B, T, C] view of [C, B, T], as in one group
+    assert rel_err(grouped, whole) < 1e-6 and rel_err(grouped, ref) < TOL32[semantics]
 
 
 @pytest.mark.parametrize("semantics, T, chunks", [("paper", 2, 32), ("paper", 29, 32), ("official", 9, 32),

@@ -56,6 +56,10 @@ MAX_ABS_FIRST = 60.0
 MAX_BLOCK = 32
 # Carries fed to the GEMM are at most e^_FRAME_MARGIN (see the docstring).
 _FRAME_MARGIN = 60.0
+#: Elements (B·T·channels) per channel group of the forward without autograd (:func:`_forward_by_channel_groups`),
+#: and the fewest channels of a group (each group costs ~40 operator calls).
+GROUP_ELEMENTS = 2**19
+MIN_GROUP_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,23 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
         return _traceable_forward(k, v, w, u, plan, eps_den)
     if grad:
         return _BlockedBiWKV.apply(k, v, w, u, plan, eps_den)
-    return _forward(k, v, w, u, plan, eps_den)[0]
+    return _forward_by_channel_groups(k, v, w, u, plan, eps_den)
+
+
+def _forward_by_channel_groups(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> torch.Tensor:
+    """The op without autograd, over groups of channels (it is independent per channel) of about
+    :data:`GROUP_ELEMENTS` elements each, into one ``y``: the temporaries (``[X, X v]``, the GEMM output, the
+    carries; five ``[B, T, C']``) are one group's. Returns a [B, T, C] view of [C, B, T] as :func:`_forward`."""
+    B, T, C = k.shape
+    groups = min(-(-B * T * C // GROUP_ELEMENTS), -(-C // MIN_GROUP_CHANNELS))
+    if groups <= 1:
+        return _forward(k, v, w, u, plan, eps_den)[0]
+    per_group = -(-C // groups)  # (groups of equal size, the last one smaller)
+    y = k.new_empty(C, B, T)
+    for c0 in range(0, C, per_group):
+        c = slice(c0, c0 + per_group)
+        _forward(k[..., c], v[..., c], w[c], u[c], plan, eps_den, out=y[c])
+    return y.permute(1, 2, 0)
 
 
 def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,11 +361,11 @@ def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torc
     return stacked
 
 
-def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False):
+def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None):
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (one bmm, one rank-2 update in place).
 
-    Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T]; ``saved`` (when ``keep``) what the backward needs:
-    ``1 / den'`` [C, B, T] and the block maxima.
+    Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T] (``out``'s storage if given: [C, B, T]); ``saved`` (when
+    ``keep``) what the backward needs: ``1 / den'`` [C, B, T] and the block maxima.
     """
     B, T, C = k.shape
     L, N = plan.L, plan.N
@@ -358,12 +378,13 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     sums, m_rel = _block_summaries(stacked, summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
-    out = torch.matmul(stacked, rhs[:, :, :L])  # [C, 2, B·N, L]
+    products = torch.matmul(stacked, rhs[:, :, :L])  # [C, 2, B·N, L]
     del stacked  # (nothing else holds it: freed before y is allocated)
     carries = torch.stack([left, right], -1).view(C * 2, B * N, 2)
-    out.view(C * 2, B * N, L).baddbmm_(carries, rhs[:, :, L:].reshape(C * 2, 2, L))
-    den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] each
-    y = k.new_empty(C, B, T)  # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
+    products.view(C * 2, B * N, L).baddbmm_(carries, rhs[:, :, L:].reshape(C * 2, 2, L))
+    den, num = _from_blocks(products.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] each
+    # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
+    y = k.new_empty(C, B, T) if out is None else out
     if not keep:
         torch.div(num, den, out=y)
         return y.permute(1, 2, 0), None  # [B, T, C] view of [C, B, T]
