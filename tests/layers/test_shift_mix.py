@@ -78,6 +78,51 @@ def test_shift_mix_linear_matches_the_formula(mode, suffix, channel_major):
         assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("mode,suffix", SHIFTS)
+@pytest.mark.parametrize("channel_major", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_shift_mix_linear_with_its_norm_matches_the_formula(mode, suffix, channel_major, affine):
+    """``norm=`` (a LayerNorm over C applied first): values and the gradients of x, mu, the norm's weight and bias
+    and both weights against autograd through ``F.layer_norm`` and the formula, float64; without affine parameters
+    too."""
+    shift = make_shift(mode, head_size=13, num_suffix_tokens=suffix)
+    x, mix, *weights = _inputs(13, suffix, 2, outs=(29, 13), seed=7)
+    g = torch.Generator().manual_seed(8)
+    norm_w, norm_b = ((torch.rand(13, dtype=torch.float64, generator=g) + 0.5).requires_grad_(),
+                      torch.randn(13, dtype=torch.float64, generator=g).requires_grad_()) if affine else (None, None)
+    outs = shift_mix_linear(x, (H, W), shift, mix, weights, channel_major=channel_major, norm=(norm_w, norm_b, 1e-5))
+    refs = _reference(F.layer_norm(x, (13,), norm_w, norm_b, 1e-5), mix, shift, weights)
+    if channel_major:
+        outs = [o.permute(1, 2, 0) for o in outs]  # [B, T, out] views
+    assert all(rel_err(o, r) < 1e-12 for o, r in zip(outs, refs))
+    gs = [torch.randn_like(o) for o in outs]
+    inputs = (x, mix, *weights, *((norm_w, norm_b) if affine else ()))
+    for a, b in zip(torch.autograd.grad(outs, inputs, gs), torch.autograd.grad(refs, inputs, gs)):
+        assert rel_err(a, b) < 1e-12
+    with torch.no_grad():  # without autograd: the same values
+        plain = shift_mix_linear(x, (H, W), shift, mix, weights, channel_major=channel_major,
+                                 norm=(norm_w, norm_b, 1e-5))
+    assert all(rel_err(p.permute(1, 2, 0) if channel_major else p, r) < 1e-12 for p, r in zip(plain, refs))
+
+
+def test_norm_gradcheck_and_frozen_norm():
+    """gradcheck with the norm, and a frozen norm (its parameters without gradients) or a frozen x."""
+    shift = make_shift("q_shift", shift_pixel=1)
+    x, mix, w1 = _inputs(8, 0, 1, outs=(5,), seed=9)
+    norm_w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    norm_b = torch.randn(8, dtype=torch.float64).requires_grad_()
+    f = lambda x, m, a, nw, nb: shift_mix_linear(x, (H, W), shift, m, (a,), True, norm=(nw, nb, 1e-5))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, mix, w1, norm_w, norm_b))
+    for frozen in ("norm", "x"):
+        nw, nb = (norm_w.detach(), norm_b.detach()) if frozen == "norm" else (norm_w, norm_b)
+        xx = x.detach() if frozen == "x" else x
+        (out,) = shift_mix_linear(xx, (H, W), shift, mix, (w1,), norm=(nw, nb, 1e-5))
+        (ref,) = _reference(F.layer_norm(xx, (8,), nw, nb, 1e-5), mix, shift, (w1,))
+        inputs = [t for t in (xx, mix, w1, nw, nb) if t.requires_grad]
+        for a, b in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+            assert rel_err(a, b) < 1e-12
+
+
 def test_any_differentiable_shift():
     """A shift that is not one of the library's (here not even linear): gradients through its vector-Jacobian
     product, equal to autograd through the formula, float64."""
@@ -127,6 +172,13 @@ def test_keeps_only_x_for_the_backward():
     plain, _ = _saved_bytes(lambda: [F.linear(m, w) for m, w in zip(torch.lerp(shift(x, (H, W)), x, mix), (w1, w2))],
                             (w1, w2))
     assert plain >= 4 * unit  # shift(x), x, the two mixes
+    # with its norm: x and the norm's statistics (mean, 1/std per token), not the normalised tokens too
+    norm = torch.nn.LayerNorm(16)
+    stats = 2 * x.numel() // 16 * 4
+    saved, _ = _saved_bytes(lambda: shift_mix_linear(x, (H, W), shift, mix, (w1, w2), norm=(norm.weight, norm.bias,
+                                                                                           norm.eps)),
+                            (w1, w2, norm.weight, norm.bias))
+    assert saved == unit + small + stats
 
 
 @pytest.mark.parametrize("channel_major", [False, True])

@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 from vrwkv.layers.linear import Linear, calls_hooks, linear_activated
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
-from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, shift_mix_linear
+from vrwkv.layers.shift_mix import fused_mixer, lerp_mixer, norm_parameters, shift_mix_linear
 from vrwkv.layers.workspace import BLOCK_LARGEST, room, scratch
 from vrwkv.ops.linear import linear, mm, product_takes_buffer
 
@@ -85,13 +85,20 @@ class ChannelMix(nn.Module):
             self.spatial_mix_k.fill_(value)
             self.spatial_mix_r.fill_(value)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``.
+    #: :meth:`forward` takes the LayerNorm of its input (``norm=``), fused into its shift-mix projections.
+    fuses_input_norm = True
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W); ``norm``: a LayerNorm over C that x goes through
+        first (with autograd inside the shift-mix projections, which keep x and not the normalised tokens too).
+        Returns ``[B, T, C]``.
 
         With autograd on, the graph keeps 7 token tensors' worth for the backward instead of 14 (in units of
         ``[B, T, C]``; hidden tensors count ``hidden_rate``): ``x`` (the mixes are recomputed from it), ``relu(k)``
         (``relu(k)^2`` is recomputed from it) and the gate's ``sigmoid(r)`` and ``value(.)``.
         """
+        if norm is not None and not (torch.is_grad_enabled() and self.shift is not None):
+            x, norm = norm(x), None
         if not torch.is_grad_enabled():
             if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing loses writes into buffers)
                 return self.mlp(self.token_mix(x, hw))
@@ -100,7 +107,8 @@ class ChannelMix(nn.Module):
             k, r = self.key(x), self.receptance(x)  # both keep the same x
         else:
             mix = torch.stack([self.spatial_mix_k, self.spatial_mix_r])  # [2, 1, 1, C]
-            k, r = shift_mix_linear(x, hw, self.shift, mix, (self.key.weight, self.receptance.weight))
+            k, r = shift_mix_linear(x, hw, self.shift, mix, (self.key.weight, self.receptance.weight),
+                                    norm=norm_parameters(norm))
         if self.key_norm is None:
             v = squared_relu_linear(k, self.value.weight)
         else:

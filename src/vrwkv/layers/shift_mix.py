@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from vrwkv.layers.q_shift import q_shift_parameters
@@ -61,8 +62,10 @@ def shift_mix_linear(
     channel_major: bool = False,
     mix_buffer: torch.Tensor | None = None,
     outputs: Sequence[torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``.
+    """The bias-free projections ``F.linear(m_i, weights[i])`` of the mixes ``m = shift_mix(x, hw, shift, mix)``
+    (of ``layer_norm(x)`` with ``norm``).
 
     When autograd records, only ``x`` (and the weights) are kept for the backward: the mixes are recomputed there for
     the weight gradients. Autograd through :func:`shift_mix` and the Linears keeps ``x`` and the ``n`` mixes.
@@ -79,6 +82,9 @@ def shift_mix_linear(
             its projection (a fresh one if None); the caller may reuse it afterwards.
         outputs: without autograd, token-major, buffers ``[B, T, out_i]`` the products may be written into
             (``into`` of :func:`vrwkv.ops.linear.linear`); use the returned tensors.
+        norm: ``(weight, bias, eps)`` of a LayerNorm over C that x goes through first. With autograd the function
+            keeps x and the norm's statistics, not the normalised tokens too (the norm is recomputed in the
+            backward): one ``[B, T, C]`` less than the norm run as a module before it.
 
     Returns:
         ``n`` tensors ``[B, T, out_i]`` (``[out_i, B, T]`` if ``channel_major``).
@@ -89,8 +95,12 @@ def shift_mix_linear(
     for w in weights:
         if w.dim() != 2 or w.shape[1] != x.shape[-1]:
             raise ValueError(f"shift_mix_linear: weights must be [out, {x.shape[-1]}], got {list(w.shape)}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, mix, *weights)):
-        return _ShiftMixLinear.apply(x, mix, hw, shift, channel_major, *weights)
+    norm_weight, norm_bias, eps = norm if norm is not None else (None, None, None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, mix, norm_weight, norm_bias, *weights)):
+        return _ShiftMixLinear.apply(x, mix, norm_weight, norm_bias, eps, hw, shift, channel_major, *weights)
+    if norm is not None:
+        x = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing for export loses writes into buffers)
         return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
     mix_into = fused_mixer(x, hw, shift, mix) or lerp_mixer(x, shift(x, hw), mix)
@@ -102,6 +112,15 @@ def shift_mix_linear(
     if outputs is not None and (channel_major or len(outputs) != len(weights)):
         raise ValueError("shift_mix_linear: outputs are for token-major products, one per weight")
     return _project_each(mix_into, mix_buffer, weights, channel_major, outputs)
+
+
+def norm_parameters(norm: torch.nn.LayerNorm | None) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | None:
+    """``norm=`` of :func:`shift_mix_linear` for a LayerNorm module over the last dimension (None for None)."""
+    if norm is None:
+        return None
+    if len(norm.normalized_shape) != 1:
+        raise ValueError(f"shift_mix_linear: the norm must be over the channels only, got {norm.normalized_shape}")
+    return norm.weight, norm.bias, norm.eps
 
 
 #: ``mix_into(i, out, tokens=None)``: mix i written into ``out`` (all tokens, or the token rows ``tokens = (t0, t1)``
@@ -222,39 +241,72 @@ class _ShiftMix(torch.autograd.Function):
 
 
 class _ShiftMixLinear(torch.autograd.Function):
-    """:func:`shift_mix_linear`, keeping ``x`` and the weights only; the backward recomputes the mixes (one shift and
-    one lerp pass) for the weight gradients."""
+    """:func:`shift_mix_linear`, keeping ``x`` and the weights only (and the norm's parameters and statistics, with a
+    norm); the backward recomputes the normalised tokens and the mixes (one shift and one lerp pass) for the weight
+    gradients."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mix: torch.Tensor, hw: tuple[int, int], shift: ShiftFn, channel_major: bool,
-                *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.save_for_backward(x, mix, *weights)
-        ctx.hw, ctx.shift, ctx.channel_major = hw, shift, channel_major
-        return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
+    def forward(ctx, x: torch.Tensor, mix: torch.Tensor, norm_weight: torch.Tensor | None,
+                norm_bias: torch.Tensor | None, eps: float | None, hw: tuple[int, int], shift: ShiftFn,
+                channel_major: bool, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.hw, ctx.shift, ctx.channel_major, ctx.eps = hw, shift, channel_major, eps
+        ctx.norm_affine = (norm_weight is not None, norm_bias is not None)
+        if eps is None:
+            ctx.save_for_backward(x, mix, *weights)
+            return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
+        normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        ctx.save_for_backward(x, mix, *weights, mean, rstd,
+                              *(t for t in (norm_weight, norm_bias) if t is not None))
+        return project_mixes(torch.lerp(shift(normed, hw), normed, mix), weights, channel_major)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, mix, *weights = ctx.saved_tensors
-        needs_x, needs_mix, _, _, _, *needs_w = ctx.needs_input_grad
-        # The outputs' dtype is the forward's matmul precision (autocast's, if it was on): the backward matmuls run
-        # in it, as autograd through autocast's casts and F.linear would.
-        dtype, C = grads[0].dtype, x.shape[-1]
-        # token-major [B * T, out_i] (a transposed view of the channel-major [out_i, B * T])
-        grads = [g.reshape(g.shape[0], -1).t() if ctx.channel_major else g.reshape(-1, g.shape[-1]) for g in grads]
-        shifted, transpose = _shift_with_transpose(ctx.shift, x, ctx.hw)
-        grad_w = [None] * len(weights)
-        if any(needs_w):
-            mixes = torch.lerp(shifted, x, mix).to(dtype)  # [n, B, T, C], as in the forward
-            for i, (g, needed) in enumerate(zip(grads, needs_w)):
-                if needed:  # sum over tokens of g_i^T m_i
-                    grad_w[i] = mm(g.t(), mixes[i].view(-1, C)).to(weights[i].dtype)  # [out_i, C]
-            del mixes
-        grad_x = grad_mix = None
-        if needs_x or needs_mix:
-            grad_mixes = x.new_empty((len(weights), *x.shape), dtype=dtype)  # [n, B, T, C]
-            for i, (g, w) in enumerate(zip(grads, weights)):
-                grad_mixes[i].view(-1, C).copy_(mm(g, w.to(dtype)))  # (oneDNN writes no out=)
-            grad_x, grad_mix = _mix_backward(x, mix, grad_mixes.to(x.dtype), ctx.hw, ctx.shift, needs_x, needs_mix,
-                                             (shifted, transpose))
-        return (grad_x, grad_mix, None, None, None, *grad_w)
+        needs_x, needs_mix, needs_norm_weight, needs_norm_bias, _, _, _, _, *needs_w = ctx.needs_input_grad
+        saved = list(ctx.saved_tensors)
+        x, mix, weights = saved[0], saved[1], saved[2:2 + len(needs_w)]
+        if ctx.eps is None:
+            grad_x, grad_mix, grad_w = _shift_mix_linear_backward(ctx, grads, x, mix, weights, needs_x, needs_mix,
+                                                                  needs_w)
+            return (grad_x, grad_mix, None, None, None, None, None, None, *grad_w)
+        mean, rstd, *affine = saved[2 + len(needs_w):]
+        norm_weight = affine.pop(0) if ctx.norm_affine[0] else None
+        norm_bias = affine.pop(0) if ctx.norm_affine[1] else None
+        C = x.shape[-1]
+        normed = torch.native_layer_norm(x, (C,), norm_weight, norm_bias, ctx.eps)[0]  # as in the forward
+        needs_normed = needs_x or needs_norm_weight or needs_norm_bias
+        grad_normed, grad_mix, grad_w = _shift_mix_linear_backward(ctx, grads, normed, mix, weights, needs_normed,
+                                                                   needs_mix, needs_w)
+        del normed
+        grad_x = grad_norm_weight = grad_norm_bias = None
+        if needs_normed:
+            grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, x, (C,), mean, rstd, norm_weight, norm_bias,
+                [needs_x, needs_norm_weight, needs_norm_bias])
+        return (grad_x, grad_mix, grad_norm_weight, grad_norm_bias, None, None, None, None, *grad_w)
+
+
+def _shift_mix_linear_backward(ctx, grads, x, mix, weights, needs_x, needs_mix, needs_w):
+    """The gradients of x (the tokens shifted and mixed: the normalised ones with a norm), mix and the weights of
+    :class:`_ShiftMixLinear`, given its output gradients ``grads`` and ``ctx`` (hw, shift, channel_major)."""
+    # The outputs' dtype is the forward's matmul precision (autocast's, if it was on): the backward matmuls run
+    # in it, as autograd through autocast's casts and F.linear would.
+    dtype, C = grads[0].dtype, x.shape[-1]
+    # token-major [B * T, out_i] (a transposed view of the channel-major [out_i, B * T])
+    grads = [g.reshape(g.shape[0], -1).t() if ctx.channel_major else g.reshape(-1, g.shape[-1]) for g in grads]
+    shifted, transpose = _shift_with_transpose(ctx.shift, x, ctx.hw)
+    grad_w = [None] * len(weights)
+    if any(needs_w):
+        mixes = torch.lerp(shifted, x, mix).to(dtype)  # [n, B, T, C], as in the forward
+        for i, (g, needed) in enumerate(zip(grads, needs_w)):
+            if needed:  # sum over tokens of g_i^T m_i
+                grad_w[i] = mm(g.t(), mixes[i].view(-1, C)).to(weights[i].dtype)  # [out_i, C]
+        del mixes
+    grad_x = grad_mix = None
+    if needs_x or needs_mix:
+        grad_mixes = x.new_empty((len(weights), *x.shape), dtype=dtype)  # [n, B, T, C]
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            grad_mixes[i].view(-1, C).copy_(mm(g, w.to(dtype)))  # (oneDNN writes no out=)
+        grad_x, grad_mix = _mix_backward(x, mix, grad_mixes.to(x.dtype), ctx.hw, ctx.shift, needs_x, needs_mix,
+                                         (shifted, transpose))
+    return grad_x, grad_mix, grad_w

@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from vrwkv.layers.linear import Linear, calls_hooks
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
-from vrwkv.layers.shift_mix import project_mixes, shift_mix, shift_mix_linear
+from vrwkv.layers.shift_mix import norm_parameters, project_mixes, shift_mix, shift_mix_linear
 from vrwkv.layers.workspace import BLOCK_LARGEST, scratch
 from vrwkv.ops import bi_wkv, causal_wkv
 from vrwkv.ops.linear import linear, mm, product_takes_buffer
@@ -111,8 +111,15 @@ class SpatialMix(nn.Module):
                 for p in (self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r):
                     p.fill_(1.0 if self.init_mode == "local" else 0.5)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W). Returns ``[B, T, C]``."""
+    #: :meth:`forward` takes the LayerNorm of its input (``norm=``), fused into its shift-mix projections.
+    fuses_input_norm = True
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W); ``norm``: a LayerNorm over C that x goes through
+        first: with autograd inside the shift-mix projections, which then keep x for the backward and not the
+        normalised tokens too (:func:`~vrwkv.layers.shift_mix.shift_mix_linear`). Returns ``[B, T, C]``."""
+        if norm is not None and not (torch.is_grad_enabled() and self.channel_major and self.shift is not None):
+            x, norm = norm(x), None
         if self.token_major_inference(x):  # the shift-and-mix Linears into the token-major fused Bi-WKV
             if self.shift is None:
                 k, v, r = self.project(self.token_mix(x, hw))
@@ -128,7 +135,8 @@ class SpatialMix(nn.Module):
                 k, v, r = self.project_channel_major(self.token_mix(x, hw))
             else:  # shift, mix and project in one Function: autograd keeps x only, not the three mixes
                 weights = (self.key.weight, self.value.weight, self.receptance.weight)
-                kvr = shift_mix_linear(x, hw, self.shift, self._mix(), weights, channel_major=True)  # [C, B, T] each
+                kvr = shift_mix_linear(x, hw, self.shift, self._mix(), weights, channel_major=True,  # [C, B, T] each
+                                       norm=norm_parameters(norm))
                 k, v, r = (t.transpose(0, 1) for t in kvr)  # [B, C, T] views
             y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), x.shape[1])  # [B, T, C] view of channel-major storage
             return self.gate_output_channel_major(r, y.transpose(1, 2))

@@ -97,11 +97,22 @@ class Block(nn.Module):
         if self.post_norm:
             x = self.residual(x, self.ln1(self.att(x, hw)), self.gamma1, own_x=consume_input)
             return self.residual(x, self.ln2(self.ffn(x, hw)), self.gamma2, own_x=True)
-        x = self.residual(x, self.att(self.ln1(x), hw), self.gamma1, own_x=consume_input,  # (no name keeps the
-                          own_branch=not calls_hooks(self.att))  # branch alive through the FFN)
+        x = self.residual(x, self._normed(self.att, self.ln1, x, hw), self.gamma1, own_x=consume_input,  # (no name
+                          own_branch=not calls_hooks(self.att))  # keeps the branch alive through the FFN)
         if self._ffn_adds_in_place():  # (x is this block's tensor now)
             return self.ffn.add_to(x, self.ln2(x), hw, self.gamma2)
-        return self.residual(x, self.ffn(self.ln2(x), hw), self.gamma2, own_x=True)
+        return self.residual(x, self._normed(self.ffn, self.ln2, x, hw), self.gamma2, own_x=True)
+
+    @staticmethod
+    def _normed(mixer: nn.Module, norm: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """``mixer(norm(x), hw)``. With autograd, where the mixer takes the norm (``fuses_input_norm``) and no hook
+        can tell, the norm runs inside the mixer's shift-mix projections, which then keep x for the backward and not
+        ``norm(x)`` too: one ``[B, T, C]`` less per norm in the training graph (``benchmarks/NOTES.md``, session
+        15)."""
+        if (torch.is_grad_enabled() and getattr(mixer, "fuses_input_norm", False) and type(norm) is nn.LayerNorm
+                and norm.normalized_shape == (x.shape[-1],) and not calls_hooks(norm) and not calls_hooks(mixer)):
+            return mixer(x, hw, norm=norm)
+        return mixer(norm(x), hw)
 
     def _ln0(self, x: torch.Tensor, consume_input: bool) -> torch.Tensor:
         """``ln0(x)``; written over ``x`` (rows at a time, the same values) when the caller gives ``x`` up and no
