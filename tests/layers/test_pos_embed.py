@@ -6,18 +6,30 @@ import torch.nn.functional as F
 from vrwkv.layers import resize_pos_embed
 
 
-def test_resize_matches_interpolate_on_the_grid():
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest", "nearest-exact", "area"])
+def test_resize_matches_interpolate_on_the_grid(mode):
+    """Up- and down-sampling, non-square, a single row: F.interpolate's values (no antialias, align_corners=False)
+    to float64 rounding in float64, and in float32 within float32 rounding of F.interpolate in float64 (the
+    separable modes compute in float64); ``area`` (not separable here) is F.interpolate itself."""
     torch.manual_seed(0)
     H0, W0, C = 4, 4, 3
     pos = torch.randn(1, H0 * W0, C, dtype=torch.float64)
-    for H, W in [(6, 5), (2, 3)]:  # up- and down-sampling, non-square
-        out = resize_pos_embed(pos, (H0, W0), (H, W))
+    kwargs = {} if mode.startswith("nearest") or mode == "area" else {"align_corners": False}
+    for H, W in [(6, 5), (2, 3), (1, 9), (16, 16)]:
         grid = torch.stack([pos[0, :, c].reshape(H0, W0) for c in range(C)])[None]  # [1, C, H0, W0]
-        ref = F.interpolate(grid, size=(H, W), mode="bicubic", align_corners=False, antialias=False)
-        assert out.dtype == torch.float64 and out.shape == (1, H * W, C)
-        for c in range(C):
-            assert torch.equal(out[0, :, c], ref[0, c].flatten())
+        ref = F.interpolate(grid, size=(H, W), mode=mode, **kwargs)  # [1, C, H, W]
+        ref = torch.stack([ref[0, c].flatten() for c in range(C)], -1)[None]  # [1, H*W, C]
+        out = resize_pos_embed(pos, (H0, W0), (H, W), mode)
+        assert out.dtype == torch.float64 and out.shape == (1, H * W, C) and out.is_contiguous()
+        assert torch.allclose(out, ref, rtol=0, atol=1e-14)
+        out32 = resize_pos_embed(pos.float(), (H0, W0), (H, W), mode)
+        assert out32.dtype == torch.float32 and torch.allclose(out32.double(), ref, rtol=1e-7, atol=1e-7)
     assert resize_pos_embed(pos, (4, 4), (4, 4)) is pos
+
+
+def test_resize_is_differentiable():
+    pos = torch.randn(1, 9, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: resize_pos_embed(p, (3, 3), (5, 4)), (pos,))
 
 
 def test_resize_rejects_wrong_grid():

@@ -195,10 +195,6 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-#: Largest resized ``pos_embed`` (bytes) that :meth:`VRWKV.pos_embed_for` keeps between forwards (VRWKV-T at
-#: 4096 px: 50 MB; the low-memory mode's 16384 px would be 805 MB, recomputed instead).
-POS_EMBED_CACHE_BYTES = 64 * 2**20
-
 #: Rows per step of block 0's in-place ``ln0`` (:meth:`Block._ln0`): its temporary is one step's output (1.5 MB).
 LN0_ROWS_IN_PLACE = 2048
 
@@ -298,7 +294,6 @@ class VRWKV(nn.Module):
         self.interpolate_mode = interpolate_mode
         self.grad_checkpointing = with_cp
         self.low_memory_chunk_tokens: int | None = None  # see set_low_memory
-        self._pos_embed_cache: tuple | None = None  # see pos_embed_for
         out_indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
         self.out_indices = feature_take_indices(depth, out_indices)[0]  # non-negative block indices
 
@@ -385,25 +380,9 @@ class VRWKV(nn.Module):
         return self.drop_after_pos(x), hw
 
     def pos_embed_for(self, hw: tuple[int, int]) -> torch.Tensor:
-        """``pos_embed`` resized to the patch grid ``hw``: ``[1, H*W, C]``.
-
-        Without autograd the last resize is kept and reused while ``pos_embed`` is unchanged (same storage, no
-        in-place update since) and its result is at most :data:`POS_EMBED_CACHE_BYTES`: the bicubic resize costs more
-        than the add (3 ms at 1024 px, 11 ms at 2048 px for VRWKV-T on two cores; ~1 % of the forward). Tracing,
-        scripting and torch.compile always resize (a cached tensor would be baked into the graph as a constant).
-        """
-        pos = self.pos_embed
-        if (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting()
-                or torch.compiler.is_compiling() or torch.is_inference(pos)):
-            return resize_pos_embed(pos, self.grid_size, hw, self.interpolate_mode)
-        key = (tuple(hw), pos.data_ptr(), pos._version, pos.dtype, pos.device, self.interpolate_mode)
-        cached = self._pos_embed_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        resized = resize_pos_embed(pos, self.grid_size, hw, self.interpolate_mode)
-        small = resized.numel() * resized.element_size() <= POS_EMBED_CACHE_BYTES
-        self._pos_embed_cache = (key, resized) if small and resized is not pos else None
-        return resized
+        """``pos_embed`` resized to the patch grid ``hw``: ``[1, H*W, C]`` (computed each call: two small products,
+        :func:`~vrwkv.layers.resize_pos_embed`; a kept copy would add ``[1, T, C]`` to the forward's peak)."""
+        return resize_pos_embed(self.pos_embed, self.grid_size, hw, self.interpolate_mode)
 
     def _workspace(self) -> contextlib.AbstractContextManager:
         """Around the blocks: their inference temporaries share buffers (:mod:`vrwkv.layers.workspace`) when the fused
