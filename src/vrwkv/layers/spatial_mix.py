@@ -116,9 +116,10 @@ class SpatialMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], norm: nn.LayerNorm | None = None) -> torch.Tensor:
         """Args: x ``[B, T, C]`` tokens, hw the patch grid (H, W); ``norm``: a LayerNorm over C that x goes through
-        first: with autograd inside the shift-mix projections, which then keep x for the backward and not the
-        normalised tokens too (:func:`~vrwkv.layers.shift_mix.shift_mix_linear`). Returns ``[B, T, C]``."""
-        if norm is not None and not (torch.is_grad_enabled() and self.channel_major and self.shift is not None):
+        first, inside the shift-mix projections (:func:`~vrwkv.layers.shift_mix.shift_mix_linear`): with autograd
+        they keep x for the backward and not the normalised tokens too; without, the normalised tokens are freed
+        before the Bi-WKV. Returns ``[B, T, C]``."""
+        if norm is not None and not (self.channel_major and self.shift is not None):
             x, norm = norm(x), None
         if self.token_major_inference(x):  # the shift-and-mix Linears into the token-major fused Bi-WKV
             if self.shift is None:
@@ -127,7 +128,7 @@ class SpatialMix(nn.Module):
                 weights = (self.key.weight, self.value.weight, self.receptance.weight)
                 buffer, outputs = self._inference_buffers(x, weights)
                 k, v, r = shift_mix_linear(x, hw, self.shift, self._mix(), weights, mix_buffer=buffer,
-                                           outputs=outputs)
+                                           outputs=outputs, norm=norm_parameters(norm))
                 return self.gate_output(r, self.wkv(k, v, x.shape[1], out=buffer))
             return self.gate_output(r, self.wkv(k, v, x.shape[1]))
         if self.channel_major:

@@ -105,11 +105,11 @@ class Block(nn.Module):
 
     @staticmethod
     def _normed(mixer: nn.Module, norm: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """``mixer(norm(x), hw)``. With autograd, where the mixer takes the norm (``fuses_input_norm``) and no hook
-        can tell, the norm runs inside the mixer's shift-mix projections, which then keep x for the backward and not
-        ``norm(x)`` too: one ``[B, T, C]`` less per norm in the training graph (``benchmarks/NOTES.md``, session
-        15)."""
-        if (torch.is_grad_enabled() and getattr(mixer, "fuses_input_norm", False) and type(norm) is nn.LayerNorm
+        """``mixer(norm(x), hw)``. Where the mixer takes the norm (``fuses_input_norm``) and no hook can tell, the
+        norm runs inside the mixer's shift-mix projections: with autograd these keep x for the backward and not
+        ``norm(x)`` too (one ``[B, T, C]`` less per norm in the training graph); without, ``norm(x)`` is freed once
+        projected instead of being held by this call (``benchmarks/NOTES.md``, session 15)."""
+        if (getattr(mixer, "fuses_input_norm", False) and type(norm) is nn.LayerNorm
                 and norm.normalized_shape == (x.shape[-1],) and not calls_hooks(norm) and not calls_hooks(mixer)):
             return mixer(x, hw, norm=norm)
         return mixer(norm(x), hw)
