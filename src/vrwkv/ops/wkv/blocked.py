@@ -197,8 +197,25 @@ def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float
 
     ``eps`` (official semantics) folds the kernel's EPS term into the denominator: ``(1 + eps)·den + eps·e^{k_t}``.
     """
+    table, summaries_t = _gemm_table(w, u, plan, eps)
+    return _gather_rhs(table, plan), summaries_t
+
+
+def _gather_rhs(table: torch.Tensor, plan: BlockPlan, half: int | None = None) -> torch.Tensor:
+    """The main GEMM's right-hand sides from :func:`_gemm_table`'s ``[C, 2, columns]``: ``[C, 2, L + 2, L]``, or
+    for one ``half`` (0: den, 1: num) ``[C, L + 2, L]``."""
+    C, L = table.shape[0], plan.L
+    main = _matrix_indices(plan, table.device)[0]
+    if half is None:
+        return torch.gather(table, 2, main.expand(C, 2, -1)).view(C, 2, L + 2, L)
+    return torch.gather(table[:, half], 1, main.expand(C, -1)).view(C, L + 2, L)
+
+
+def _gemm_table(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | None):
+    """The per-channel table of weights that :func:`_gather_rhs` makes the block matrices of, ``[C, 2 (den, num),
+    columns]``, and the summaries' matrices ``[C, 2, 2, L]`` (see :func:`_gemm_matrices`)."""
     C, L, R = w.shape[0], plan.L, plan.L + 1
-    main, summaries = _matrix_indices(plan, w.device)
+    summaries = _matrix_indices(plan, w.device)[1]
     d = torch.arange(-R, R + 1, device=w.device, dtype=w.dtype)
     powers = torch.exp(d * w[:, None])  # [C, 2R + 1]: e^{d w}
     exp_u = torch.exp(u)[:, None]
@@ -215,9 +232,8 @@ def _gemm_matrices(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float
         on_diagonal = torch.zeros(table.shape[1], device=w.device, dtype=w.dtype)
         on_diagonal[2 * R + 1: 2 * R + (2 if plan.kc is None else 3)] = eps  # the e^u columns
         table2 = torch.stack([table * (1 + eps) + on_diagonal, table], 1)  # [C, 2, columns]
-    rhs = torch.gather(table2, 2, main.expand(C, 2, -1)).view(C, 2, L + 2, L)
     summaries_t = powers[:, summaries].view(C, 1, 2, L).expand(C, 2, 2, L)
-    return rhs, summaries_t.contiguous()
+    return table2, summaries_t.contiguous()
 
 
 def _excl_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
@@ -362,7 +378,8 @@ def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torc
 
 
 def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None):
-    """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (one bmm, one rank-2 update in place).
+    """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (a bmm and a rank-2 update in place for
+    den and for num: one half of the block matrices exists at a time).
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T] (``out``'s storage if given: [C, B, T]); ``saved`` (when
     ``keep``) what the backward needs: ``1 / den'`` [C, B, T] and the block maxima.
@@ -374,15 +391,19 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     m, M = _frames(kb)
     stacked = _stacked_inputs(kb, vb, m).view(C, 2, B * N, L)
     del kb, vb  # padded copies when T is not a whole number of blocks
-    rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
+    table, summaries_t = _gemm_table(w, u, plan, eps_den)
     sums, m_rel = _block_summaries(stacked, summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
-    products = torch.matmul(stacked, rhs[:, :, :L])  # [C, 2, B·N, L]
+    carries = torch.stack([left, right], -1)  # [C, 2, B, N, 2]
+    products = k.new_empty(2, C, B * N, L)  # den, num
+    for half in (0, 1):
+        rhs = _gather_rhs(table, plan, half)  # [C, L + 2, L]
+        torch.matmul(stacked[:, half], rhs[:, :L], out=products[half])
+        products[half].baddbmm_(carries[:, half].reshape(C, B * N, 2), rhs[:, L:])
+        del rhs  # (before the next half's)
     del stacked  # (nothing else holds it: freed before y is allocated)
-    carries = torch.stack([left, right], -1).view(C * 2, B * N, 2)
-    products.view(C * 2, B * N, L).baddbmm_(carries, rhs[:, :, L:].reshape(C * 2, 2, L))
-    den, num = _from_blocks(products.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] each
+    den, num = _from_blocks(products.view(2, C, B, N, L), plan)  # [C, B, T] each
     # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
     y = k.new_empty(C, B, T) if out is None else out
     if not keep:
