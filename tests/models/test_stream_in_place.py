@@ -120,3 +120,22 @@ def test_inference_stream_is_token_major_in_the_autograd_path_dtype():
             inferred, _ = model._embed(x)
     assert inferred.dtype == trained.dtype == torch.float32 and inferred.is_contiguous()
     assert torch.equal(inferred, trained.detach())
+
+
+def test_ln1_output_is_freed_before_the_wkv(monkeypatch):
+    """Without autograd ln1 runs inside the spatial mix's projections (``Block._normed``): on the default path, whose
+    block Bi-WKV has the forward's largest temporaries, the peak is one ``[B, T, C]`` lower than with ln1's output
+    held by the block's call through the spatial mix."""
+    from vrwkv.bench.measure import _tensor_peak_mb
+    from vrwkv.models.vrwkv import Block
+
+    model = _model(img_size=128)
+    x = torch.randn(1, 3, 128, 128)
+    stream_mb = 64 * model.embed_dim * 4 / 2**20
+    with numba_scans(False), torch.inference_mode():
+        model(x)
+        fused = _tensor_peak_mb(lambda: model(x))
+        monkeypatch.setattr(Block, "_normed", staticmethod(lambda mixer, norm, x, hw: mixer(norm(x), hw)))
+        model(x)
+        held = _tensor_peak_mb(lambda: model(x))
+    assert fused <= held - 0.99 * stream_mb
