@@ -27,7 +27,7 @@ def resize_pos_embed(
 
     The :data:`SEPARABLE_MODES` are computed as ``A_h P A_w^T`` with the interpolation's own 1-D weights (taps and
     border clamping), in float64 (float32 on MPS): the official values to float rounding, without the 2-D
-    interpolation's cost.
+    interpolation's cost (except while tracing for export: one interpolation node there).
 
     Args:
         pos_embed: ``[1, H0*W0, C]``.
@@ -43,7 +43,7 @@ def resize_pos_embed(
         return pos_embed
     C = pos_embed.shape[-1]
     dtype = pos_embed.dtype
-    if mode in SEPARABLE_MODES:
+    if mode in SEPARABLE_MODES and not torch.jit.is_tracing():  # (export keeps one Resize node, in float32)
         compute = torch.float32 if pos_embed.device.type == "mps" else torch.float64  # (MPS has no float64)
         grid = pos_embed.to(compute).reshape(H0, W0 * C)
         along_h = _axis_weights(H0, H, mode).to(pos_embed.device, compute)  # [H, H0]
@@ -60,8 +60,10 @@ def resize_pos_embed(
 def _axis_weights(n_in: int, n_out: int, mode: str) -> torch.Tensor:
     """The ``[n_out, n_in]`` float64 matrix of a 1-D resize by ``F.interpolate`` (CPU): the resize of the unit
     vectors, i.e. the weights of its taps, summed where border clamping makes them read the same input."""
-    unit_vectors = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in, 1)  # channel i: e_i along the height
-    return F.interpolate(unit_vectors, size=(n_out, 1), mode=mode, **_corners(mode))[0, :, :, 0].t().contiguous()
+    with torch.inference_mode(False), torch.no_grad():  # (kept: a normal tensor, usable later with autograd too)
+        unit_vectors = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in, 1)  # channel i: e_i along the height
+        resized = F.interpolate(unit_vectors, size=(n_out, 1), mode=mode, **_corners(mode))
+        return resized[0, :, :, 0].t().contiguous()
 
 
 def _corners(mode: str) -> dict:

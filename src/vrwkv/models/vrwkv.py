@@ -110,7 +110,8 @@ class Block(nn.Module):
         ``norm(x)`` too (one ``[B, T, C]`` less per norm in the training graph); without, ``norm(x)`` is freed once
         projected instead of being held by this call (``benchmarks/NOTES.md``, session 15)."""
         if (getattr(mixer, "fuses_input_norm", False) and type(norm) is nn.LayerNorm
-                and norm.normalized_shape == (x.shape[-1],) and not calls_hooks(norm) and not calls_hooks(mixer)):
+                and norm.normalized_shape == (x.shape[-1],) and not calls_hooks(norm) and not calls_hooks(mixer)
+                and not (torch.jit.is_tracing() or torch.jit.is_scripting())):  # (export: the norm as a module)
             return mixer(x, hw, norm=norm)
         return mixer(norm(x), hw)
 
