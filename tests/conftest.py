@@ -17,6 +17,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def saved_bytes(fn, params=()):
+    """Bytes autograd keeps for the backward of ``fn()``, deduplicated by storage, ``params`` (e.g. a module's
+    parameters) excluded; and ``fn()``'s result."""
+    seen, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
 def perturb_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
     """Add ``scale`` x standard-normal noise to every parameter in place (away from special init values, e.g.
     mixes of exactly 0/1 or zero-initialised weights, that could hide a wrong formula); returns the module."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import perturb_, rel_err
+from conftest import perturb_, rel_err, saved_bytes
 from vrwkv.layers import ChannelMix, q_shift
 from vrwkv.layers.channel_mix import squared_relu, squared_relu_linear
 
@@ -146,17 +146,8 @@ def test_training_graph_keeps_seven_token_tensors():
     H, W, C = 3, 5, 16
     m = ChannelMix(C, 1, 3)
     x = torch.randn(2, H * W, C, requires_grad=True)
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m(x, (H, W))
-    assert sum(seen.values()) == 7 * x.numel() * 4 + 2 * C * 4
+    saved, _ = saved_bytes(lambda: m(x, (H, W)), m.parameters())
+    assert saved == 7 * x.numel() * 4 + 2 * C * 4
 
 
 def test_training_path_under_autocast():

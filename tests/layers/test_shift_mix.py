@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
+from conftest import rel_err, saved_bytes
 from vrwkv.layers import make_shift
 from vrwkv.layers.shift_mix import shift_mix, shift_mix_linear
 
@@ -27,21 +27,6 @@ def _reference(x, mix, shift, weights=()):
     xx = shift(x, (H, W))
     mixes = [x * m + xx * (1 - m) for m in mix.unbind(0)]
     return [F.linear(m, w) for m, w in zip(mixes, weights)] if weights else torch.stack(mixes)
-
-
-def _saved_bytes(fn, params=()):
-    """Bytes autograd keeps for the backward of ``fn()``, deduplicated by storage, parameters excluded."""
-    seen, skip = {}, {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 @pytest.mark.parametrize("mode,suffix", SHIFTS)
@@ -165,17 +150,17 @@ def test_keeps_only_x_for_the_backward():
     shift = make_shift("q_shift")
     x, mix, w1, w2 = (t.float() for t in _inputs(16, 0, 2, outs=(64, 16), seed=4))
     unit, small = x.numel() * 4, mix.numel() * 4
-    saved, _ = _saved_bytes(lambda: shift_mix(x, (H, W), shift, mix))
+    saved, _ = saved_bytes(lambda: shift_mix(x, (H, W), shift, mix))
     assert saved == unit + small
-    saved, _ = _saved_bytes(lambda: shift_mix_linear(x, (H, W), shift, mix, (w1, w2)), (w1, w2))
+    saved, _ = saved_bytes(lambda: shift_mix_linear(x, (H, W), shift, mix, (w1, w2)), (w1, w2))
     assert saved == unit + small
-    plain, _ = _saved_bytes(lambda: [F.linear(m, w) for m, w in zip(torch.lerp(shift(x, (H, W)), x, mix), (w1, w2))],
+    plain, _ = saved_bytes(lambda: [F.linear(m, w) for m, w in zip(torch.lerp(shift(x, (H, W)), x, mix), (w1, w2))],
                             (w1, w2))
     assert plain >= 4 * unit  # shift(x), x, the two mixes
     # with its norm: x and the norm's statistics (mean, 1/std per token), not the normalised tokens too
     norm = torch.nn.LayerNorm(16)
     stats = 2 * x.numel() // 16 * 4
-    saved, _ = _saved_bytes(lambda: shift_mix_linear(x, (H, W), shift, mix, (w1, w2), norm=(norm.weight, norm.bias,
+    saved, _ = saved_bytes(lambda: shift_mix_linear(x, (H, W), shift, mix, (w1, w2), norm=(norm.weight, norm.bias,
                                                                                            norm.eps)),
                             (w1, w2, norm.weight, norm.bias))
     assert saved == unit + small + stats

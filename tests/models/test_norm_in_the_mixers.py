@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vrwkv
-from conftest import perturb_
+from conftest import perturb_, saved_bytes
 from vrwkv.models.vrwkv import Block
 
 
@@ -19,21 +19,6 @@ def _model(name: str):
 
 def _norm_as_a_module(monkeypatch):
     monkeypatch.setattr(Block, "_normed", staticmethod(lambda mixer, norm, x, hw: mixer(norm(x), hw)))
-
-
-def _saved_bytes(fn, model):
-    """Bytes autograd keeps for the backward of ``fn()``, by storage, parameters excluded; and ``fn()``."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 @pytest.mark.parametrize("name", ["vrwkv_tiny", "test_vrwkv6"])
@@ -60,9 +45,9 @@ def test_keeps_one_stream_less_per_norm(monkeypatch):
     """The training graph of the V1 model keeps two ``[B, T, C]`` per block less (the outputs of ln1 and ln2)."""
     model = _model("vrwkv_tiny")
     x = torch.randn(2, 3, 64, 64)
-    fused, _ = _saved_bytes(lambda: model(x), model)
+    fused, _ = saved_bytes(lambda: model(x), model.parameters())
     _norm_as_a_module(monkeypatch)
-    plain, _ = _saved_bytes(lambda: model(x), model)
+    plain, _ = saved_bytes(lambda: model(x), model.parameters())
     stream = 2 * 16 * model.embed_dim * 4  # [B, T, C] float32
     assert plain - fused == 2 * len(model.layers) * stream
 
