@@ -250,28 +250,20 @@ class _ShiftMixLinear(torch.autograd.Function):
                 norm_bias: torch.Tensor | None, eps: float | None, hw: tuple[int, int], shift: ShiftFn,
                 channel_major: bool, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.hw, ctx.shift, ctx.channel_major, ctx.eps = hw, shift, channel_major, eps
-        ctx.norm_affine = (norm_weight is not None, norm_bias is not None)
-        if eps is None:
-            ctx.save_for_backward(x, mix, *weights)
-            return project_mixes(torch.lerp(shift(x, hw), x, mix), weights, channel_major)
-        normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-        ctx.save_for_backward(x, mix, *weights, mean, rstd,
-                              *(t for t in (norm_weight, norm_bias) if t is not None))
+        normed, mean, rstd = (x, None, None) if eps is None else torch.native_layer_norm(
+            x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        ctx.save_for_backward(x, mix, mean, rstd, norm_weight, norm_bias, *weights)
         return project_mixes(torch.lerp(shift(normed, hw), normed, mix), weights, channel_major)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         needs_x, needs_mix, needs_norm_weight, needs_norm_bias, _, _, _, _, *needs_w = ctx.needs_input_grad
-        saved = list(ctx.saved_tensors)
-        x, mix, weights = saved[0], saved[1], saved[2:2 + len(needs_w)]
+        x, mix, mean, rstd, norm_weight, norm_bias, *weights = ctx.saved_tensors
         if ctx.eps is None:
             grad_x, grad_mix, grad_w = _shift_mix_linear_backward(ctx, grads, x, mix, weights, needs_x, needs_mix,
                                                                   needs_w)
             return (grad_x, grad_mix, None, None, None, None, None, None, *grad_w)
-        mean, rstd, *affine = saved[2 + len(needs_w):]
-        norm_weight = affine.pop(0) if ctx.norm_affine[0] else None
-        norm_bias = affine.pop(0) if ctx.norm_affine[1] else None
         C = x.shape[-1]
         normed = torch.native_layer_norm(x, (C,), norm_weight, norm_bias, ctx.eps)[0]  # as in the forward
         needs_normed = needs_x or needs_norm_weight or needs_norm_bias
