@@ -262,9 +262,9 @@ class VRWKVAdapter(VRWKV):
         for (first, last), inter in zip(self.interaction_indexes, self.interactions):
             x = inter.injector(x, ref_inject, c, prior_shapes)
             with self._workspace():  # (the blocks share buffers: VRWKV._workspace)
-                producer = inter.injector
+                private = not calls_hooks(inter.injector)  # (whether the next block may write into x)
                 for blk in self.layers[first:last + 1]:
-                    x, producer = self._block(blk, x, (H, W), not calls_hooks(producer)), blk
+                    x, private = self._block(blk, x, (H, W), private), not calls_hooks(blk)
             for extractor in [inter.extractor, *(inter.extra_extractors or [])]:
                 c = extractor(c, ref_extract, x, [(H, W)], (H, W))
             outs.append(self._to_map(x, (H, W)))

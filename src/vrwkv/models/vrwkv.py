@@ -395,7 +395,7 @@ class VRWKV(nn.Module):
 
     def _block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int], consume_input: bool = False) -> torch.Tensor:
         """``blk(x, hw)``; ``consume_input`` (see :meth:`Block.forward`): the caller replaces ``x`` by the result and
-        no hook on the module that made ``x`` (``producer``) may have kept it."""
+        nothing may have kept ``x`` (no hook on the module that made it, no output holding a view of it)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
         return blk(x, hw, consume_input=consume_input)
@@ -438,9 +438,9 @@ class VRWKV(nn.Module):
             return low_memory_forward_features(self, x, self.low_memory_chunk_tokens)
         x, hw = self._embed(x)
         with self._workspace():  # (the blocks' inference temporaries share buffers: layers/workspace.py)
-            producer = self.drop_after_pos
+            private = not calls_hooks(self.drop_after_pos)  # (whether the next block may write into x)
             for blk in self.layers:
-                x, producer = self._block(blk, x, hw, not calls_hooks(producer)), blk
+                x, private = self._block(blk, x, hw, private), not calls_hooks(blk)
         return self.ln1(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
