@@ -195,3 +195,21 @@ def test_differentiable_call_after_inference_mode_call():
     w.requires_grad_()
     blocked_bi_wkv(k, v, w, u, "official").sum().backward()
     assert torch.isfinite(w.grad).all()
+
+
+def test_inference_temporaries_are_three_streams():
+    """Without autograd the op's temporaries peak at X, X v and den (num's product is written over X, y over den):
+    with y and the block matrices of one half, below four ``[B, T, C]``."""
+    from vrwkv.bench.measure import _tensor_peak_mb
+
+    B, T, C = 1, 4096, 64  # one channel group, no padding
+    k, v, w, u = (x.float() for x in wkv_cases.random_inputs(B, T, C, seed=6))
+    plan = plan_blocks(T, "paper", blocked.KERNEL_CHUNKS)
+    unit, rhs = B * T * C * 4 / 2**20, C * (plan.L + 2) * plan.L * 4 / 2**20
+    assert plan.N * plan.L == T and B * T * C <= blocked.GROUP_ELEMENTS
+    with torch.no_grad():
+        y = blocked_bi_wkv(k, v, w, u)
+        before = _tensor_peak_mb(lambda: None)
+        peak = _tensor_peak_mb(lambda: blocked_bi_wkv(k, v, w, u)) - before
+    assert peak < 4 * unit + rhs  # (before this layout: 4.75 units, X, X v and both products)
+    assert rel_err(y, reference("paper", *(x.double() for x in (k, v, w, u)))) < TOL32["paper"]

@@ -356,21 +356,25 @@ def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype):
 
 
 def _block_summaries(stacked: torch.Tensor, summaries_t: torch.Tensor, m: torch.Tensor, M: torch.Tensor):
-    """What the carries are made of: the block summaries ``S^T [X, X v]^T`` as [C, 2, B, N, 2] (one small GEMM, in
-    the transposed orientation BLAS runs fastest) and the block maxima relative to the sequence's, [C, 1, B, N].
-    stacked: [C, 2, B·N, L]; summaries_t: [C, 2, 2, L]; m: [B, C, N, 1]; M: [B, C, 1, 1]."""
+    """What the carries are made of: the block summaries ``S^T [X, X v]^T`` as [C, 2, B, N, 2] (a small GEMM per
+    half, in the transposed orientation BLAS runs fastest) and the block maxima relative to the sequence's,
+    [C, 1, B, N]. stacked: [C, 2, B·N, L] (each half's [C, B·N, L] with unit stride inside its matrices);
+    summaries_t: [C, 2, 2, L]; m: [B, C, N, 1]; M: [B, C, 1, 1]."""
     B, C, N, _ = m.shape
-    sums = torch.matmul(summaries_t, stacked.transpose(2, 3))  # [C, 2, 2, B·N]
+    sums = torch.stack([torch.matmul(summaries_t[:, half], stacked[:, half].transpose(1, 2)) for half in (0, 1)], 1)
     sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
     return sums, (m - M)[..., 0].permute(1, 0, 2)[:, None]
 
 
-def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor, halves_outer: bool = False) -> torch.Tensor:
     """``[X, X v]`` with ``X = e^{k - m}`` in the GEMM operand layout [C, 2 (den, num), B, N, L] (for every channel
     and den/num one contiguous [B·N, L] matrix, so the products are bmm over 2C matrices), from the blocked keys and
-    values [B, C, N, L] and the block maxima [B, C, N, 1]: three passes, each writing contiguous runs of N·L."""
+    values [B, C, N, L] and the block maxima [B, C, N, 1]: three passes, each writing contiguous runs of N·L.
+
+    ``halves_outer``: the same values as a view of [2, C, B, N, L] storage, so each half is one contiguous tensor
+    (a product's output may be written over X once nothing reads it)."""
     B, C, N, L = kb.shape
-    stacked = kb.new_empty(C, 2, B, N, L)
+    stacked = kb.new_empty(2, C, B, N, L).transpose(0, 1) if halves_outer else kb.new_empty(C, 2, B, N, L)
     as_bc = stacked.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L] view
     torch.sub(kb, m, out=as_bc[:, :, 0]).exp_()
     torch.mul(as_bc[:, :, 0], vb, out=as_bc[:, :, 1])
@@ -379,7 +383,9 @@ def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torc
 
 def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None):
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (a bmm and a rank-2 update in place for
-    den and for num: one half of the block matrices exists at a time).
+    den, then for num, one half of the block matrices existing at a time). Den's product gets a buffer of its own,
+    num's is written over X (den's was its last reader), and without ``keep`` or ``out`` y over den: the op's
+    temporaries peak at three ``[B, T, C]`` (X, X v, den).
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T] (``out``'s storage if given: [C, B, T]); ``saved`` (when
     ``keep``) what the backward needs: ``1 / den'`` [C, B, T] and the block maxima.
@@ -389,27 +395,29 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
     vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
     m, M = _frames(kb)
-    stacked = _stacked_inputs(kb, vb, m).view(C, 2, B * N, L)
+    stacked = _stacked_inputs(kb, vb, m, halves_outer=True).view(C, 2, B * N, L)  # halves: contiguous [C, B·N, L]
     del kb, vb  # padded copies when T is not a whole number of blocks
     table, summaries_t = _gemm_table(w, u, plan, eps_den)
     sums, m_rel = _block_summaries(stacked, summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
     left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
     carries = torch.stack([left, right], -1)  # [C, 2, B, N, 2]
-    products = k.new_empty(2, C, B * N, L)  # den, num
-    for half in (0, 1):
+    den_blocks = k.new_empty(C, B * N, L)
+    for half, product in ((0, den_blocks), (1, stacked[:, 0])):  # num over X: disjoint from its input X v
         rhs = _gather_rhs(table, plan, half)  # [C, L + 2, L]
-        torch.matmul(stacked[:, half], rhs[:, :L], out=products[half])
-        products[half].baddbmm_(carries[:, half].reshape(C, B * N, 2), rhs[:, L:])
+        torch.matmul(stacked[:, half], rhs[:, :L], out=product)
+        product.baddbmm_(carries[:, half].reshape(C, B * N, 2), rhs[:, L:])
         del rhs  # (before the next half's)
-    del stacked  # (nothing else holds it: freed before y is allocated)
-    den, num = _from_blocks(products.view(2, C, B, N, L), plan)  # [C, B, T] each
-    # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
-    y = k.new_empty(C, B, T) if out is None else out
+    den = _from_blocks(den_blocks.view(C, B, N, L), plan)  # [C, B, T] views (copies where padding sits inside)
+    num = _from_blocks(stacked[:, 0].view(C, B, N, L), plan)
+    whole = den.data_ptr() == den_blocks.data_ptr() and den.is_contiguous()  # den is all of den_blocks: [C, B, T]
     if not keep:
+        # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
+        y = out if out is not None else den if whole else k.new_empty(C, B, T)
         torch.div(num, den, out=y)
         return y.permute(1, 2, 0), None  # [B, T, C] view of [C, B, T]
-    rden = torch.reciprocal(den)  # [C, B, T]
+    rden = den.reciprocal_() if whole else torch.reciprocal(den)  # [C, B, T]
+    y = k.new_empty(C, B, T) if out is None else out
     torch.mul(num, rden, out=y)
     return y.permute(1, 2, 0), (rden, m, M)
 
