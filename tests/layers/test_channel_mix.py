@@ -202,3 +202,52 @@ def test_inference_in_token_chunks_under_autocast(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(x, (3, 4))
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 3e-2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("chunk", [5, 2048])
+def test_add_to_takes_the_norm_and_may_add_into_its_input(monkeypatch, fused, chunk):
+    """``add_to(residual, x, hw, gamma, norm=ln)``: the bits of ``add_to(residual, ln(x), hw, gamma)``, also with x
+    the residual itself (the block's call: ln(x) is made before any row is written); without a norm an input that
+    shares the residual's memory is refused."""
+    from vrwkv.layers import channel_mix
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
+
+    monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)  # several chunks, or one
+    torch.manual_seed(4)
+    ffn, ln = perturb_(ChannelMix(16, 1, 4)), perturb_(torch.nn.LayerNorm(16))
+    x, gamma = torch.randn(2, 12, 16), torch.randn(16)
+    with torch.no_grad(), numba_scans(fused):
+        expected = ffn.add_to(x.clone(), ln(x), (3, 4), gamma)
+        assert torch.equal(ffn.add_to(x.clone(), x, (3, 4), gamma, norm=ln), expected)
+        stream = x.clone()
+        assert ffn.add_to(stream, stream, (3, 4), gamma, norm=ln) is stream
+        assert torch.equal(stream, expected)
+        with pytest.raises(ValueError, match="shares memory"):
+            ffn.add_to(stream, stream, (3, 4))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_add_to_frees_the_normalised_tokens_and_the_shift_before_the_products(monkeypatch, fused):
+    """The tensor peak of ``add_to(..., norm=ln)`` is one ``[B, T, C]`` below that of ``add_to`` given ``ln(x)``
+    (which its caller holds through the products); the plain mixer's ``shift(x)`` is dropped too: kept alive to the
+    end, it raises the peak by one ``[B, T, C]``."""
+    from vrwkv.bench.measure import _tensor_peak_mb
+    from vrwkv.layers import channel_mix, shift_mix
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
+
+    torch.manual_seed(5)
+    ffn, ln = perturb_(ChannelMix(64, 1, 4)), perturb_(torch.nn.LayerNorm(64))
+    x = torch.randn(1, 32 * 32, 64)
+    unit = x.numel() * 4 / 2**20
+    with torch.no_grad(), numba_scans(fused):
+        ffn.add_to(x.clone(), x, (32, 32), norm=ln)  # (the block buffer exists before the measurements)
+        fused_in = _tensor_peak_mb(lambda: ffn.add_to(x.clone(), x, (32, 32), norm=ln))
+        held = _tensor_peak_mb(lambda: ffn.add_to(x.clone(), ln(x), (32, 32)))
+        assert fused_in <= held - 0.9 * unit
+        if not fused:  # the plain mixer made shift(x): keep it alive to the end
+            kept, plain = [], shift_mix.lerp_mixer
+            monkeypatch.setattr(channel_mix, "lerp_mixer", lambda x, shifted, mus: kept.append(shifted) or
+                                plain(x, shifted, mus))
+            shift_kept = _tensor_peak_mb(lambda: ffn.add_to(x.clone(), x, (32, 32), norm=ln))
+            assert shift_kept >= fused_in + 0.9 * unit

@@ -97,12 +97,12 @@ class ChannelMix(nn.Module):
         ``[B, T, C]``; hidden tensors count ``hidden_rate``): ``x`` (the mixes are recomputed from it), ``relu(k)``
         (``relu(k)^2`` is recomputed from it) and the gate's ``sigmoid(r)`` and ``value(.)``.
         """
-        if norm is not None and not (torch.is_grad_enabled() and self.shift is not None):
-            x, norm = norm(x), None
         if not torch.is_grad_enabled():
             if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (tracing loses writes into buffers)
-                return self.mlp(self.token_mix(x, hw))
-            return self._inference_in_token_chunks(x, hw)
+                return self.mlp(self.token_mix(x if norm is None else norm(x), hw))
+            return self._inference_in_token_chunks(x, hw, norm=norm)
+        if norm is not None and self.shift is None:
+            x, norm = norm(x), None
         if self.shift is None:
             k, r = self.key(x), self.receptance(x)  # both keep the same x
         else:
@@ -141,19 +141,27 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(r) * self.value(k) if grad else self.value(k).mul_(r.sigmoid_())
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor, hw: tuple[int, int],
-               gamma: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual += self(x, hw)`` (times ``gamma`` if given), in place, without autograd: each token chunk's
-        output rows are added as they are made (no ``[B, T, C]`` output tensor: at high resolution fewer fresh pages
-        from the kernel per block). The same arithmetic as ``residual.add_(self(x, hw))``. Returns ``residual``."""
+               gamma: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+        """``residual += self(x, hw)`` (``self(norm(x), hw)`` with ``norm``; times ``gamma`` if given), in place,
+        without autograd: each token chunk's output rows are added as they are made (no ``[B, T, C]`` output tensor:
+        at high resolution fewer fresh pages from the kernel per block). The same arithmetic as
+        ``residual.add_(self(x, hw))``. Returns ``residual``.
+
+        With ``norm`` (a module over the channels), ``norm(x)`` is made here and freed once the last chunk's mixes
+        are made: one ``[B, T, C]`` less at the products than if the caller held it; ``x`` may then be
+        ``residual`` itself."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, *self.parameters())):
             raise RuntimeError("ChannelMix.add_to writes in place: use it without autograd (torch.no_grad())")
         if residual.shape != x.shape:
             raise ValueError(f"add_to: residual {list(residual.shape)} and x {list(x.shape)} must match")
-        self._inference_in_token_chunks(x, hw, residual, gamma)
+        if norm is None and residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise ValueError("add_to: x shares memory with residual, which is written while x is read: pass a copy, "
+                             "or the norm that makes one (norm=)")
+        self._inference_in_token_chunks(x, hw, residual, gamma, norm)
         return residual
 
     def _inference_in_token_chunks(self, x: torch.Tensor, hw: tuple[int, int], residual: torch.Tensor | None = None,
-                                   gamma: torch.Tensor | None = None) -> torch.Tensor:
+                                   gamma: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
         """The forward without autograd, over chunks of ``INFERENCE_CHUNK_TOKENS`` tokens (of all B·T): the mixes,
         the hidden activations and the gate live per chunk only. With ``residual``: its rows get each chunk's output
         (times ``gamma``) added instead (:meth:`add_to`).
@@ -166,7 +174,12 @@ class ChannelMix(nn.Module):
         Where the key's product takes a buffer, its output and the mix rows go into the block buffer shared by a
         model's blocks (:data:`vrwkv.layers.workspace.BLOCK_LARGEST`), unless hooks may keep them; when adding into
         ``residual``, the value and gate rows too if they fit in it as it is.
+
+        ``norm``: a module x goes through first. Its output, and the plain mixer's ``shift(x)``, are dropped once the
+        last chunk's mixes are made, before its products (the block's peak).
         """
+        if norm is not None:
+            x = norm(x)
         B, T, C = x.shape
         rows = x.reshape(B * T, C)
         mix_into = None
@@ -200,6 +213,8 @@ class ChannelMix(nn.Module):
             if self.key_norm is not None:
                 k = self.key_norm(k)
             xr = x_c if mix_into is None else mix_into(1, buf, tokens)
+            if chunk.stop == B * T and mix_into is not None:  # the mixes are made: only they read x and shift(x)
+                x = rows = x_c = mix_into = None
             if values is None:
                 value = self.value(k)  # (through the modules: autocast, hooks and FLOP counters see them)
                 gate = self.receptance(xr).sigmoid_()  # [n, C]

@@ -100,7 +100,7 @@ class Block(nn.Module):
         x = self.residual(x, self._normed(self.att, self.ln1, x, hw), self.gamma1, own_x=consume_input,  # (no name
                           own_branch=not calls_hooks(self.att))  # keeps the branch alive through the FFN)
         if self._ffn_adds_in_place():  # (x is this block's tensor now)
-            return self.ffn.add_to(x, self.ln2(x), hw, self.gamma2)
+            return self.ffn.add_to(x, x, hw, self.gamma2, norm=self.ln2)  # (ln2(x) freed before the products)
         return self.residual(x, self._normed(self.ffn, self.ln2, x, hw), self.gamma2, own_x=True)
 
     @staticmethod
