@@ -147,6 +147,15 @@ def test_rows_per_vector_and_pieces(monkeypatch):
 
     monkeypatch.setattr(fused_cpu, "rows_per_vector", None)
     assert fused_cpu.row_lanes() in (4, 8)
+    assert fused_cpu.row_lanes(fused_cpu.TOKENS) in (4, 8)
+    # the host rule as measured: rows eight on AMD cores with AVX-512, four on Intel ones and on AVX2; the
+    # token-major sweep eight wherever there is AVX-512
+    assert fused_cpu.lanes_for("znver5", True) == 8
+    assert [fused_cpu.lanes_for(*host) for host in [("znver5", False), ("znver3", False), ("sapphirerapids", True),
+                                                    ("rocketlake", True), ("haswell", False), ("generic", True)]] == [4] * 6
+    assert [fused_cpu.lanes_for(name, avx512, token_major=True) for name, avx512 in
+            [("znver5", True), ("sapphirerapids", True), ("generic", True), ("znver3", False), ("haswell", False)]] \
+        == [8, 8, 8, 4, 4]
     monkeypatch.setattr(fused_cpu, "rows_per_vector", 6)
     with pytest.raises(ValueError, match="rows_per_vector must be 4 or 8"):
         fused_cpu.row_lanes()

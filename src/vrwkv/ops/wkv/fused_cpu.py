@@ -209,31 +209,44 @@ ROWS_BLOCKED_FROM, ROW_BLOCK = 32768, 128
 TOKEN_KEEP = 4096
 
 
-#: Rows per vector of the channel-major kernels: None for the host's choice (:func:`row_lanes`), or 4 or 8.
+#: Lanes per vector of the kernels (rows of the channel-major ones): None for the host's choice (:func:`row_lanes`),
+#: or 4 or 8.
 rows_per_vector: int | None = None
 
 
-def row_lanes() -> int:
-    """Rows the channel-major kernels run in lockstep, one per float64 lane (the token-major kernel's left-to-right
-    sweep: lanes per part): 8 (one 512-bit register) where LLVM compiles for AVX-512, else 4 (one AVX2 register of
-    16; eight take two, and the token-major sweep's eight lanes spilled on an AVX2 host). On a Zen 5 core eight rows
-    took 0.65-0.85x the time of four, and still 0.7-0.8x compiled for AVX2 (``NUMBA_CPU_NAME=haswell``): an AVX2
-    host may gain from eight too, not measured. :data:`rows_per_vector` overrides the choice."""
+def row_lanes(kind: str = FORWARD) -> int:
+    """Rows the channel-major kernels of ``kind`` run in lockstep, one per float64 lane (for :data:`TOKENS`: lanes
+    per part of the token-major kernel's left-to-right sweep): the host's choice (:func:`lanes_for`), or
+    :data:`rows_per_vector` if set."""
     if rows_per_vector is not None:
         if rows_per_vector not in (4, 8):
             raise ValueError(f"rows_per_vector must be 4 or 8, got {rows_per_vector!r}")
         return rows_per_vector
-    return _host_row_lanes()
+    return _host_row_lanes(kind == TOKENS)
+
+
+def lanes_for(cpu_name: str, avx512: bool, token_major: bool = False) -> int:
+    """Lanes per vector for code compiled for ``cpu_name`` (LLVM's name, e.g. "znver5", "sapphirerapids") with or
+    without AVX-512: 8 (one 512-bit register) for the token-major sweep with AVX-512 and for the channel-major rows
+    on AMD cores with AVX-512; else 4 (one 256-bit register).
+
+    Measured (``benchmarks/NOTES.md``, sessions 14 and 16; one thread, C = 192): on a Zen 5 core eight rows took
+    0.65-0.85x the time of four, the token-major sweep 0.73-0.8x. On an Intel Xeon with AVX-512 eight rows were no
+    faster forward (±5 %) and up to 1.4x slower forward + backward (262,144 tokens); its token-major sweep took
+    0.93-0.97x. Compiled for AVX2 (16 registers: eight lanes take two each) eight rows were 1.2-1.4x slower on the
+    Xeon, the token-major sweep spilled on a Zen 3. Zen 4 (AVX-512 on 256-bit units) is unmeasured; it takes eight as
+    Zen 5."""
+    return 8 if avx512 and (token_major or cpu_name.startswith("znver")) else 4
 
 
 @functools.cache
-def _host_row_lanes() -> int:
+def _host_row_lanes(token_major: bool) -> int:
     import numba
     from llvmlite import binding
 
     if numba.config.CPU_NAME:  # numba compiles for a named CPU (e.g. "generic" for portable caches), not this host
-        return 8 if "+avx512f" in (numba.config.CPU_FEATURES or "") else 4
-    return 8 if binding.get_host_cpu_features().get("avx512f", False) else 4
+        return lanes_for(numba.config.CPU_NAME, "+avx512f" in (numba.config.CPU_FEATURES or ""), token_major)
+    return lanes_for(binding.get_host_cpu_name(), binding.get_host_cpu_features().get("avx512f", False), token_major)
 
 
 def run_kernel(kind: str, args: tuple, rows: int) -> int:
@@ -245,7 +258,7 @@ def run_kernel(kind: str, args: tuple, rows: int) -> int:
     with its spinning workers), otherwise the caller and a pool of our own (the kernels release the GIL).
     """
     kernels = _compiled_kernels()
-    lanes = row_lanes()
+    lanes = row_lanes(kind)
     lane_zeros = (0,) * lanes  # the kernels' ``lanes`` argument: its length is the vector width
     group = 1 if kind == TOKENS else lanes  # units in lockstep (a token-major unit holds its lanes itself)
     n = max(1, min(torch.get_num_threads(), -(-rows // group)))
