@@ -220,3 +220,11 @@ def test_rounds_alternate_the_models_of_a_pair_and_the_report_takes_their_median
     assert "ran 3 times, alternating" in write_markdown(report)
     assert main(["bench", "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["not json"], ['{"kind": "nothing"}'], ["[1, 2]"], ['{"kind": "wkv"}', "x"]])
+def test_measure_entry_point_refuses_bad_arguments_with_usage(argv, capsys):
+    from vrwkv.bench.measure import main
+
+    assert main(argv) == 2
+    assert "usage: python -m vrwkv.bench.measure" in capsys.readouterr().err

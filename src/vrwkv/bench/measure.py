@@ -239,6 +239,8 @@ KINDS = {
 
 def measure(spec: dict) -> dict:
     """Run the measurement described by ``spec`` in this process (the fused numba scan on only where it asks)."""
+    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        raise ValueError(f"a measurement spec is a JSON object whose 'kind' is one of {sorted(KINDS)}, got {spec!r}")
     from vrwkv.ops.linear import onednn_linears
     from vrwkv.ops.wkv.fused_cpu import numba_scans
 
@@ -250,7 +252,17 @@ def measure(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    spec = json.loads(argv[0])
+    usage = "usage: python -m vrwkv.bench.measure '{\"kind\": \"model\", \"model\": \"vrwkv_tiny\", ...}'"
+    if len(argv) != 1:
+        print(f"{usage}\n(one JSON spec; see the module's docstring)", file=sys.stderr)
+        return 2
+    try:
+        spec = json.loads(argv[0])
+        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+            raise ValueError(f"'kind' must be one of {sorted(KINDS)}")
+    except ValueError as error:  # (json.JSONDecodeError is one)
+        print(f"{usage}\nbad spec {argv[0]!r}: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({"spec": spec, "result": measure(spec)}))
     return 0
 
