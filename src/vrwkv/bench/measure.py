@@ -237,10 +237,15 @@ KINDS = {
 }
 
 
-def measure(spec: dict) -> dict:
-    """Run the measurement described by ``spec`` in this process (the fused numba scan on only where it asks)."""
+def _check_spec(spec: Any) -> None:
+    """Raise ValueError unless ``spec`` is a dict whose ``kind`` is one of :data:`KINDS`."""
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ValueError(f"a measurement spec is a JSON object whose 'kind' is one of {sorted(KINDS)}, got {spec!r}")
+
+
+def measure(spec: dict) -> dict:
+    """Run the measurement described by ``spec`` in this process (the fused numba scan on only where it asks)."""
+    _check_spec(spec)
     from vrwkv.ops.linear import onednn_linears
     from vrwkv.ops.wkv.fused_cpu import numba_scans
 
@@ -258,8 +263,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         spec = json.loads(argv[0])
-        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
-            raise ValueError(f"'kind' must be one of {sorted(KINDS)}")
+        _check_spec(spec)
     except ValueError as error:  # (json.JSONDecodeError is one)
         print(f"{usage}\nbad spec {argv[0]!r}: {error}", file=sys.stderr)
         return 2
