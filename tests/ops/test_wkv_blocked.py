@@ -213,3 +213,63 @@ def test_inference_temporaries_are_three_streams():
         peak = _tensor_peak_mb(lambda: blocked_bi_wkv(k, v, w, u))
     assert peak < four_streams + rhs  # (before this layout: 4.75 units, X, X v and both products)
     assert rel_err(y, reference("paper", *(x.double() for x in (k, v, w, u)))) < TOL32["paper"]
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("semantics, T", [("paper", 64), ("official", 61)])
+def test_inference_writes_a_channel_major_out_in_place(monkeypatch, semantics, T, groups):
+    """``bi_wkv(out=)`` on the block path without autograd: an ``out`` laid out as its result (a [B, T, C] view of
+    [C, B, T] storage) is written in place, by every channel group, and returned; a token-major ``out`` gets a copy.
+    The values are those without ``out`` (T = 64 without padding: den is made in ``out``; T = 61 with padding)."""
+    k, v, w, u = (x.float() for x in random_inputs(2, T, 9, seed=T))
+    if groups > 1:
+        monkeypatch.setattr(blocked, "GROUP_ELEMENTS", 2 * T * 3)
+        monkeypatch.setattr(blocked, "MIN_GROUP_CHANNELS", 2)
+    with torch.no_grad():
+        expected = bi_wkv(k, v, w, u, semantics)
+        own = torch.full((9, 2, T), float("nan")).permute(1, 2, 0)  # [B, T, C] view of [C, B, T]
+        other = torch.full((2, T, 9), float("nan"))
+        assert blocked.writes_out(own, k) and not blocked.writes_out(other, k)
+        assert blocked_bi_wkv(k, v, w, u, semantics, out=own) is own  # the op itself: no copy afterwards
+        assert blocked_bi_wkv(k, v, w, u, semantics, out=other) is not other
+        for out in (own, other):
+            assert bi_wkv(k, v, w, u, semantics, out=out) is out
+            assert rel_err(out, expected) < 1e-6
+
+
+def _large_allocations(fn, unit: int) -> list[float]:
+    """The sizes, in units of ``unit`` bytes, of the CPU allocations of at least 0.9 units that ``fn()`` makes."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            events = json.load(f)["traceEvents"]
+    sizes = [e["args"]["Bytes"] / unit for e in events if e.get("name") == "[memory]"]
+    return sorted(round(s, 2) for s in sizes if s >= 0.9)
+
+
+def test_inference_into_out_makes_x_in_it():
+    """With ``out`` (no padding, one channel group) X is made in ``out`` and y over num there: the op allocates X v
+    and den (one ``[B, T, C]`` each; den only after the carries) instead of X, X v (one allocation) and den, and its
+    peak is one ``[B, T, C]`` lower."""
+    from vrwkv.bench.measure import _tensor_peak_mb
+
+    B, T, C = 1, 4096, 64
+    k, v, w, u = (x.float() for x in wkv_cases.random_inputs(B, T, C, seed=7))
+    plan = plan_blocks(T, "paper", blocked.KERNEL_CHUNKS)
+    assert plan.N * plan.L == T and B * T * C <= blocked.GROUP_ELEMENTS
+    out = torch.empty(C, B, T).permute(1, 2, 0)
+    unit = B * T * C * 4
+    with torch.no_grad():
+        assert _large_allocations(lambda: blocked_bi_wkv(k, v, w, u, out=out), unit) == [1.0, 1.0]
+        assert _large_allocations(lambda: blocked_bi_wkv(k, v, w, u), unit) == [1.0, 2.0]
+        peak_into_out = _tensor_peak_mb(lambda: blocked_bi_wkv(k, v, w, u, out=out))
+        peak = _tensor_peak_mb(lambda: blocked_bi_wkv(k, v, w, u))
+    assert peak_into_out < peak - 0.9 * unit / 2**20
+    assert rel_err(out, reference("paper", *(x.double() for x in (k, v, w, u)))) < TOL32["paper"]

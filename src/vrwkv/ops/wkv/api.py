@@ -5,7 +5,7 @@ import torch
 
 from vrwkv.ops._dtype import check_floating_on_one_device, compute_dtype, run_in_float32
 from vrwkv.ops._profiling import named_range
-from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports
+from vrwkv.ops.wkv.blocked import blocked_bi_wkv, blocked_supports, writes_out
 from vrwkv.ops.wkv.chunked import chunked_bi_wkv
 from vrwkv.ops.wkv.fused_cpu import fused_cpu_bi_wkv, numba_enabled
 from vrwkv.ops.wkv.reference import KERNEL_CHUNKS, KERNEL_EPS
@@ -91,8 +91,10 @@ def _run(k, v, w, u, semantics: str, out: torch.Tensor | None = None) -> torch.T
         impl = _fused_or_blocked
     else:
         impl = blocked_bi_wkv
-    # the fused scans write out themselves when it has the compute dtype (no cast back)
-    direct = impl is _fused_or_blocked and out is not None and out.dtype == compute_dtype((k, v, w, u))
+    # the fused scans write out themselves when it has the compute dtype (no cast back), the block path when out is
+    # also laid out as its result ([C, B, T] storage)
+    direct = out is not None and out.dtype == compute_dtype((k, v, w, u)) and (
+        impl is _fused_or_blocked or (impl is blocked_bi_wkv and writes_out(out, k)))
     # one named range in profiles (vrwkv.bench.profile attributes the operators inside it to the WKV)
     with named_range("vrwkv::causal_wkv" if semantics == "causal" else "vrwkv::bi_wkv"):
         y = run_in_float32(impl, (k, v, w, u), semantics=semantics, **({"out": out} if direct else {}))

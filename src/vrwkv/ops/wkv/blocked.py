@@ -236,56 +236,84 @@ def _gemm_table(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | 
     return table2, summaries_t.contiguous()
 
 
-def _excl_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    """Exclusive cumulative sum along ``dim`` (from the end if ``reverse``)."""
+def _excl_cumsum_last(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Exclusive cumulative sum along the last dim (from the end if ``reverse``)."""
     if reverse:
-        return _excl_cumsum(x.flip(dim), dim).flip(dim)
-    c = x.cumsum(dim)
-    return torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c.narrow(dim, 0, c.shape[dim] - 1)], dim)
+        return _excl_cumsum_last(x.flip(-1)).flip(-1)
+    return F.pad(x[..., :-1].cumsum(-1), (1, 0))
 
 
-def _carries(sums, m, k_start, v_start, w, plan: BlockPlan):
-    """Left/right carries entering every block, in float64, relative to ``e^{M}`` (M: the sequence's largest key).
+_POSITIONS_CACHE: dict = {}
+
+
+def _block_positions(plan: BlockPlan, device: torch.device) -> torch.Tensor:
+    """Each block's first real position minus T/2, float64 [N] (cached per plan and device as
+    :func:`_matrix_indices`)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(plan.block_starts(), dtype=torch.float64, device=device) - plan.T / 2
+    key = (plan, device)
+    if key not in _POSITIONS_CACHE:
+        with torch.inference_mode(False):
+            _POSITIONS_CACHE[key] = torch.tensor(plan.block_starts(), dtype=torch.float64, device=device) - plan.T / 2
+    return _POSITIONS_CACHE[key]
+
+
+def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
+    """Left/right carries entering every block, in every block's frame, cast to the op's dtype: [C, 2, 2, B, N]
+    (dim 1: den/num; dim 2: left, right).
+
+    The scan across blocks runs in float64 (see the module's docstring), relative to ``e^{M}`` (M: the sequence's
+    largest key). The frame ``max(m, log(magnitude of the den carries) - margin)`` carries no gradient (y is
+    invariant to it).
 
     Args:
-        sums: [C, 2, B, N, 2] block summaries at each block's own max (dim 1: den/num; last: left/right sums).
+        sums: [C, 2, 2, B, N] block summaries at each block's own max (dim 1: den/num; dim 2: left/right sums).
         m: [C, 1, B, N] block maxima minus M. k_start, v_start: [C, 1, B, N] key (minus M) and value at each block's
             kernel-chunk start (only used when chunks are subdivided). w: [C].
-    Returns:
-        (left, right): [C, 2, B, N] each.
     """
     f64 = torch.float64
-    starts = torch.tensor(plan.block_starts(), dtype=f64, device=w.device)  # [N]
     wd = w.to(f64)[:, None, None, None]  # [C, 1, 1, 1]
-    pos = (starts - plan.T / 2) * wd  # [C, 1, 1, N]; centred: |position · w| <= |w| T / 2
+    pos = _block_positions(plan, w.device) * wd  # [C, 1, 1, N]; centred: |position · w| <= |w| T / 2
     e_pos, e_neg = torch.exp(pos), torch.exp(-pos)
-    scaled = sums.to(f64) * torch.exp(m.to(f64))[..., None]  # [C, 2, B, N, 2], relative to e^M
-    from_left = scaled[..., 0] * e_pos  # e^{P w} sum_q e^{q w} X
-    from_right = scaled[..., 1] * e_neg
-    left = _excl_cumsum(from_left, 3) * e_neg
-    right = _excl_cumsum(from_right, 3, reverse=True) * e_pos
+    e_m = torch.exp(m.to(f64))  # [C, 1, B, N]
+    from_left = sums[:, :, 0] * (e_m * e_pos)  # e^{m + P w} sum_q e^{q w} X: [C, 2, B, N] (float32 sums promoted)
+    from_right = sums[:, :, 1] * (e_m * e_neg)
+    # the sums of the blocks to the left / right, at the origin: times e_neg / e_pos at each block's own position
+    # (below, with the frame)
+    left = _excl_cumsum_last(from_left)
+    right = _excl_cumsum_last(from_right, reverse=True)
     if plan.per_chunk:
         r = plan.per_chunk
         by_chunk = (*left.shape[:3], plan.N // r, r)
         # chunk-local sums of the earlier blocks of the same kernel chunk: near-left (weight e^{w} more than the
         # distance rule) and the own-chunk term, which excludes the chunk start token
-        near = _excl_cumsum(from_left.view(by_chunk), 4).view(left.shape) * e_neg
-        own = _excl_cumsum(from_right.view(by_chunk), 4).view(left.shape) * e_pos
+        near = _excl_cumsum_last(from_left.view(by_chunk)).view(left.shape)
+        own = _excl_cumsum_last(from_right.view(by_chunk)).view(left.shape)
+        starts = _block_positions(plan, w.device) + plan.T / 2  # [N]
         chunk_start = torch.div(starts, plan.kc, rounding_mode="floor") * plan.kc  # [N]
-        x_start = torch.exp(k_start.to(f64) + (starts - chunk_start) * wd)  # [C, 1, B, N]
+        x_start = torch.exp(k_start.to(f64) + (starts - chunk_start) * wd - pos)  # [C, 1, B, N] (times e_pos below)
         start_term = torch.cat([x_start, x_start * v_start.to(f64)], 1)  # [C, 2, B, N]
         left = left + torch.expm1(wd) * near
         right = right - torch.expm1(wd) * (own - start_term)
-    return left, right
+    with torch.no_grad():  # e^{-frame}, without a float64 log
+        magnitude = left[:, :1].abs() * e_neg + right[:, :1].abs() * e_pos  # [C, 1, B, N]
+        frame_scale = torch.maximum(e_m, magnitude.mul_(math.exp(-_FRAME_MARGIN)))
+        to_frame = frame_scale.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
+    carries = left.new_empty((*left.shape[:2], 2, *left.shape[2:]), dtype=dtype)  # [C, 2, 2, B, N]
+    carries[:, :, 0] = left.mul_(e_neg * to_frame)  # (in place: nothing's backward needs them; cast on the copy)
+    carries[:, :, 1] = right.mul_(e_pos * to_frame)
+    return carries
 
 
 def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper",
-                   chunks: int = KERNEL_CHUNKS, eps: float = KERNEL_EPS) -> torch.Tensor:
+                   chunks: int = KERNEL_CHUNKS, eps: float = KERNEL_EPS, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bi-WKV by block matrix products. k, v: [B, T, C] (any strides; a transposed view of channel-major [B, C, T]
     storage is read without a layout change); w, u: [C]. ``semantics``: "paper" or "official".
 
     Returns a [B, T, C] view of channel-major [C, B, T] storage: models that consume
-    it channel-major (e.g. a weight-first output projection) avoid a layout change. Exact to float32 rounding where
+    it channel-major (e.g. a weight-first output projection) avoid a layout change. Without autograd, ``out`` (a
+    [B, T, C] view of contiguous [C, B, T] storage, k's dtype, no memory shared with the inputs: see
+    :func:`writes_out`) receives y and is returned; else ``out`` is ignored. Exact to float32 rounding where
     :func:`blocked_supports`. Differentiable: a hand-written backward (:class:`_BlockedBiWKV`) made of the same
     block products; under torch.compile or tracing, plain operations without buffer writes (autograd through them).
     """
@@ -299,19 +327,32 @@ def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.T
         return _traceable_forward(k, v, w, u, plan, eps_den)
     if grad:
         return _BlockedBiWKV.apply(k, v, w, u, plan, eps_den)
+    if out is not None and writes_out(out, k):
+        _forward_by_channel_groups(k, v, w, u, plan, eps_den, out.permute(2, 0, 1))
+        return out
     return _forward_by_channel_groups(k, v, w, u, plan, eps_den)
 
 
-def _forward_by_channel_groups(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> torch.Tensor:
+def writes_out(out: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`blocked_bi_wkv` without autograd writes y straight into ``out``: a [B, T, C] view of contiguous
+    [C, B, T] storage (its own layout) in k's dtype and device. (The caller checks that it shares no memory with the
+    inputs.)"""
+    return (out.shape == k.shape and out.dtype == k.dtype and out.device == k.device
+            and out.permute(2, 0, 1).is_contiguous())
+
+
+def _forward_by_channel_groups(k, v, w, u, plan: BlockPlan, eps_den: float | None,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
     """The op without autograd, over groups of channels (it is independent per channel) of about
-    :data:`GROUP_ELEMENTS` elements each, into one ``y``: the temporaries (``[X, X v]``, the GEMM output, the
-    carries; five ``[B, T, C']``) are one group's. Returns a [B, T, C] view of [C, B, T] as :func:`_forward`."""
+    :data:`GROUP_ELEMENTS` elements each, into one ``y`` (``out`` [C, B, T] if given): the temporaries (``[X, X v]``,
+    the GEMM output, the carries; five ``[B, T, C']``) are one group's. Returns a [B, T, C] view of [C, B, T] as
+    :func:`_forward`."""
     B, T, C = k.shape
     groups = min(-(-B * T * C // GROUP_ELEMENTS), -(-C // MIN_GROUP_CHANNELS))
     if groups <= 1:
-        return _forward(k, v, w, u, plan, eps_den)[0]
+        return _forward(k, v, w, u, plan, eps_den, out=out)[0]
     per_group = -(-C // groups)  # (groups of equal size, the last one smaller)
-    y = k.new_empty(C, B, T)
+    y = k.new_empty(C, B, T) if out is None else out
     for c0 in range(0, C, per_group):
         c = slice(c0, c0 + per_group)
         _forward(k[..., c], v[..., c], w[c], u[c], plan, eps_den, out=y[c])
@@ -321,12 +362,18 @@ def _forward_by_channel_groups(k, v, w, u, plan: BlockPlan, eps_den: float | Non
 def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block maxima ``m`` [B, C, N, 1] of the blocked keys [B, C, N, L] (0 for all-padding blocks) and their maximum
     ``M`` [B, C, 1, 1]. Frames only: y is invariant to them (no gradient flows through them)."""
+    B, C, N, L = kb.shape
     with torch.no_grad():
-        if kb.stride(3) == 1:
-            m = kb.amax(3, keepdim=True)  # [B, C, N, 1]
-        else:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than across strides
-            m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]
-        m = torch.where(torch.isfinite(m), m, 0.0)  # all-padding blocks
+        if kb.stride(3) != 1:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than
+            m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]  # across strides
+        else:  # blocks of tokens in a row: a max pool over the storage's rows (4x amax's speed at L = 14)
+            rows = next((x for x in (kb, kb.transpose(0, 1)) if x.is_contiguous()), None)  # ([C, B, N, L]: channel-
+            if rows is None:  # major storage)
+                m = kb.amax(3, keepdim=True)
+            else:
+                m = F.max_pool1d(rows.view(-1, 1, N * L), L).view(*rows.shape[:3], 1)
+                m = m if rows is kb else m.transpose(0, 1)  # [B, C, N, 1]
+        m = m.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all-padding blocks
         return m, m.amax(2, keepdim=True)
 
 
@@ -344,48 +391,52 @@ def _per_block(x: torch.Tensor | None, plan: BlockPlan) -> torch.Tensor | None:
     return None if x is None else x.repeat_interleave(plan.per_chunk, dim=2)[:, None]
 
 
-def _framed_carries(sums, m_rel, k_start, v_start, w, plan: BlockPlan, dtype):
-    """The carries of :func:`_carries` in every block's frame, cast to the op's dtype: [C, 2, B, N] each. The frame
-    ``max(m_rel, log(magnitude of the den carries) - margin)`` carries no gradient (y is invariant to it)."""
-    left, right = _carries(sums, m_rel, k_start, v_start, w, plan)
-    with torch.no_grad():  # e^{-frame}, without a float64 log
-        magnitude = left[:, :1].abs() + right[:, :1].abs()  # [C, 1, B, N]
-        frame_scale = torch.maximum(torch.exp(m_rel.to(torch.float64)), magnitude * math.exp(-_FRAME_MARGIN))
-        to_frame = frame_scale.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
-    return (left * to_frame).to(dtype), (right * to_frame).to(dtype)
-
-
-def _block_summaries(stacked: torch.Tensor, summaries_t: torch.Tensor, m: torch.Tensor, M: torch.Tensor):
-    """What the carries are made of: the block summaries ``S^T [X, X v]^T`` as [C, 2, B, N, 2] (a small GEMM per
+def _block_summaries(halves, summaries_t: torch.Tensor, m: torch.Tensor, M: torch.Tensor):
+    """What the carries are made of: the block summaries ``S^T [X, X v]^T`` as [C, 2, 2, B, N] (a small GEMM per
     half, in the transposed orientation BLAS runs fastest) and the block maxima relative to the sequence's,
-    [C, 1, B, N]. stacked: [C, 2, B·N, L] (each half's [C, B·N, L] with unit stride inside its matrices);
+    [C, 1, B, N]. halves: X and X v, [C, B·N, L] each (unit stride inside their matrices);
     summaries_t: [C, 2, 2, L]; m: [B, C, N, 1]; M: [B, C, 1, 1]."""
     B, C, N, _ = m.shape
-    sums = torch.stack([torch.matmul(summaries_t[:, half], stacked[:, half].transpose(1, 2)) for half in (0, 1)], 1)
-    sums = sums.view(C, 2, 2, B, N).permute(0, 1, 3, 4, 2)  # [C, 2, B, N, 2]
+    sums = torch.stack([torch.matmul(summaries_t[:, half], halves[half].transpose(1, 2)) for half in (0, 1)], 1)
+    sums = sums.view(C, 2, 2, B, N)
     return sums, (m - M)[..., 0].permute(1, 0, 2)[:, None]
 
 
-def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor, halves_outer: bool = False) -> torch.Tensor:
+def _stacked_inputs(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``[X, X v]`` with ``X = e^{k - m}`` in the GEMM operand layout [C, 2 (den, num), B, N, L] (for every channel
     and den/num one contiguous [B·N, L] matrix, so the products are bmm over 2C matrices), from the blocked keys and
-    values [B, C, N, L] and the block maxima [B, C, N, 1]: three passes, each writing contiguous runs of N·L.
-
-    ``halves_outer``: the same values as a view of [2, C, B, N, L] storage, so each half is one contiguous tensor
-    (a product's output may be written over X once nothing reads it)."""
+    values [B, C, N, L] and the block maxima [B, C, N, 1]: three passes, each writing contiguous runs of N·L."""
     B, C, N, L = kb.shape
-    stacked = kb.new_empty(2, C, B, N, L).transpose(0, 1) if halves_outer else kb.new_empty(C, 2, B, N, L)
-    as_bc = stacked.permute(2, 0, 1, 3, 4)  # [B, C, 2, N, L] view
-    torch.sub(kb, m, out=as_bc[:, :, 0]).exp_()
-    torch.mul(as_bc[:, :, 0], vb, out=as_bc[:, :, 1])
+    stacked = kb.new_empty(C, 2, B, N, L)
+    _fill_inputs(kb, vb, m, stacked[:, 0], stacked[:, 1])
     return stacked
+
+
+def _input_halves(kb: torch.Tensor, vb: torch.Tensor, m: torch.Tensor, x_into: torch.Tensor | None = None):
+    """X and X v as :func:`_stacked_inputs` makes them, but each one contiguous [C, B·N, L] tensor (a product's output
+    may then be written over X once nothing reads it), X in ``x_into`` (contiguous, [C, B, T] with T = N·L: y's
+    buffer) if given."""
+    B, C, N, L = kb.shape
+    if x_into is None:
+        x, xv = kb.new_empty(2, C, B, N, L).unbind(0)
+    else:
+        x, xv = x_into.view(C, B, N, L), kb.new_empty(C, B, N, L)
+    _fill_inputs(kb, vb, m, x, xv)
+    return x.view(C, B * N, L), xv.view(C, B * N, L)
+
+
+def _fill_inputs(kb, vb, m, x, xv) -> None:
+    """``x = e^{kb - m}``, ``xv = x vb`` into [C, B, N, L] views, from [B, C, N, L] blocked keys and values."""
+    torch.sub(kb, m, out=x.transpose(0, 1)).exp_()
+    torch.mul(x.transpose(0, 1), vb, out=xv.transpose(0, 1))
 
 
 def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None):
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (a bmm and a rank-2 update in place for
     den, then for num, one half of the block matrices existing at a time). Den's product gets a buffer of its own,
-    num's is written over X (den's was its last reader), and without ``keep`` or ``out`` y over den: the op's
-    temporaries peak at three ``[B, T, C]`` (X, X v, den).
+    num's is written over X (den's was its last reader), and without ``keep`` y over den, or, with ``out`` and no
+    padding, X is made in ``out`` and y over num there: the op's temporaries peak at three ``[B, T, C]`` (X, X v,
+    den), two with ``out`` (X v first, den only after the carries).
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T] (``out``'s storage if given: [C, B, T]); ``saved`` (when
     ``keep``) what the backward needs: ``1 / den'`` [C, B, T] and the block maxima.
@@ -395,21 +446,21 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     kb = _to_blocks(k.transpose(1, 2), plan, float("-inf"))  # [B, C, N, L]
     vb = _to_blocks(v.transpose(1, 2), plan, 0.0)
     m, M = _frames(kb)
-    stacked = _stacked_inputs(kb, vb, m, halves_outer=True).view(C, 2, B * N, L)  # halves: contiguous [C, B·N, L]
+    x_into = out if out is not None and not keep and N * L == T else None
+    x, xv = _input_halves(kb, vb, m, x_into)  # [C, B·N, L] each
     del kb, vb  # padded copies when T is not a whole number of blocks
     table, summaries_t = _gemm_table(w, u, plan, eps_den)
-    sums, m_rel = _block_summaries(stacked, summaries_t, m, M)
+    sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
-    left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
-    carries = torch.stack([left, right], -1)  # [C, 2, B, N, 2]
+    carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
-    for half, product in ((0, den_blocks), (1, stacked[:, 0])):  # num over X: disjoint from its input X v
+    for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
         rhs = _gather_rhs(table, plan, half)  # [C, L + 2, L]
-        torch.matmul(stacked[:, half], rhs[:, :L], out=product)
-        product.baddbmm_(carries[:, half].reshape(C, B * N, 2), rhs[:, L:])
+        torch.matmul(operand, rhs[:, :L], out=product)
+        product.baddbmm_(carries[:, half].transpose(1, 2), rhs[:, L:])  # ([C, B·N, 2]: BLAS reads it transposed)
         del rhs  # (before the next half's)
     den = _from_blocks(den_blocks.view(C, B, N, L), plan)  # [C, B, T] views (copies where padding sits inside)
-    num = _from_blocks(stacked[:, 0].view(C, B, N, L), plan)
+    num = _from_blocks(x.view(C, B, N, L), plan)  # (in out when X was made there: y over it)
     whole = den.data_ptr() == den_blocks.data_ptr() and den.is_contiguous()  # den is all of den_blocks: [C, B, T]
     if not keep:
         # channel-major, batch inside: the layout of a channel-major projection of B·T tokens
@@ -473,35 +524,34 @@ class _BlockedBiWKV(torch.autograd.Function):
         with torch.enable_grad():  # the small parts: autograd through w, u, the summaries and the carry scan
             w_, u_ = w.detach().requires_grad_(), u.detach().requires_grad_()
             rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
-            sums, m_rel = _block_summaries(xs_flat, summaries_t.detach(), m, M)  # as in the forward
+            sums, m_rel = _block_summaries(xs_flat.unbind(1), summaries_t.detach(), m, M)  # as in the forward
             sums_ = sums.requires_grad_()
             k_chunk, v_chunk = _chunk_starts(k.detach(), v.detach(), M, plan)  # [C, B, chunks]
             if k_chunk is not None:
                 k_chunk.requires_grad_()
                 v_chunk.requires_grad_()
             k_start, v_start = _per_block(k_chunk, plan), _per_block(v_chunk, plan)
-            left, right = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype)
+            carries = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype)  # [C, 2, 2, B, N]
         rhs_d = rhs.detach()
         # d carries: profiles @ d out^T (the transposed product is several times faster, see _gemm_matrices)
         d_carries = torch.matmul(rhs_d[:, :, L:], d_flat.transpose(2, 3))  # [C, 2, 2, B·N]
         d_carries[:, 0].neg_()
-        d_left, d_right = d_carries.view(C, 2, 2, B, N).unbind(2)  # [C, 2, B, N]
         carry_inputs = [t for t in (sums_, w_, k_chunk, v_chunk) if t is not None]
-        d_small = torch.autograd.grad((left, right), carry_inputs, (d_left, d_right), allow_unused=True)
-        d_sums = d_small[0]  # [C, 2, B, N, 2]
+        d_small = torch.autograd.grad(carries, carry_inputs, d_carries.view(carries.shape), allow_unused=True)
+        d_sums = d_small[0]  # [C, 2, 2, B, N]
         d_w = d_small[1] if d_small[1] is not None else torch.zeros_like(w)
 
         # d [X, X v] = d out @ A^T + d sums @ summaries  ([C, 2, B·N, L])
         d_stacked = torch.matmul(d_flat, (rhs_d[:, :, :L] * sign).transpose(2, 3).contiguous())
-        d_sums_rows = d_sums.reshape(C * 2, B * N, 2)
+        d_sums_rows = d_sums.reshape(C * 2, 2, B * N).transpose(1, 2)  # [C·2, B·N, 2]
         d_stacked.view(C * 2, B * N, L).baddbmm_(d_sums_rows, summaries_t.detach().reshape(C * 2, 2, L))
 
         d_w_u = (None, None)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            carries = torch.stack([left.detach(), right.detach()], -1).view(C, 2, B * N, 2)
-            d_rhs = torch.cat([xs_flat.transpose(2, 3) @ d_flat, carries.transpose(2, 3) @ d_flat], 2)
+            carries = carries.detach().view(C, 2, 2, B * N)
+            d_rhs = torch.cat([xs_flat.transpose(2, 3) @ d_flat, carries @ d_flat], 2)
             d_rhs[:, 0].neg_()
-            d_summaries = d_sums.permute(0, 1, 4, 2, 3).reshape(C, 2, 2, B * N) @ xs_flat  # [C, 2, 2, L]
+            d_summaries = d_sums.reshape(C, 2, 2, B * N) @ xs_flat  # [C, 2, 2, L]
             d_w_u = torch.autograd.grad((rhs, summaries_t), (w_, u_), (d_rhs, d_summaries))
 
         # d k = X (d X + v d(X v)), d v = X d(X v): in place in d_stacked ([C, 2, B, N, L] -> [dk, dv])
@@ -528,10 +578,10 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     x = torch.exp(kb - m)
     stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
     rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
-    sums, m_rel = _block_summaries(stacked.reshape(C, 2, B * N, L), summaries_t, m, M)
+    sums, m_rel = _block_summaries(stacked.reshape(C, 2, B * N, L).unbind(1), summaries_t, m, M)
     k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
-    left, right = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)
-    operand = torch.cat([stacked, left[..., None], right[..., None]], -1)
+    carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)  # [C, 2, 2, B, N]
+    operand = torch.cat([stacked, carries.permute(0, 1, 3, 4, 2)], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
     den, num = _from_blocks(out.view(C, 2, B, N, L), plan).unbind(1)  # [C, B, T] (unbind's backward: one stack)
     return (num / den).permute(1, 2, 0)  # [B, T, C] view of [C, B, T]
