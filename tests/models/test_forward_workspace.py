@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vrwkv
-from vrwkv.layers import channel_mix
+from vrwkv.layers import channel_mix, spatial_mix
+from vrwkv.models import vrwkv as vrwkv_model
 from vrwkv.ops.linear import onednn_linears
 from vrwkv.ops.wkv.fused_cpu import numba_scans
 
@@ -21,6 +22,18 @@ def _model(seed: int = 0):
     return model
 
 
+#: The inference paths: the default one below and above the token size from which it shares buffers (its
+#: channel-major spatial mix, the block Bi-WKV writing y into the mix buffer), and the fused numba kernels.
+PATHS = ["default", "default-shared", "fused"]
+
+
+def _on_path(monkeypatch, path: str) -> bool:
+    """Set up ``path``; returns whether the fused kernels are on."""
+    if path == "default-shared":
+        monkeypatch.setattr(vrwkv_model, "WORKSPACE_MIN_TOKEN_BYTES", 0)
+    return path == "fused"
+
+
 def _blocks_without_workspace(model, x):
     """The final-normed tokens and the last block's output, each block called on its own."""
     tokens, hw = model._embed(x)
@@ -30,11 +43,12 @@ def _blocks_without_workspace(model, x):
 
 
 @pytest.mark.parametrize("chunk", [7, None])
-@pytest.mark.parametrize("fused", [False, True])
-def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused, chunk):
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, path, chunk):
     """Chunks of 7 tokens (the last one short; the FFN's hidden, mix, value and gate rows reused across chunks and
-    blocks in the buffer the spatial mix's buffer and k, v, r products sized) or one chunk, batch 2, float32 (the buffers' path)
-    and float64; with the fused numba kernels (spatial mix buffer) and without."""
+    blocks in the buffer the spatial mix's buffer and k, v, r products sized) or one chunk, batch 2, float32 (the
+    buffers' path) and float64; on every path."""
+    fused = _on_path(monkeypatch, path)
     if chunk:
         monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
     for dtype in (torch.float32, torch.float64):
@@ -45,6 +59,12 @@ def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused,
             alone, last = _blocks_without_workspace(model, x)
             maps = model.forward_backbone(x)
             _, intermediates = model.forward_intermediates(x, indices=[0, 2], output_fmt="NLC")
+        if path != "default" and chunk is None:
+            # the FFN takes fewer rows per chunk to fit its value and gate rows in the buffer the spatial mix sized
+            # (products of other row counts may round differently): equal to rounding
+            for a, b in ((shared, alone), (maps[-1], model._to_map(alone, (4, 4))), (intermediates[-1], last)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            continue
         assert torch.equal(shared, alone)
         assert torch.equal(maps[-1], model._to_map(alone, (4, 4)))
         assert torch.equal(intermediates[-1], last)
@@ -52,11 +72,12 @@ def test_forward_equals_the_blocks_run_without_the_workspace(monkeypatch, fused,
 
 @pytest.mark.parametrize("hooked", ["value", "output"])
 @pytest.mark.parametrize("chunk", [7, None])
-@pytest.mark.parametrize("fused", [False, True])
-def test_hooks_keep_what_they_saw(monkeypatch, fused, chunk, hooked):
+@pytest.mark.parametrize("path", PATHS)
+def test_hooks_keep_what_they_saw(monkeypatch, path, chunk, hooked):
     """Forward hooks on the channel mix's value Linear or the spatial mix's output Linear keep their inputs (the
     squared ReLU, the gate): with hooks the layers do not put them in shared buffers, so what each block's hook kept
     is still that block's activation. Chunks of 7 tokens, or one chunk."""
+    fused = _on_path(monkeypatch, path)
     if chunk:
         monkeypatch.setattr(channel_mix, "INFERENCE_CHUNK_TOKENS", chunk)
     model = _model()
@@ -128,3 +149,31 @@ def test_two_threads_running_one_model_get_their_own_buffers(fused):
     for i in range(2):
         for out in results[i]:
             assert torch.equal(out, expected[i])
+
+
+@pytest.mark.parametrize("path", ["default", "default-shared"])
+def test_default_path_shares_buffers_from_its_token_size(monkeypatch, path):
+    """On the default path the blocks share their spatial mix's buffers (mix, k, v, r, with the block Bi-WKV's y
+    written into the mix buffer) from ``WORKSPACE_MIN_TOKEN_BYTES`` on (here: 0); below it every temporary is its own
+    tensor (at small sizes a buffer kept across blocks raised the peak), and the Bi-WKV makes its own y."""
+    _on_path(monkeypatch, path)
+    taken, outs = [], []
+    real_scratch, real_bi_wkv = spatial_mix.scratch, spatial_mix.bi_wkv
+
+    def spy_scratch(role, shape, like):
+        taken.append(role)
+        return real_scratch(role, shape, like)
+
+    def spy_bi_wkv(*args, out=None, **kwargs):
+        y = real_bi_wkv(*args, out=out, **kwargs)
+        outs.append(out is not None and y is out)
+        return y
+
+    monkeypatch.setattr(spatial_mix, "scratch", spy_scratch)
+    monkeypatch.setattr(spatial_mix, "bi_wkv", spy_bi_wkv)
+    model = _model()
+    with numba_scans(False), onednn_linears(False), torch.inference_mode():
+        model(torch.randn(2, 3, 64, 64))
+    shared = path == "default-shared"
+    assert taken == (["block.largest"] * 3 if shared else [])
+    assert outs == [shared] * 3

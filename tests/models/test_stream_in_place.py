@@ -84,10 +84,15 @@ def test_hooks_and_intermediates_keep_what_they_got(monkeypatch, fused):
             for h in handles:
                 h.remove()
     assert torch.equal(hooked, features)
-    assert len(kept) == 3 and all(torch.equal(a, b) for a, b in zip(kept, expected))
+    # (equal to rounding: inside the forward's workspace the FFN may take fewer rows per chunk than blocks called
+    # alone, ChannelMix._inference_in_token_chunks; a block writing into a kept output would change it entirely)
+    assert len(kept) == 3
+    for a, b in zip(kept, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with numba_scans(fused), torch.inference_mode():
         _, again = model.forward_intermediates(x, output_fmt="NLC")
-    assert all(torch.equal(a, b) for a, b in zip(again, expected))
+    for a, b in zip(again, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_backbone_keeps_the_cls_token_views():

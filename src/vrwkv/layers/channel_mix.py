@@ -173,7 +173,8 @@ class ChannelMix(nn.Module):
 
         Where the key's product takes a buffer, its output and the mix rows go into the block buffer shared by a
         model's blocks (:data:`vrwkv.layers.workspace.BLOCK_LARGEST`), unless hooks may keep them; when adding into
-        ``residual``, the value and gate rows too if they fit in it as it is.
+        ``residual``, the value and gate rows too if they fit in it as it is (in fewer rows per chunk than
+        ``INFERENCE_CHUNK_TOKENS`` where that makes them fit).
 
         ``norm``: a module x goes through first. Its output, and the plain mixer's ``shift(x)``, are dropped once the
         last chunk's mixes are made, before its products (the block's peak).
@@ -193,19 +194,22 @@ class ChannelMix(nn.Module):
         if shared and product_takes_buffer(rows, self.key.weight, self.key.bias):
             # one buffer: the hidden activations [n, hidden] and the mix rows [n, C] (alive together), and when
             # adding into the residual, the value and gate rows [n, C] too if they fit without growing it (at high
-            # resolution the spatial mix sized it larger; their output never leaves this method)
-            sizes = [rows_per_chunk * self.key.weight.shape[0], rows_per_chunk * C]
-            extra = [rows_per_chunk * self.value.weight.shape[0], rows_per_chunk * self.receptance.weight.shape[0]]
-            if residual is not None and sum(sizes + extra) <= room(BLOCK_LARGEST, rows):
-                sizes += extra
+            # resolution, or with many images, the spatial mix sized it larger; their output never leaves this
+            # method): in fewer rows per chunk if that is what makes them fit
+            per_row = [self.key.weight.shape[0], C]
+            per_row_extra = [self.value.weight.shape[0], self.receptance.weight.shape[0]]
+            if residual is not None and rows_per_chunk * sum(per_row) <= room(BLOCK_LARGEST, rows):
+                rows_per_chunk = min(rows_per_chunk, room(BLOCK_LARGEST, rows) // sum(per_row + per_row_extra))
+                per_row += per_row_extra
+            sizes = [rows_per_chunk * n for n in per_row]
             pieces = scratch(BLOCK_LARGEST, (sum(sizes),), rows).split(sizes)
             hidden, mixed = (p.view(rows_per_chunk, -1) for p in pieces[:2])
             if len(pieces) == 4:
                 values, gates = (p.view(rows_per_chunk, -1) for p in pieces[2:])
         else:
             mixed = rows.new_empty(rows_per_chunk, C)
-        for start in range(0, B * T, INFERENCE_CHUNK_TOKENS):
-            chunk = slice(start, min(start + INFERENCE_CHUNK_TOKENS, B * T))
+        for start in range(0, B * T, rows_per_chunk):
+            chunk = slice(start, min(start + rows_per_chunk, B * T))
             x_c, buf, tokens = rows[chunk], mixed[: chunk.stop - chunk.start], (chunk.start, chunk.stop)
             xk = x_c if mix_into is None else mix_into(0, buf, tokens)
             into = None if hidden is None else hidden[: chunk.stop - chunk.start]

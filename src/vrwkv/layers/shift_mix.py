@@ -80,8 +80,8 @@ def shift_mix_linear(
             work channel-major, such as the Bi-WKV), instead of token-major.
         mix_buffer: without autograd, the ``[B, T, C]`` tensor (like ``x``) each mix is written into in turn before
             its projection (a fresh one if None); the caller may reuse it afterwards.
-        outputs: without autograd, token-major, buffers ``[B, T, out_i]`` the products may be written into
-            (``into`` of :func:`vrwkv.ops.linear.linear`); use the returned tensors.
+        outputs: without autograd, buffers ``[B, T, out_i]`` (``[out_i, B, T]`` if ``channel_major``) the products
+            may be written into (``into`` of :func:`vrwkv.ops.linear.linear`); use the returned tensors.
         norm: ``(weight, bias, eps)`` of a LayerNorm over C that x goes through first. With autograd the function
             keeps x and the norm's statistics, not the normalised tokens too (the norm is recomputed in the
             backward): one ``[B, T, C]`` less than the norm run as a module before it.
@@ -109,8 +109,8 @@ def shift_mix_linear(
     elif mix_buffer.shape != x.shape or mix_buffer.dtype != x.dtype or not mix_buffer.is_contiguous():
         raise ValueError(f"shift_mix_linear: mix_buffer must be contiguous {list(x.shape)} {x.dtype} like x, got "
                          f"{list(mix_buffer.shape)} {mix_buffer.dtype}")
-    if outputs is not None and (channel_major or len(outputs) != len(weights)):
-        raise ValueError("shift_mix_linear: outputs are for token-major products, one per weight")
+    if outputs is not None and len(outputs) != len(weights):
+        raise ValueError(f"shift_mix_linear: {len(weights)} weights but {len(outputs)} outputs")
     return _project_each(mix_into, mix_buffer, weights, channel_major, outputs)
 
 
@@ -166,15 +166,15 @@ def project_mixes(mixes: torch.Tensor, weights: Sequence[torch.Tensor], channel_
 
 def _project_one(mixed: torch.Tensor, weight: torch.Tensor, channel_major: bool,
                  into: torch.Tensor | None = None) -> torch.Tensor:
-    """One mix ``[B, T, C]`` projected: ``[B, T, out]`` (into ``into`` ``[B, T, out]`` where the product takes it),
-    or channel-major ``weight @ mixed^T`` ``[out, B, T]``."""
+    """One mix ``[B, T, C]`` projected: ``[B, T, out]``, or channel-major ``weight @ mixed^T`` ``[out, B, T]``;
+    into ``into`` of that shape where the product takes it."""
+    B, T, C = mixed.shape
     if not channel_major:
         if into is None:
             return linear(mixed, weight)
-        B, T, C = mixed.shape
         return linear(mixed.reshape(B * T, C), weight, into=into.view(B * T, -1)).view(B, T, -1)
-    B, T, C = mixed.shape
-    return linear(weight, mixed.reshape(B * T, C)).view(-1, B, T)  # weight @ mixed^T
+    into = None if into is None else into.view(-1, B * T)
+    return linear(weight, mixed.reshape(B * T, C), into=into).view(-1, B, T)  # weight @ mixed^T
 
 
 def _project_each(mix_into: MixInto, mixed: torch.Tensor, weights: Sequence[torch.Tensor],

@@ -12,7 +12,7 @@ from vrwkv.layers.linear import Linear, calls_hooks
 from vrwkv.layers.q_shift import make_shift
 from vrwkv.layers.rwkv_init import channel_ramp, check_init_mode, depth_ratios
 from vrwkv.layers.shift_mix import norm_parameters, project_mixes, shift_mix, shift_mix_linear
-from vrwkv.layers.workspace import BLOCK_LARGEST, scratch
+from vrwkv.layers.workspace import BLOCK_LARGEST, scratch, workspace_open
 from vrwkv.ops import bi_wkv, causal_wkv
 from vrwkv.ops.linear import linear, mm, product_takes_buffer
 from vrwkv.ops.wkv.fused_cpu import numba_enabled
@@ -136,26 +136,39 @@ class SpatialMix(nn.Module):
                 k, v, r = self.project_channel_major(self.token_mix(x, hw))
             else:  # shift, mix and project in one Function: autograd keeps x only, not the three mixes
                 weights = (self.key.weight, self.value.weight, self.receptance.weight)
+                buffer, outputs = None, None
+                if workspace_open() and not torch.is_grad_enabled():  # (else y over the Bi-WKV's den: less memory)
+                    buffer, outputs = self._inference_buffers(x, weights, channel_major=True)
                 kvr = shift_mix_linear(x, hw, self.shift, self._mix(), weights, channel_major=True,  # [C, B, T] each
-                                       norm=norm_parameters(norm))
+                                       mix_buffer=buffer, outputs=outputs, norm=norm_parameters(norm))
                 k, v, r = (t.transpose(0, 1) for t in kvr)  # [B, C, T] views
+                if outputs is not None:  # the WKV's output into the mix buffer, laid out [C, B, T] as it makes it
+                    B, T, C = x.shape
+                    y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), T, out=buffer.view(C, B, T).permute(1, 2, 0))
+                    return self.gate_output_channel_major(r, y.transpose(1, 2))
             y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), x.shape[1])  # [B, T, C] view of channel-major storage
             return self.gate_output_channel_major(r, y.transpose(1, 2))
         k, v, r = self.project(self.token_mix(x, hw))
         return self.gate_output(r, self.wkv(k, v, x.shape[1]))
 
-    def _inference_buffers(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
-        """The mix/WKV buffer ``[B, T, C]`` and buffers for the k, v, r products, all pieces of the block buffer
-        (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`): they are alive together anyway, so one buffer for them does
-        not raise the peak. No product buffers (None) if hooks on the output Linear may keep ``r``, or where the
-        products make their own outputs (oneDNN's): then the mix buffer is a tensor of its own, as a block buffer
-        alone would stay alive through the channel mix and raise the peak by ``[B, T, C]`` (its chunks are smaller)."""
+    def _inference_buffers(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], channel_major: bool = False):
+        """The mix/WKV buffer ``[B, T, C]`` and buffers for the k, v, r products (``[B, T, out]``, or ``[out, B, T]``
+        if ``channel_major``), all pieces of the block buffer (:data:`~vrwkv.layers.workspace.BLOCK_LARGEST`): they
+        are alive together anyway, so one buffer for them does not raise the peak. No product buffers (None) if hooks
+        on the output Linear may keep ``r``, or where the products make their own outputs (oneDNN's): then the mix
+        buffer is a tensor of its own, as a block buffer alone would stay alive through the channel mix and raise
+        the peak by ``[B, T, C]`` (its chunks are smaller)."""
         B, T, C = x.shape
-        if calls_hooks(self.output) or not product_takes_buffer(x.view(B * T, C), weights[0]):
+        if channel_major:
+            takes = product_takes_buffer(weights[0], x.view(B * T, C))  # weight @ mix^T
+        else:
+            takes = product_takes_buffer(x.view(B * T, C), weights[0])
+        if calls_hooks(self.output) or not takes:
             return x.new_empty(B, T, C), None
         sizes = [B * T * C] + [B * T * w.shape[0] for w in weights]
         pieces = scratch(BLOCK_LARGEST, (sum(sizes),), x).split(sizes)
-        outputs = [piece.view(B, T, w.shape[0]) for piece, w in zip(pieces[1:], weights)]
+        outputs = [piece.view((w.shape[0], B, T) if channel_major else (B, T, w.shape[0]))
+                   for piece, w in zip(pieces[1:], weights)]
         return pieces[0].view(B, T, C), outputs
 
     @property

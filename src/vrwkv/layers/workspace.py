@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["BLOCK_LARGEST", "inference_workspace", "room", "scratch"]
+__all__ = ["BLOCK_LARGEST", "inference_workspace", "room", "scratch", "workspace_open"]
 
 #: The role of a block's largest temporaries: the spatial mix's mix/WKV buffer and k, v, r products, the channel
 #: mix's hidden activations, mix, value and gate rows (their lifetimes do not overlap; see the module's docstring).
@@ -54,6 +54,11 @@ def inference_workspace() -> Iterator[None]:
         _local.depth = depth
         if depth == 0:
             _local.buffers = None
+
+
+def workspace_open() -> bool:
+    """Whether an :func:`inference_workspace` is open in this thread (:func:`scratch` shares buffers)."""
+    return getattr(_local, "buffers", None) is not None
 
 
 def room(role: str, like: torch.Tensor) -> int:

@@ -261,7 +261,7 @@ class VRWKVAdapter(VRWKV):
         outs = []
         for (first, last), inter in zip(self.interaction_indexes, self.interactions):
             x = inter.injector(x, ref_inject, c, prior_shapes)
-            with self._workspace():  # (the blocks share buffers: VRWKV._workspace)
+            with self._workspace(x):  # (the blocks share buffers: VRWKV._workspace)
                 private = not calls_hooks(inter.injector)  # (whether the next block may write into x)
                 for blk in self.layers[first:last + 1]:
                     x, private = self._block(blk, x, (H, W), private), not calls_hooks(blk)

@@ -198,6 +198,9 @@ def _init_linear_and_norm(module: nn.Module) -> None:
 
 #: Rows per step of block 0's in-place ``ln0`` (:meth:`Block._ln0`): its temporary is one step's output (1.5 MB).
 LN0_ROWS_IN_PLACE = 2048
+#: The token tensor's size from which the default path's blocks share their inference buffers
+#: (:meth:`VRWKV._workspace`): VRWKV-T's [B, T, C] is 3 MB at 1024 px batch 1, 1.2 MB at 224 px batch 8.
+WORKSPACE_MIN_TOKEN_BYTES = 2 * 2**20
 
 
 class VRWKV(nn.Module):
@@ -385,13 +388,18 @@ class VRWKV(nn.Module):
         :func:`~vrwkv.layers.resize_pos_embed`; a kept copy would add ``[1, T, C]`` to the forward's peak)."""
         return resize_pos_embed(self.pos_embed, self.grid_size, hw, self.interpolate_mode)
 
-    def _workspace(self) -> contextlib.AbstractContextManager:
-        """Around the blocks: their inference temporaries share buffers (:mod:`vrwkv.layers.workspace`) when the fused
-        CPU kernels are on (:func:`vrwkv.ops.use_numba`): there the spatial mix's buffer and the channel mix's
-        hidden activations are one, so the forward's peak memory does not grow. On the default path the spatial
-        mix's block Bi-WKV has larger temporaries of its own, and a hidden buffer alive across blocks would add to
-        the peak (+4.6 MB at 224 px batch 8) for no measured gain in time."""
-        return inference_workspace() if numba_enabled() else contextlib.nullcontext()
+    def _workspace(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Around the blocks, for their tokens ``x`` ``[B, T, C]``: their inference temporaries share buffers
+        (:mod:`vrwkv.layers.workspace`): always with the fused CPU kernels on (:func:`vrwkv.ops.use_numba`), where the
+        spatial mix's buffer and the channel mix's hidden activations are one and the forward's peak does not grow; on
+        the default path from :data:`WORKSPACE_MIN_TOKEN_BYTES`. Below it the default path's buffers come back from
+        the C library's heap without page faults (no measured gain in time), and a buffer kept across blocks added to
+        the peak (the block Bi-WKV's temporaries come on top of it: +1.1 MB at 224 px batch 8, +0.75 MB at 512 px
+        batch 1, where VRWKV-T's peak is within 1-2 MB of DeiT-T's); from 512 px batch 8 and 1024 px batch 1, the
+        fresh pages of those temporaries took 10-20 % of the forward (``benchmarks/NOTES.md``, session 17)."""
+        if numba_enabled() or x.numel() * x.element_size() >= WORKSPACE_MIN_TOKEN_BYTES:
+            return inference_workspace()
+        return contextlib.nullcontext()
 
     def _block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int], consume_input: bool = False) -> torch.Tensor:
         """``blk(x, hw)``; ``consume_input`` (see :meth:`Block.forward`): the caller replaces ``x`` by the result and
@@ -437,7 +445,7 @@ class VRWKV(nn.Module):
         if self.low_memory_chunk_tokens is not None and not torch.is_grad_enabled():
             return low_memory_forward_features(self, x, self.low_memory_chunk_tokens)
         x, hw = self._embed(x)
-        with self._workspace():  # (the blocks' inference temporaries share buffers: layers/workspace.py)
+        with self._workspace(x):  # (the blocks' inference temporaries share buffers: layers/workspace.py)
             private = not calls_hooks(self.drop_after_pos)  # (whether the next block may write into x)
             for blk in self.layers:
                 x, private = self._block(blk, x, hw, private), not calls_hooks(blk)
@@ -466,7 +474,7 @@ class VRWKV(nn.Module):
         """
         x, hw = self._embed(x)
         outs = []
-        with self._workspace():
+        with self._workspace(x):
             private = not calls_hooks(self.drop_after_pos)  # (whether the next block may write into x)
             for i, blk in enumerate(self.layers):
                 x = self._block(blk, x, hw, private)
@@ -516,7 +524,7 @@ class VRWKV(nn.Module):
         x, hw = self._embed(x)
         blocks = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        with self._workspace():
+        with self._workspace(x):
             private = not calls_hooks(self.drop_after_pos)  # (whether the next block may write into x)
             for i, blk in enumerate(blocks):
                 x = self._block(blk, x, hw, private)
