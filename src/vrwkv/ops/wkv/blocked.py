@@ -232,8 +232,8 @@ def _gemm_table(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | 
         on_diagonal = torch.zeros(table.shape[1], device=w.device, dtype=w.dtype)
         on_diagonal[2 * R + 1: 2 * R + (2 if plan.kc is None else 3)] = eps  # the e^u columns
         table2 = torch.stack([table * (1 + eps) + on_diagonal, table], 1)  # [C, 2, columns]
-    summaries_t = powers[:, summaries].view(C, 1, 2, L).expand(C, 2, 2, L)
-    return table2, summaries_t.contiguous()
+    summaries_t = powers[:, summaries].view(C, 1, 2, L).expand(C, 2, 2, L)  # (one matrix for both halves)
+    return table2, summaries_t
 
 
 def _excl_cumsum_last(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
