@@ -251,3 +251,37 @@ def test_add_to_frees_the_normalised_tokens_and_the_shift_before_the_products(mo
                                 plain(x, shifted, mus))
             shift_kept = _tensor_peak_mb(lambda: ffn.add_to(x.clone(), x, (32, 32), norm=ln))
             assert shift_kept >= fused_in + 0.9 * unit
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("tokens, room_rows, expected_rows", [
+    (24, 30, 21),  # room for 30 rows of hidden + mix (80 floats each), 21 with value and gate rows (112): chunks of 21
+    (24, 40, 24),  # room for everything: one chunk
+    (24, 17, 24),  # the 24-row chunk does not fit even without value and gate rows: the buffer grows, no shrinking
+    (1, 1, 1),  # one token, room for it without value and gate rows only: one chunk of 1, value and gate apart
+])
+def test_add_to_takes_its_chunk_rows_from_the_shared_buffer(monkeypatch, fused, tokens, room_rows, expected_rows):
+    """Inside a workspace whose block buffer another layer sized, ``add_to`` takes fewer rows per chunk where that
+    puts its value and gate rows in the buffer too (never zero), and computes the same result (to rounding: products
+    of other row counts)."""
+    from vrwkv.layers import channel_mix
+    from vrwkv.layers.workspace import BLOCK_LARGEST, inference_workspace, room, scratch
+    from vrwkv.ops.linear import onednn_linears
+    from vrwkv.ops.wkv.fused_cpu import numba_scans
+
+    torch.manual_seed(6)
+    ffn, ln = perturb_(ChannelMix(16, 1, 4)), perturb_(torch.nn.LayerNorm(16))  # hidden 64: 80 per row, 112 with
+    x, gamma = torch.randn(1, tokens, 16), torch.randn(16)  # value and gate rows
+    chunks = []
+    real_linear = channel_mix.linear_activated
+    monkeypatch.setattr(channel_mix, "linear_activated", lambda m, xk, act, into=None: chunks.append(xk.shape[0])
+                        or real_linear(m, xk, act, into=into))
+    with torch.no_grad(), numba_scans(fused), onednn_linears(False):
+        expected = ffn.add_to(x.clone(), x, (1, tokens), gamma, norm=ln)
+        chunks.clear()
+        with inference_workspace():
+            scratch(BLOCK_LARGEST, (room_rows * 80,), x)  # another layer's use of the buffer
+            out = ffn.add_to(x.clone(), x, (1, tokens), gamma, norm=ln)
+            assert room(BLOCK_LARGEST, x) >= room_rows * 80
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert chunks[0] == expected_rows and max(chunks) == expected_rows

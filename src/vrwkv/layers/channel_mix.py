@@ -198,8 +198,10 @@ class ChannelMix(nn.Module):
             # method): in fewer rows per chunk if that is what makes them fit
             per_row = [self.key.weight.shape[0], C]
             per_row_extra = [self.value.weight.shape[0], self.receptance.weight.shape[0]]
-            if residual is not None and rows_per_chunk * sum(per_row) <= room(BLOCK_LARGEST, rows):
-                rows_per_chunk = min(rows_per_chunk, room(BLOCK_LARGEST, rows) // sum(per_row + per_row_extra))
+            space = room(BLOCK_LARGEST, rows)
+            fit = space // sum(per_row + per_row_extra)  # rows with their value and gate rows
+            if residual is not None and fit >= 1 and rows_per_chunk * sum(per_row) <= space:
+                rows_per_chunk = min(rows_per_chunk, fit)
                 per_row += per_row_extra
             sizes = [rows_per_chunk * n for n in per_row]
             pieces = scratch(BLOCK_LARGEST, (sum(sizes),), rows).split(sizes)
