@@ -451,7 +451,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     del kb, vb  # padded copies when T is not a whole number of blocks
     table, summaries_t = _gemm_table(w, u, plan, eps_den)
     sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
-    k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
+    k_start, v_start = (_per_block(s, plan) for s in _chunk_starts(k, v, M, plan))
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
     for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
@@ -579,7 +579,7 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
     rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
     sums, m_rel = _block_summaries(stacked.reshape(C, 2, B * N, L).unbind(1), summaries_t, m, M)
-    k_start, v_start = (_per_block(x, plan) for x in _chunk_starts(k, v, M, plan))
+    k_start, v_start = (_per_block(s, plan) for s in _chunk_starts(k, v, M, plan))
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)  # [C, 2, 2, B, N]
     operand = torch.cat([stacked, carries.permute(0, 1, 3, 4, 2)], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
