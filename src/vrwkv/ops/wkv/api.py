@@ -152,5 +152,6 @@ def _blocked_applies(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantic
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
-    with torch.no_grad():
-        return blocked_supports(k.shape[1], semantics, float(w.abs().max()), float(u.abs().max()))
+    with torch.no_grad():  # (one device-to-host read for both bounds: a synchronisation on GPUs)
+        max_abs_w, max_abs_u = torch.stack([w.abs().amax().float(), u.abs().amax().float()]).tolist()
+        return blocked_supports(k.shape[1], semantics, max_abs_w, max_abs_u)
