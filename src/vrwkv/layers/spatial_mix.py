@@ -132,6 +132,7 @@ class SpatialMix(nn.Module):
                 return self.gate_output(r, self.wkv(k, v, x.shape[1], out=buffer))
             return self.gate_output(r, self.wkv(k, v, x.shape[1]))
         if self.channel_major:
+            y_into = None
             if self.shift is None:
                 k, v, r = self.project_channel_major(self.token_mix(x, hw))
             else:  # shift, mix and project in one Function: autograd keeps x only, not the three mixes
@@ -144,9 +145,8 @@ class SpatialMix(nn.Module):
                 k, v, r = (t.transpose(0, 1) for t in kvr)  # [B, C, T] views
                 if outputs is not None:  # the WKV's output into the mix buffer, laid out [C, B, T] as it makes it
                     B, T, C = x.shape
-                    y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), T, out=buffer.view(C, B, T).permute(1, 2, 0))
-                    return self.gate_output_channel_major(r, y.transpose(1, 2))
-            y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), x.shape[1])  # [B, T, C] view of channel-major storage
+                    y_into = buffer.view(C, B, T).permute(1, 2, 0)
+            y = self.wkv(k.transpose(1, 2), v.transpose(1, 2), x.shape[1], out=y_into)  # [B, T, C] view of [C, B, T]
             return self.gate_output_channel_major(r, y.transpose(1, 2))
         k, v, r = self.project(self.token_mix(x, hw))
         return self.gate_output(r, self.wkv(k, v, x.shape[1]))
