@@ -291,7 +291,8 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
         own = _excl_cumsum_last(from_right.view(by_chunk)).view(left.shape)
         starts = _block_positions(plan, w.device) + plan.T / 2  # [N]
         chunk_start = torch.div(starts, plan.kc, rounding_mode="floor") * plan.kc  # [N]
-        x_start = torch.exp(k_start.to(f64) + (starts - chunk_start) * wd - pos)  # [C, 1, B, N] (times e_pos below)
+        # e^{k_start + (P - chunk start) w} at the origin (times e_pos below): e^{k_start + (T/2 - chunk start) w}
+        x_start = torch.exp(k_start.to(f64) + (plan.T / 2 - chunk_start) * wd)  # [C, 1, B, N]
         start_term = torch.cat([x_start, x_start * v_start.to(f64)], 1)  # [C, 2, B, N]
         left = left + torch.expm1(wd) * near
         right = right - torch.expm1(wd) * (own - start_term)
@@ -366,13 +367,13 @@ def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         if kb.stride(3) != 1:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than
             m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]  # across strides
-        else:  # blocks of tokens in a row: a max pool over the storage's rows (4x amax's speed at L = 14)
-            rows = next((x for x in (kb, kb.transpose(0, 1)) if x.is_contiguous()), None)  # ([C, B, N, L]: channel-
-            if rows is None:  # major storage)
-                m = kb.amax(3, keepdim=True)
-            else:
-                m = F.max_pool1d(rows.view(-1, 1, N * L), L).view(*rows.shape[:3], 1)
-                m = m if rows is kb else m.transpose(0, 1)  # [B, C, N, 1]
+        elif kb.is_contiguous() or kb.transpose(0, 1).is_contiguous():  # ([C, B, N, L]: channel-major storage)
+            # blocks of tokens in a row: a max pool over the storage's rows (4x amax's speed at L = 14)
+            rows = kb if kb.is_contiguous() else kb.transpose(0, 1)
+            m = F.max_pool1d(rows.view(-1, 1, N * L), L).view(*rows.shape[:3], 1)
+            m = m if rows is kb else m.transpose(0, 1)  # [B, C, N, 1]
+        else:
+            m = kb.amax(3, keepdim=True)
         m = m.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all-padding blocks
         return m, m.amax(2, keepdim=True)
 
