@@ -236,26 +236,61 @@ def _gemm_table(w: torch.Tensor, u: torch.Tensor, plan: BlockPlan, eps: float | 
     return table2, summaries_t
 
 
-def _excl_cumsum_last(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Exclusive cumulative sum along the last dim (from the end if ``reverse``)."""
-    if reverse:
-        return _excl_cumsum_last(x.flip(-1)).flip(-1)
+def _excl_cumsum_last(x: torch.Tensor) -> torch.Tensor:
+    """Exclusive cumulative sum along the last dim."""
     return F.pad(x[..., :-1].cumsum(-1), (1, 0))
 
 
-_POSITIONS_CACHE: dict = {}
+def _excl_scans(x: torch.Tensor) -> torch.Tensor:
+    """Exclusive scans of ``x`` [..., 2, B, N] along N: from the left for ``x[..., 0, :, :]`` (the sums of the blocks
+    before each block), from the right for ``x[..., 1, :, :]`` (of the blocks after it). Without autograd into one
+    new tensor by ``out=`` (one pass each, the reverse one between two flips); with autograd or graph capture out of
+    place."""
+    if not _writes_buffers(x):
+        left = _excl_cumsum_last(x[..., 0, :, :])
+        right = _excl_cumsum_last(x[..., 1, :, :].flip(-1)).flip(-1)
+        return torch.stack([left, right], -3)
+    scans = torch.empty_like(x)
+    scans[..., 0, :, 0] = 0
+    torch.cumsum(x[..., 0, :, :-1], -1, out=scans[..., 0, :, 1:])
+    reverse = x[..., 1, :, 1:].flip(-1)  # [..., B, N - 1]: blocks N-1 .. 1
+    scans[..., 1, :, :-1] = reverse.cumsum_(-1).flip(-1)
+    scans[..., 1, :, -1] = 0
+    return scans
 
 
-def _block_positions(plan: BlockPlan, device: torch.device) -> torch.Tensor:
-    """Each block's first real position minus T/2, float64 [N] (cached per plan and device as
-    :func:`_matrix_indices`)."""
+def _writes_buffers(x: torch.Tensor) -> bool:
+    """Whether results may be written into buffers by ``out=`` and slice assignment: not under autograd (``x``
+    requires grad), tracing (the TorchScript-based ONNX exporter loses such writes) or torch.compile."""
+    return not ((torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing()
+                or torch.compiler.is_compiling())
+
+
+_PLAN_CACHE: dict = {}
+
+
+def _plan_tensors(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float64 constants of the carry scan, cached per plan and device as :func:`_matrix_indices`:
+
+    * ``[4, N]``: each block's first real position minus T/2 (P) with the signs (+, -, -, +): the exponents (times w)
+      that take the left / right sums of a block to the origin (``e^{P w}``, ``e^{-P w}``) and back;
+    * (kernel chunks subdivided) ``[chunks]``: T/2 minus each kernel chunk's start; else None.
+    """
+    def build():
+        pos = torch.tensor(plan.block_starts(), dtype=torch.float64) - plan.T / 2
+        signed = torch.stack([pos, -pos, -pos, pos]).to(device)
+        if not plan.per_chunk:
+            return signed, None
+        chunk_starts = torch.arange(plan.N // plan.per_chunk, dtype=torch.float64) * plan.kc
+        return signed, (plan.T / 2 - chunk_starts).to(device)
+
     if torch.compiler.is_compiling():
-        return torch.tensor(plan.block_starts(), dtype=torch.float64, device=device) - plan.T / 2
+        return build()
     key = (plan, device)
-    if key not in _POSITIONS_CACHE:
+    if key not in _PLAN_CACHE:
         with torch.inference_mode(False):
-            _POSITIONS_CACHE[key] = torch.tensor(plan.block_starts(), dtype=torch.float64, device=device) - plan.T / 2
-    return _POSITIONS_CACHE[key]
+            _PLAN_CACHE[key] = build()
+    return _PLAN_CACHE[key]
 
 
 def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
@@ -263,47 +298,41 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
     (dim 1: den/num; dim 2: left, right).
 
     The scan across blocks runs in float64 (see the module's docstring), relative to ``e^{M}`` (M: the sequence's
-    largest key). The frame ``max(m, log(magnitude of the den carries) - margin)`` carries no gradient (y is
-    invariant to it).
+    largest key), at the origin T/2 (|position · w| <= |w| T / 2). The frame ``max(m, log(magnitude of the den
+    carries) - margin)`` carries no gradient (y is invariant to it).
 
     Args:
         sums: [C, 2, 2, B, N] block summaries at each block's own max (dim 1: den/num; dim 2: left/right sums).
-        m: [C, 1, B, N] block maxima minus M. k_start, v_start: [C, 1, B, N] key (minus M) and value at each block's
-            kernel-chunk start (only used when chunks are subdivided). w: [C].
+        m: [C, 1, B, N] block maxima minus M. k_start, v_start: [C, 1, B, chunks] key (minus M) and value at each
+            kernel chunk's start (only used when chunks are subdivided). w: [C].
     """
     f64 = torch.float64
-    wd = w.to(f64)[:, None, None, None]  # [C, 1, 1, 1]
-    pos = _block_positions(plan, w.device) * wd  # [C, 1, 1, N]; centred: |position · w| <= |w| T / 2
-    e_pos, e_neg = torch.exp(pos), torch.exp(-pos)
-    e_m = torch.exp(m.to(f64))  # [C, 1, B, N]
-    from_left = sums[:, :, 0] * (e_m * e_pos)  # e^{m + P w} sum_q e^{q w} X: [C, 2, B, N] (float32 sums promoted)
-    from_right = sums[:, :, 1] * (e_m * e_neg)
-    # the sums of the blocks to the left / right, at the origin: times e_neg / e_pos at each block's own position
-    # (below, with the frame)
-    left = _excl_cumsum_last(from_left)
-    right = _excl_cumsum_last(from_right, reverse=True)
+    C, _, _, B, N = sums.shape
+    wd = w.to(f64)
+    signed, start_offsets = _plan_tensors(plan, w.device)
+    exps = torch.exp(signed * wd[:, None, None])  # [C, 4, N]: e^{P w}, e^{-P w}, e^{-P w}, e^{P w}
+    e_m = torch.exp(m.to(f64, memory_format=torch.contiguous_format))  # [C, 1, B, N] (m may be a permuted view)
+    # every block's left / right sums at the origin, e^{m + P w} sum_q e^{q w} X_q and e^{m - P w} sum_q e^{-q w} X_q
+    at_origin = sums * (e_m[:, :, None] * exps[:, None, :2, None])  # [C, 2, 2, B, N] (float32 sums promoted)
+    scans = _excl_scans(at_origin)  # the sums of the blocks to the left / right, at the origin
     if plan.per_chunk:
         r = plan.per_chunk
-        by_chunk = (*left.shape[:3], plan.N // r, r)
-        # chunk-local sums of the earlier blocks of the same kernel chunk: near-left (weight e^{w} more than the
-        # distance rule) and the own-chunk term, which excludes the chunk start token
-        near = _excl_cumsum_last(from_left.view(by_chunk)).view(left.shape)
-        own = _excl_cumsum_last(from_right.view(by_chunk)).view(left.shape)
-        starts = _block_positions(plan, w.device) + plan.T / 2  # [N]
-        chunk_start = torch.div(starts, plan.kc, rounding_mode="floor") * plan.kc  # [N]
-        # e^{k_start + (P - chunk start) w} at the origin (times e_pos below): e^{k_start + (T/2 - chunk start) w}
-        x_start = torch.exp(k_start.to(f64) + (plan.T / 2 - chunk_start) * wd)  # [C, 1, B, N]
-        start_term = torch.cat([x_start, x_start * v_start.to(f64)], 1)  # [C, 2, B, N]
-        left = left + torch.expm1(wd) * near
-        right = right - torch.expm1(wd) * (own - start_term)
+        # chunk-local sums of the earlier blocks of the same kernel chunk, both from the left: near-left (weight e^w
+        # more than the distance rule) and the own-chunk term, which excludes the chunk start token
+        local = _excl_cumsum_last(at_origin.view(C, 2, 2, B, N // r, r))  # [C, 2, 2, B, chunks, r]
+        # the chunk start token at the origin: e^{k_start + (T/2 - chunk start) w}  [C, 1, B, chunks]
+        x_start = torch.exp(k_start.to(f64) + start_offsets * wd[:, None, None, None])
+        local[:, :, 1] -= torch.cat([x_start, x_start * v_start.to(f64)], 1)[..., None]
+        expm1_w = torch.expm1(wd)[:, None, None, None, None]  # [C, 1, 1, 1, 1]
+        scans = scans + local.view(scans.shape) * torch.cat([expm1_w, -expm1_w], 2)  # left +, right - (e^w - 1) ...
+    at_blocks = scans * exps[:, None, 2:, None]  # [C, 2, 2, B, N]: at each block's own position
     with torch.no_grad():  # e^{-frame}, without a float64 log
-        magnitude = left[:, :1].abs() * e_neg + right[:, :1].abs() * e_pos  # [C, 1, B, N]
-        frame_scale = torch.maximum(e_m, magnitude.mul_(math.exp(-_FRAME_MARGIN)))
-        to_frame = frame_scale.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
-    carries = left.new_empty((*left.shape[:2], 2, *left.shape[2:]), dtype=dtype)  # [C, 2, 2, B, N]
-    carries[:, :, 0] = left.mul_(e_neg * to_frame)  # (in place: nothing's backward needs them; cast on the copy)
-    carries[:, :, 1] = right.mul_(e_pos * to_frame)
-    return carries
+        den = at_blocks[:, 0].abs()  # [C, 2, B, N]
+        magnitude = torch.add(den[:, 0], den[:, 1]).mul_(math.exp(-_FRAME_MARGIN))  # [C, B, N]
+        to_frame = torch.maximum(e_m[:, 0], magnitude).clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
+    if not _writes_buffers(at_blocks):
+        return (at_blocks * to_frame[:, None, None]).to(dtype)
+    return torch.mul(at_blocks, to_frame[:, None, None], out=sums.new_empty(sums.shape, dtype=dtype))
 
 
 def blocked_bi_wkv(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, semantics: str = "paper",
@@ -367,8 +396,9 @@ def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         if kb.stride(3) != 1:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than
             m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]  # across strides
-        elif kb.is_contiguous() or kb.transpose(0, 1).is_contiguous():  # ([C, B, N, L]: channel-major storage)
-            # blocks of tokens in a row: a max pool over the storage's rows (4x amax's speed at L = 14)
+        elif L % 32 and (kb.is_contiguous() or kb.transpose(0, 1).is_contiguous()):  # ([C, B, N, L]: channel-major
+            # storage) blocks of tokens in a row: a max pool over the storage's rows, 2-6x amax's speed for L = 14-31
+            # (amax over 32 tokens is vectorised: 3x the max pool's speed)
             rows = kb if kb.is_contiguous() else kb.transpose(0, 1)
             m = F.max_pool1d(rows.view(-1, 1, N * L), L).view(*rows.shape[:3], 1)
             m = m if rows is kb else m.transpose(0, 1)  # [B, C, N, 1]
@@ -385,11 +415,6 @@ def _chunk_starts(k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, plan: Block
         return None, None
     k_start = (k[:, :: plan.kc] - M[:, None, :, 0, 0]).permute(2, 0, 1)  # [C, B, chunks]
     return k_start, v[:, :: plan.kc].permute(2, 0, 1)
-
-
-def _per_block(x: torch.Tensor | None, plan: BlockPlan) -> torch.Tensor | None:
-    """[C, B, chunks] -> [C, 1, B, N]: the value of its kernel chunk for every block."""
-    return None if x is None else x.repeat_interleave(plan.per_chunk, dim=2)[:, None]
 
 
 def _block_summaries(halves, summaries_t: torch.Tensor, m: torch.Tensor, M: torch.Tensor):
@@ -452,7 +477,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     del kb, vb  # padded copies when T is not a whole number of blocks
     table, summaries_t = _gemm_table(w, u, plan, eps_den)
     sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
-    k_start, v_start = (_per_block(s, plan) for s in _chunk_starts(k, v, M, plan))
+    k_start, v_start = (None if s is None else s[:, None] for s in _chunk_starts(k, v, M, plan))
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
     for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
@@ -531,7 +556,7 @@ class _BlockedBiWKV(torch.autograd.Function):
             if k_chunk is not None:
                 k_chunk.requires_grad_()
                 v_chunk.requires_grad_()
-            k_start, v_start = _per_block(k_chunk, plan), _per_block(v_chunk, plan)
+            k_start, v_start = (None if s is None else s[:, None] for s in (k_chunk, v_chunk))
             carries = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype)  # [C, 2, 2, B, N]
         rhs_d = rhs.detach()
         # d carries: profiles @ d out^T (the transposed product is several times faster, see _gemm_matrices)
@@ -580,7 +605,7 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
     rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
     sums, m_rel = _block_summaries(stacked.reshape(C, 2, B * N, L).unbind(1), summaries_t, m, M)
-    k_start, v_start = (_per_block(s, plan) for s in _chunk_starts(k, v, M, plan))
+    k_start, v_start = (None if s is None else s[:, None] for s in _chunk_starts(k, v, M, plan))
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)  # [C, 2, 2, B, N]
     operand = torch.cat([stacked, carries.permute(0, 1, 3, 4, 2)], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
