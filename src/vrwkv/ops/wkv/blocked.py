@@ -383,9 +383,10 @@ def _forward_by_channel_groups(k, v, w, u, plan: BlockPlan, eps_den: float | Non
         return _forward(k, v, w, u, plan, eps_den, out=out)[0]
     per_group = -(-C // groups)  # (groups of equal size, the last one smaller)
     y = k.new_empty(C, B, T) if out is None else out
+    rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)  # (once for all groups: ~20 small operators)
     for c0 in range(0, C, per_group):
         c = slice(c0, c0 + per_group)
-        _forward(k[..., c], v[..., c], w[c], u[c], plan, eps_den, out=y[c])
+        _forward(k[..., c], v[..., c], w[c], u[c], plan, eps_den, out=y[c], matrices=(rhs[c], summaries_t[c]))
     return y.permute(1, 2, 0)
 
 
@@ -457,12 +458,16 @@ def _fill_inputs(kb, vb, m, x, xv) -> None:
     torch.mul(x.transpose(0, 1), vb, out=xv.transpose(0, 1))
 
 
-def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None):
+def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None,
+             matrices: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (a bmm and a rank-2 update in place for
     den, then for num, one half of the block matrices existing at a time). Den's product gets a buffer of its own,
     num's is written over X (den's was its last reader), and without ``keep`` y over den, or, with ``out`` and no
     padding, X is made in ``out`` and y over num there: the op's temporaries peak at three ``[B, T, C]`` (X, X v,
     den), two with ``out`` (X v first, den only after the carries).
+
+    ``matrices``: the block matrices and summaries' matrices of these channels (:func:`_gemm_matrices`) when the
+    caller made them for several calls.
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T] (``out``'s storage if given: [C, B, T]); ``saved`` (when
     ``keep``) what the backward needs: ``1 / den'`` [C, B, T] and the block maxima.
@@ -475,13 +480,13 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     x_into = out if out is not None and not keep and N * L == T else None
     x, xv = _input_halves(kb, vb, m, x_into)  # [C, B·N, L] each
     del kb, vb  # padded copies when T is not a whole number of blocks
-    table, summaries_t = _gemm_table(w, u, plan, eps_den)
+    table, summaries_t = _gemm_table(w, u, plan, eps_den) if matrices is None else (None, matrices[1])
     sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
     k_start, v_start = (None if s is None else s[:, None] for s in _chunk_starts(k, v, M, plan))
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
     for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
-        rhs = _gather_rhs(table, plan, half)  # [C, L + 2, L]
+        rhs = _gather_rhs(table, plan, half) if matrices is None else matrices[0][:, half]  # [C, L + 2, L]
         torch.matmul(operand, rhs[:, :L], out=product)
         product.baddbmm_(carries[:, half].transpose(1, 2), rhs[:, L:])  # ([C, B·N, 2]: BLAS reads it transposed)
         del rhs  # (before the next half's)
