@@ -241,29 +241,11 @@ def _excl_cumsum_last(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x[..., :-1].cumsum(-1), (1, 0))
 
 
-def _excl_scans(x: torch.Tensor) -> torch.Tensor:
-    """Exclusive scans of ``x`` [..., 2, B, N] along N: from the left for ``x[..., 0, :, :]`` (the sums of the blocks
-    before each block), from the right for ``x[..., 1, :, :]`` (of the blocks after it). Without autograd into one
-    new tensor by ``out=`` (one pass each, the reverse one between two flips); with autograd or graph capture out of
-    place."""
-    if not _writes_buffers(x):
-        left = _excl_cumsum_last(x[..., 0, :, :])
-        right = _excl_cumsum_last(x[..., 1, :, :].flip(-1)).flip(-1)
-        return torch.stack([left, right], -3)
-    scans = torch.empty_like(x)
-    scans[..., 0, :, 0] = 0
-    torch.cumsum(x[..., 0, :, :-1], -1, out=scans[..., 0, :, 1:])
-    reverse = x[..., 1, :, 1:].flip(-1)  # [..., B, N - 1]: blocks N-1 .. 1
-    scans[..., 1, :, :-1] = reverse.cumsum_(-1).flip(-1)
-    scans[..., 1, :, -1] = 0
-    return scans
-
-
-def _writes_buffers(x: torch.Tensor) -> bool:
-    """Whether results may be written into buffers by ``out=`` and slice assignment: not under autograd (``x``
-    requires grad), tracing (the TorchScript-based ONNX exporter loses such writes) or torch.compile."""
-    return not ((torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing()
-                or torch.compiler.is_compiling())
+def _writes_buffers(*inputs: torch.Tensor | None) -> bool:
+    """Whether results may be written into buffers (``out=``, slice assignment, in-place updates): not under autograd
+    (an input requires grad), tracing (the TorchScript-based ONNX exporter loses such writes) or torch.compile."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return not (grad or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 _PLAN_CACHE: dict = {}
@@ -308,29 +290,50 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
     """
     f64 = torch.float64
     C, _, _, B, N = sums.shape
+    buffers = _writes_buffers(sums, w, k_start, v_start)  # (else out of place: autograd, graph capture)
     wd = w.to(f64)
     signed, start_offsets = _plan_tensors(plan, w.device)
     exps = torch.exp(signed * wd[:, None, None])  # [C, 4, N]: e^{P w}, e^{-P w}, e^{-P w}, e^{P w}
+    to_origin, to_blocks = exps[:, None, :2, None], exps[:, None, 2:, None]  # [C, 1, 2, 1, N] each
     e_m = torch.exp(m.to(f64, memory_format=torch.contiguous_format))  # [C, 1, B, N] (m may be a permuted view)
     # every block's left / right sums at the origin, e^{m + P w} sum_q e^{q w} X_q and e^{m - P w} sum_q e^{-q w} X_q
-    at_origin = sums * (e_m[:, :, None] * exps[:, None, :2, None])  # [C, 2, 2, B, N] (float32 sums promoted)
-    scans = _excl_scans(at_origin)  # the sums of the blocks to the left / right, at the origin
+    at = sums * e_m[:, :, None]  # [C, 2, 2, B, N] float64 (float32 sums promoted)
+    at = at.mul_(to_origin) if buffers else at * to_origin
+    local = None
     if plan.per_chunk:
         r = plan.per_chunk
         # chunk-local sums of the earlier blocks of the same kernel chunk, both from the left: near-left (weight e^w
         # more than the distance rule) and the own-chunk term, which excludes the chunk start token
-        local = _excl_cumsum_last(at_origin.view(C, 2, 2, B, N // r, r))  # [C, 2, 2, B, chunks, r]
+        local = _excl_cumsum_last(at.view(C, 2, 2, B, N // r, r))  # [C, 2, 2, B, chunks, r]
         # the chunk start token at the origin: e^{k_start + (T/2 - chunk start) w}  [C, 1, B, chunks]
         x_start = torch.exp(k_start.to(f64) + start_offsets * wd[:, None, None, None])
         local[:, :, 1] -= torch.cat([x_start, x_start * v_start.to(f64)], 1)[..., None]
         expm1_w = torch.expm1(wd)[:, None, None, None, None]  # [C, 1, 1, 1, 1]
-        scans = scans + local.view(scans.shape) * torch.cat([expm1_w, -expm1_w], 2)  # left +, right - (e^w - 1) ...
-    at_blocks = scans * exps[:, None, 2:, None]  # [C, 2, 2, B, N]: at each block's own position
+        local = local.view(at.shape) * torch.cat([expm1_w, -expm1_w], 2)  # left +, right - (e^w - 1) ...
+    # the sums of the blocks to the left / right (exclusive scans along N, the right one from the end), at the origin
+    if buffers:  # into one new tensor, the input freed as soon as it is read (its largest float64 temporary)
+        scans = torch.empty_like(at)
+        scans[:, :, 0, :, 0] = 0
+        torch.cumsum(at[:, :, 0, :, :-1], -1, out=scans[:, :, 0, :, 1:])
+        reverse = at[:, :, 1, :, 1:].flip(-1)  # [C, 2, B, N - 1]: blocks N-1 .. 1
+        del at
+        scans[:, :, 1, :, :-1] = reverse.cumsum_(-1).flip(-1)
+        scans[:, :, 1, :, -1] = 0
+        del reverse
+        if local is not None:
+            scans.add_(local)
+            del local
+        at_blocks = scans.mul_(to_blocks)  # [C, 2, 2, B, N]: at each block's own position
+    else:
+        scans = torch.stack([_excl_cumsum_last(at[:, :, 0]), _excl_cumsum_last(at[:, :, 1].flip(-1)).flip(-1)], 2)
+        at_blocks = (scans if local is None else scans + local) * to_blocks
     with torch.no_grad():  # e^{-frame}, without a float64 log
         den = at_blocks[:, 0].abs()  # [C, 2, B, N]
         magnitude = torch.add(den[:, 0], den[:, 1]).mul_(math.exp(-_FRAME_MARGIN))  # [C, B, N]
-        to_frame = torch.maximum(e_m[:, 0], magnitude).clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
-    if not _writes_buffers(at_blocks):
+        del den
+        to_frame = torch.maximum(e_m[:, 0], magnitude, **({"out": magnitude} if buffers else {}))
+        to_frame = to_frame.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
+    if not buffers:
         return (at_blocks * to_frame[:, None, None]).to(dtype)
     return torch.mul(at_blocks, to_frame[:, None, None], out=sums.new_empty(sums.shape, dtype=dtype))
 
@@ -383,10 +386,10 @@ def _forward_by_channel_groups(k, v, w, u, plan: BlockPlan, eps_den: float | Non
         return _forward(k, v, w, u, plan, eps_den, out=out)[0]
     per_group = -(-C // groups)  # (groups of equal size, the last one smaller)
     y = k.new_empty(C, B, T) if out is None else out
-    rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)  # (once for all groups: ~20 small operators)
+    table, summaries_t = _gemm_table(w, u, plan, eps_den)  # (once for all groups: ~20 small operators)
     for c0 in range(0, C, per_group):
         c = slice(c0, c0 + per_group)
-        _forward(k[..., c], v[..., c], w[c], u[c], plan, eps_den, out=y[c], matrices=(rhs[c], summaries_t[c]))
+        _forward(k[..., c], v[..., c], w[c], u[c], plan, eps_den, out=y[c], tables=(table[c], summaries_t[c]))
     return y.permute(1, 2, 0)
 
 
@@ -459,15 +462,14 @@ def _fill_inputs(kb, vb, m, x, xv) -> None:
 
 
 def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = False, out: torch.Tensor | None = None,
-             matrices: tuple[torch.Tensor, torch.Tensor] | None = None):
+             tables: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The op without autograd: ``out = [X, X v] @ A + carries @ profiles`` (a bmm and a rank-2 update in place for
     den, then for num, one half of the block matrices existing at a time). Den's product gets a buffer of its own,
     num's is written over X (den's was its last reader), and without ``keep`` y over den, or, with ``out`` and no
     padding, X is made in ``out`` and y over num there: the op's temporaries peak at three ``[B, T, C]`` (X, X v,
     den), two with ``out`` (X v first, den only after the carries).
 
-    ``matrices``: the block matrices and summaries' matrices of these channels (:func:`_gemm_matrices`) when the
-    caller made them for several calls.
+    ``tables``: :func:`_gemm_table` of these channels when the caller made it for several calls.
 
     Returns ``(y, saved)``: y a [B, T, C] view of [C, B, T] (``out``'s storage if given: [C, B, T]); ``saved`` (when
     ``keep``) what the backward needs: ``1 / den'`` [C, B, T] and the block maxima.
@@ -480,13 +482,13 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     x_into = out if out is not None and not keep and N * L == T else None
     x, xv = _input_halves(kb, vb, m, x_into)  # [C, B·N, L] each
     del kb, vb  # padded copies when T is not a whole number of blocks
-    table, summaries_t = _gemm_table(w, u, plan, eps_den) if matrices is None else (None, matrices[1])
+    table, summaries_t = _gemm_table(w, u, plan, eps_den) if tables is None else tables
     sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
     k_start, v_start = (None if s is None else s[:, None] for s in _chunk_starts(k, v, M, plan))
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
     for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
-        rhs = _gather_rhs(table, plan, half) if matrices is None else matrices[0][:, half]  # [C, L + 2, L]
+        rhs = _gather_rhs(table, plan, half)  # [C, L + 2, L]
         torch.matmul(operand, rhs[:, :L], out=product)
         product.baddbmm_(carries[:, half].transpose(1, 2), rhs[:, L:])  # ([C, B·N, 2]: BLAS reads it transposed)
         del rhs  # (before the next half's)
