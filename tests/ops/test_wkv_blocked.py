@@ -273,3 +273,32 @@ def test_inference_into_out_makes_x_in_it():
         peak = _tensor_peak_mb(lambda: blocked_bi_wkv(k, v, w, u))
     assert peak_into_out < peak - 0.9 * unit / 2**20
     assert rel_err(out, reference("paper", *(x.double() for x in (k, v, w, u)))) < TOL32["paper"]
+
+
+@pytest.mark.parametrize("B, T, bound", [(8, 196, 6.6), (1, 4096, 9.6)])
+def test_carry_scan_frees_its_float64_temporaries(B, T, bound):
+    """The carry scan without autograd (224 px batch 8, where the float64 carries are largest next to the data, and
+    1024 px, kernel chunks subdivided: one more float64 scan): its temporaries peak below ``bound`` times the block
+    summaries' bytes (6.2 and 9.1: the float64 products are freed as they are read; out of place they reached 11.8
+    at 224 px batch 8, 12.0 with subdivided chunks), and it gives the carries of the out-of-place path that autograd
+    runs through."""
+    from vrwkv.bench.measure import _tensor_peak_mb
+
+    C = 192
+    k, v, w, u = (x.float() for x in wkv_cases.random_inputs(B, T, C, seed=8))
+    plan = plan_blocks(T, "official", blocked.KERNEL_CHUNKS)
+    with torch.no_grad():
+        kb = blocked._to_blocks(k.transpose(1, 2), plan, float("-inf"))
+        vb = blocked._to_blocks(v.transpose(1, 2), plan, 0.0)
+        m, M = blocked._frames(kb)
+        x, xv = blocked._input_halves(kb, vb, m)
+        _, summaries_t = blocked._gemm_table(w, u, plan, 1e-6)
+        sums, m_rel = blocked._block_summaries((x, xv), summaries_t, m, M)
+        starts = [None if s is None else s[:, None] for s in blocked._chunk_starts(k, v, M, plan)]
+        carries = blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32)
+        live = _tensor_peak_mb(lambda: None)
+        peak = _tensor_peak_mb(lambda: blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32))
+    assert (peak - live) * 2**20 < bound * sums.numel() * sums.element_size()
+    with torch.enable_grad():  # the out-of-place path (autograd through the scan, as in the backward)
+        traced = blocked._framed_carries(sums.clone().requires_grad_(), m_rel, *starts, w, plan, torch.float32)
+    assert torch.equal(traced.detach(), carries)

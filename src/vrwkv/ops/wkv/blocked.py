@@ -254,13 +254,14 @@ _PLAN_CACHE: dict = {}
 def _plan_tensors(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float64 constants of the carry scan, cached per plan and device as :func:`_matrix_indices`:
 
-    * ``[4, N]``: each block's first real position minus T/2 (P) with the signs (+, -, -, +): the exponents (times w)
-      that take the left / right sums of a block to the origin (``e^{P w}``, ``e^{-P w}``) and back;
+    * ``[3, N]``: each block's first real position minus T/2 (P) with the signs (+, -, +): the exponents (times w)
+      that take the left / right sums of a block to the origin (rows 0, 1: ``e^{P w}``, ``e^{-P w}``) and back
+      (rows 1, 2);
     * (kernel chunks subdivided) ``[chunks]``: T/2 minus each kernel chunk's start; else None.
     """
     def build():
         pos = torch.tensor(plan.block_starts(), dtype=torch.float64) - plan.T / 2
-        signed = torch.stack([pos, -pos, -pos, pos]).to(device)
+        signed = torch.stack([pos, -pos, pos]).to(device)
         if not plan.per_chunk:
             return signed, None
         chunk_starts = torch.arange(plan.N // plan.per_chunk, dtype=torch.float64) * plan.kc
@@ -293,23 +294,32 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
     buffers = _writes_buffers(sums, w, k_start, v_start)  # (else out of place: autograd, graph capture)
     wd = w.to(f64)
     signed, start_offsets = _plan_tensors(plan, w.device)
-    exps = torch.exp(signed * wd[:, None, None])  # [C, 4, N]: e^{P w}, e^{-P w}, e^{-P w}, e^{P w}
-    to_origin, to_blocks = exps[:, None, :2, None], exps[:, None, 2:, None]  # [C, 1, 2, 1, N] each
+    exps = torch.mul(signed, wd[:, None, None]).exp_()  # [C, 3, N]: e^{P w}, e^{-P w}, e^{P w}
+    to_origin, to_blocks = exps[:, None, :2, None], exps[:, None, 1:, None]  # [C, 1, 2, 1, N] each
     e_m = torch.exp(m.to(f64, memory_format=torch.contiguous_format))  # [C, 1, B, N] (m may be a permuted view)
     # every block's left / right sums at the origin, e^{m + P w} sum_q e^{q w} X_q and e^{m - P w} sum_q e^{-q w} X_q
-    at = sums * e_m[:, :, None]  # [C, 2, 2, B, N] float64 (float32 sums promoted)
-    at = at.mul_(to_origin) if buffers else at * to_origin
+    if buffers:  # [C, 2, 2, B, N] float64
+        at = sums.to(f64).mul_(e_m[:, :, None]).mul_(to_origin)
+    else:
+        at = sums * e_m[:, :, None] * to_origin
     local = None
     if plan.per_chunk:
         r = plan.per_chunk
         # chunk-local sums of the earlier blocks of the same kernel chunk, both from the left: near-left (weight e^w
         # more than the distance rule) and the own-chunk term, which excludes the chunk start token
-        local = _excl_cumsum_last(at.view(C, 2, 2, B, N // r, r))  # [C, 2, 2, B, chunks, r]
+        by_chunk = (C, 2, 2, B, N // r, r)
+        if buffers:
+            local = torch.empty(by_chunk, dtype=f64, device=at.device)
+            local[..., 0] = 0
+            torch.cumsum(at.view(by_chunk)[..., :-1], -1, out=local[..., 1:])
+        else:
+            local = _excl_cumsum_last(at.view(by_chunk))  # [C, 2, 2, B, chunks, r]
         # the chunk start token at the origin: e^{k_start + (T/2 - chunk start) w}  [C, 1, B, chunks]
         x_start = torch.exp(k_start.to(f64) + start_offsets * wd[:, None, None, None])
         local[:, :, 1] -= torch.cat([x_start, x_start * v_start.to(f64)], 1)[..., None]
         expm1_w = torch.expm1(wd)[:, None, None, None, None]  # [C, 1, 1, 1, 1]
-        local = local.view(at.shape) * torch.cat([expm1_w, -expm1_w], 2)  # left +, right - (e^w - 1) ...
+        signed_expm1 = torch.cat([expm1_w, -expm1_w], 2)  # left +, right - (e^w - 1) ...
+        local = local.view(at.shape).mul_(signed_expm1) if buffers else local.view(at.shape) * signed_expm1
     # the sums of the blocks to the left / right (exclusive scans along N, the right one from the end), at the origin
     if buffers:  # into one new tensor, the input freed as soon as it is read (its largest float64 temporary)
         scans = torch.empty_like(at)
