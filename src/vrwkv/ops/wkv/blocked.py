@@ -410,9 +410,9 @@ def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         if kb.stride(3) != 1:  # reduce in the storage order of a [B, T, C] input (C innermost): ~25x faster than
             m = kb.permute(0, 2, 3, 1).amax(2).permute(0, 2, 1)[..., None]  # across strides
-        elif L % 32 and (kb.is_contiguous() or kb.transpose(0, 1).is_contiguous()):  # ([C, B, N, L]: channel-major
-            # storage) blocks of tokens in a row: a max pool over the storage's rows, 2-6x amax's speed for L = 14-31
-            # (amax over 32 tokens is vectorised: 3x the max pool's speed)
+        elif L % 32 and (kb.is_contiguous() or kb.transpose(0, 1).is_contiguous()):
+            # channel-major storage ([C, B, N, L]): blocks of tokens in a row, a max pool over the storage's rows
+            # (2-6x amax's speed for L = 14-31; over 32 tokens amax is vectorised: 3x the max pool's speed)
             rows = kb if kb.is_contiguous() else kb.transpose(0, 1)
             m = F.max_pool1d(rows.view(-1, 1, N * L), L).view(*rows.shape[:3], 1)
             m = m if rows is kb else m.transpose(0, 1)  # [B, C, N, 1]
