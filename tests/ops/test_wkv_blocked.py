@@ -237,8 +237,9 @@ def test_inference_writes_a_channel_major_out_in_place(monkeypatch, semantics, T
             assert rel_err(out, expected) < 1e-6
 
 
-def _large_allocations(fn, unit: int) -> list[float]:
-    """The sizes, in units of ``unit`` bytes, of the CPU allocations of at least 0.9 units that ``fn()`` makes."""
+def _memory_events(fn) -> list[dict]:
+    """The CPU allocations and frees ``fn()`` makes, in time order (torch.profiler's memory events: ``Bytes``,
+    negative for a free, and the allocator's ``Total Allocated`` after it)."""
     import json
     import tempfile
 
@@ -250,26 +251,20 @@ def _large_allocations(fn, unit: int) -> list[float]:
         prof.export_chrome_trace(f"{tmp}/trace.json")
         with open(f"{tmp}/trace.json") as f:
             events = json.load(f)["traceEvents"]
-    sizes = [e["args"]["Bytes"] / unit for e in events if e.get("name") == "[memory]"]
+    return sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+                  key=lambda e: e["ts"])
+
+
+def _large_allocations(fn, unit: int) -> list[float]:
+    """The sizes, in units of ``unit`` bytes, of the CPU allocations of at least 0.9 units that ``fn()`` makes."""
+    sizes = [e["args"]["Bytes"] / unit for e in _memory_events(fn)]
     return sorted(round(s, 2) for s in sizes if s >= 0.9)
 
 
 def _allocated_peak(fn) -> int:
-    """Bytes that ``fn()`` has allocated on top of what was allocated when it started, at its fullest (CPU, from
-    torch.profiler's memory events): independent of other tests' garbage, which the live-tensor count sees."""
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        prof.export_chrome_trace(f"{tmp}/trace.json")
-        with open(f"{tmp}/trace.json") as f:
-            events = json.load(f)["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
-                    key=lambda e: e["ts"])
+    """Bytes that ``fn()`` has allocated on top of what was allocated when it started, at its fullest: independent
+    of other tests' garbage, which a count of live tensors sees."""
+    memory = _memory_events(fn)
     start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
     return max(e["args"]["Total Allocated"] for e in memory) - start
 
