@@ -307,7 +307,7 @@ def test_carry_scan_frees_its_float64_temporaries(B, T, bound):
         x, xv = blocked._input_halves(kb, vb, m)
         _, summaries_t = blocked._gemm_table(w, u, plan, 1e-6)
         sums, m_rel = blocked._block_summaries((x, xv), summaries_t, m, M)
-        starts = [None if s is None else s[:, None] for s in blocked._chunk_starts(k, v, M, plan)]
+        starts = blocked._chunk_starts(k, v, M, plan)
         carries = blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32)
         peak = _allocated_peak(lambda: blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32))
     assert peak < bound * sums.numel() * sums.element_size()

@@ -423,12 +423,13 @@ def _frames(kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _chunk_starts(k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, plan: BlockPlan):
-    """Key (minus M) and value of the first token of every kernel chunk, [C, B, chunks] each (None unless kernel
-    chunks are subdivided into blocks). A strided slice: chunk starts are the multiples of the chunk length."""
+    """Key (minus M) and value of the first token of every kernel chunk, [C, 1, B, chunks] each (as
+    :func:`_framed_carries` takes them; None unless kernel chunks are subdivided into blocks). A strided slice: chunk
+    starts are the multiples of the chunk length."""
     if not plan.per_chunk:
         return None, None
-    k_start = (k[:, :: plan.kc] - M[:, None, :, 0, 0]).permute(2, 0, 1)  # [C, B, chunks]
-    return k_start, v[:, :: plan.kc].permute(2, 0, 1)
+    k_start = (k[:, :: plan.kc] - M[:, None, :, 0, 0]).permute(2, 0, 1)[:, None]  # [C, 1, B, chunks]
+    return k_start, v[:, :: plan.kc].permute(2, 0, 1)[:, None]
 
 
 def _block_summaries(halves, summaries_t: torch.Tensor, m: torch.Tensor, M: torch.Tensor):
@@ -494,7 +495,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     del kb, vb  # padded copies when T is not a whole number of blocks
     table, summaries_t = _gemm_table(w, u, plan, eps_den) if tables is None else tables
     sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
-    k_start, v_start = (None if s is None else s[:, None] for s in _chunk_starts(k, v, M, plan))
+    k_start, v_start = _chunk_starts(k, v, M, plan)
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
     for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
@@ -569,12 +570,11 @@ class _BlockedBiWKV(torch.autograd.Function):
             rhs, summaries_t = _gemm_matrices(w_, u_, plan, eps_den)  # [C, 2, L + 2, L], [C, 2, 2, L]
             sums, m_rel = _block_summaries(xs_flat.unbind(1), summaries_t.detach(), m, M)  # as in the forward
             sums_ = sums.requires_grad_()
-            k_chunk, v_chunk = _chunk_starts(k.detach(), v.detach(), M, plan)  # [C, B, chunks]
+            k_chunk, v_chunk = _chunk_starts(k.detach(), v.detach(), M, plan)  # [C, 1, B, chunks]
             if k_chunk is not None:
                 k_chunk.requires_grad_()
                 v_chunk.requires_grad_()
-            k_start, v_start = (None if s is None else s[:, None] for s in (k_chunk, v_chunk))
-            carries = _framed_carries(sums_, m_rel, k_start, v_start, w_, plan, k.dtype)  # [C, 2, 2, B, N]
+            carries = _framed_carries(sums_, m_rel, k_chunk, v_chunk, w_, plan, k.dtype)  # [C, 2, 2, B, N]
         rhs_d = rhs.detach()
         # d carries: profiles @ d out^T (the transposed product is several times faster, see _gemm_matrices)
         d_carries = torch.matmul(rhs_d[:, :, L:], d_flat.transpose(2, 3))  # [C, 2, 2, B·N]
@@ -605,8 +605,8 @@ class _BlockedBiWKV(torch.autograd.Function):
         d_kv = _from_blocks(d_blocks, plan)  # [C, 2, B, T]
         d_k, d_v = d_kv[:, 0].permute(1, 2, 0), d_kv[:, 1].permute(1, 2, 0)  # [B, T, C] views
         if k_chunk is not None:  # the chunk-start inputs of the carries
-            d_k[:, :: plan.kc] += d_small[2].permute(1, 2, 0)
-            d_v[:, :: plan.kc] += d_small[3].permute(1, 2, 0)
+            d_k[:, :: plan.kc] += d_small[2][:, 0].permute(1, 2, 0)
+            d_v[:, :: plan.kc] += d_small[3][:, 0].permute(1, 2, 0)
         return d_k, d_v, (d_w + d_w_u[0]) if d_w_u[0] is not None else d_w, d_w_u[1], None, None
 
 
@@ -622,7 +622,7 @@ def _traceable_forward(k, v, w, u, plan: BlockPlan, eps_den: float | None) -> to
     stacked = torch.stack([x, x * vb]).permute(2, 0, 1, 3, 4)  # [C, 2, B, N, L] view
     rhs, summaries_t = _gemm_matrices(w, u, plan, eps_den)
     sums, m_rel = _block_summaries(stacked.reshape(C, 2, B * N, L).unbind(1), summaries_t, m, M)
-    k_start, v_start = (None if s is None else s[:, None] for s in _chunk_starts(k, v, M, plan))
+    k_start, v_start = _chunk_starts(k, v, M, plan)
     carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype)  # [C, 2, 2, B, N]
     operand = torch.cat([stacked, carries.permute(0, 1, 3, 4, 2)], -1)
     out = torch.matmul(operand.view(C, 2, B * N, L + 2), rhs)  # [C, 2, B·N, L]
