@@ -308,8 +308,9 @@ def test_carry_scan_frees_its_float64_temporaries(B, T, bound):
         _, summaries_t = blocked._gemm_table(w, u, plan, 1e-6)
         sums, m_rel = blocked._block_summaries((x, xv), summaries_t, m, M)
         starts = blocked._chunk_starts(k, v, M, plan)
-        carries = blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32)
-        peak = _allocated_peak(lambda: blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32))
+        carries = blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32, in_place=True)
+        peak = _allocated_peak(lambda: blocked._framed_carries(sums, m_rel, *starts, w, plan, torch.float32,
+                                                               in_place=True))
     assert peak < bound * sums.numel() * sums.element_size()
     with torch.enable_grad():  # the out-of-place path (autograd through the scan, as in the backward)
         traced = blocked._framed_carries(sums.clone().requires_grad_(), m_rel, *starts, w, plan, torch.float32)

@@ -241,13 +241,6 @@ def _excl_cumsum_last(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x[..., :-1].cumsum(-1), (1, 0))
 
 
-def _writes_buffers(*inputs: torch.Tensor | None) -> bool:
-    """Whether results may be written into buffers (``out=``, slice assignment, in-place updates): not under autograd
-    (an input requires grad), tracing (the TorchScript-based ONNX exporter loses such writes) or torch.compile."""
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return not (grad or torch.jit.is_tracing() or torch.compiler.is_compiling())
-
-
 _PLAN_CACHE: dict = {}
 
 
@@ -276,7 +269,7 @@ def _plan_tensors(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, 
     return _PLAN_CACHE[key]
 
 
-def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
+def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype, in_place: bool = False):
     """Left/right carries entering every block, in every block's frame, cast to the op's dtype: [C, 2, 2, B, N]
     (dim 1: den/num; dim 2: left, right).
 
@@ -288,17 +281,19 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
         sums: [C, 2, 2, B, N] block summaries at each block's own max (dim 1: den/num; dim 2: left/right sums).
         m: [C, 1, B, N] block maxima minus M. k_start, v_start: [C, 1, B, chunks] key (minus M) and value at each
             kernel chunk's start (only used when chunks are subdivided). w: [C].
+        in_place: the op's forward without autograd: float64 products are updated in place and freed as soon as
+            they are read, results written by ``out=`` (not for autograd or graph capture: the TorchScript ONNX
+            exporter rejects ``out=``).
     """
     f64 = torch.float64
     C, _, _, B, N = sums.shape
-    buffers = _writes_buffers(sums, w, k_start, v_start)  # (else out of place: autograd, graph capture)
     wd = w.to(f64)
     signed, start_offsets = _plan_tensors(plan, w.device)
     exps = torch.mul(signed, wd[:, None, None]).exp_()  # [C, 3, N]: e^{P w}, e^{-P w}, e^{P w}
     to_origin, to_blocks = exps[:, None, :2, None], exps[:, None, 1:, None]  # [C, 1, 2, 1, N] each
     e_m = torch.exp(m.to(f64, memory_format=torch.contiguous_format))  # [C, 1, B, N] (m may be a permuted view)
     # every block's left / right sums at the origin, e^{m + P w} sum_q e^{q w} X_q and e^{m - P w} sum_q e^{-q w} X_q
-    if buffers:  # [C, 2, 2, B, N] float64
+    if in_place:  # [C, 2, 2, B, N] float64
         at = sums.to(f64).mul_(e_m[:, :, None]).mul_(to_origin)
     else:
         at = sums * e_m[:, :, None] * to_origin
@@ -308,7 +303,7 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
         # chunk-local sums of the earlier blocks of the same kernel chunk, both from the left: near-left (weight e^w
         # more than the distance rule) and the own-chunk term, which excludes the chunk start token
         by_chunk = (C, 2, 2, B, N // r, r)
-        if buffers:
+        if in_place:
             local = torch.empty(by_chunk, dtype=f64, device=at.device)
             local[..., 0] = 0
             torch.cumsum(at.view(by_chunk)[..., :-1], -1, out=local[..., 1:])
@@ -319,9 +314,9 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
         local[:, :, 1] -= torch.cat([x_start, x_start * v_start.to(f64)], 1)[..., None]
         expm1_w = torch.expm1(wd)[:, None, None, None, None]  # [C, 1, 1, 1, 1]
         signed_expm1 = torch.cat([expm1_w, -expm1_w], 2)  # left +, right - (e^w - 1) ...
-        local = local.view(at.shape).mul_(signed_expm1) if buffers else local.view(at.shape) * signed_expm1
+        local = local.view(at.shape).mul_(signed_expm1) if in_place else local.view(at.shape) * signed_expm1
     # the sums of the blocks to the left / right (exclusive scans along N, the right one from the end), at the origin
-    if buffers:  # into one new tensor, the input freed as soon as it is read (its largest float64 temporary)
+    if in_place:  # into one new tensor, the input freed as soon as it is read (its largest float64 temporary)
         scans = torch.empty_like(at)
         scans[:, :, 0, :, 0] = 0
         torch.cumsum(at[:, :, 0, :, :-1], -1, out=scans[:, :, 0, :, 1:])
@@ -341,9 +336,9 @@ def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype):
         den = at_blocks[:, 0].abs()  # [C, 2, B, N]
         magnitude = torch.add(den[:, 0], den[:, 1]).mul_(math.exp(-_FRAME_MARGIN))  # [C, B, N]
         del den
-        to_frame = torch.maximum(e_m[:, 0], magnitude, **({"out": magnitude} if buffers else {}))
+        to_frame = torch.maximum(e_m[:, 0], magnitude, **({"out": magnitude} if in_place else {}))
         to_frame = to_frame.clamp_(min=torch.finfo(torch.float64).tiny).reciprocal_()
-    if not buffers:
+    if not in_place:
         return (at_blocks * to_frame[:, None, None]).to(dtype)
     return torch.mul(at_blocks, to_frame[:, None, None], out=sums.new_empty(sums.shape, dtype=dtype))
 
@@ -496,7 +491,7 @@ def _forward(k, v, w, u, plan: BlockPlan, eps_den: float | None, keep: bool = Fa
     table, summaries_t = _gemm_table(w, u, plan, eps_den) if tables is None else tables
     sums, m_rel = _block_summaries((x, xv), summaries_t, m, M)
     k_start, v_start = _chunk_starts(k, v, M, plan)
-    carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype).view(C, 2, 2, B * N)
+    carries = _framed_carries(sums, m_rel, k_start, v_start, w, plan, k.dtype, in_place=True).view(C, 2, 2, B * N)
     den_blocks = k.new_empty(C, B * N, L)
     for half, (operand, product) in enumerate(((x, den_blocks), (xv, x))):  # num over X: disjoint from its input X v
         rhs = _gather_rhs(table, plan, half)  # [C, L + 2, L]
