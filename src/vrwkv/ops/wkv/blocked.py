@@ -139,18 +139,24 @@ def _from_blocks(y: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return y[..., : plan.T] if y.shape[-1] != plan.T else y
 
 
+def _cached_per_plan(cache: dict, build, plan: BlockPlan, device: torch.device):
+    """``build(plan, device)``, cached in ``cache`` per (plan, device) (made afresh under torch.compile, which traces
+    it)."""
+    if torch.compiler.is_compiling():
+        return build(plan, device)
+    key = (plan, device)
+    if key not in cache:
+        with torch.inference_mode(False):  # normal tensors: a later differentiable call saves them for backward
+            cache[key] = build(plan, device)
+    return cache[key]
+
+
 _INDEX_CACHE: dict = {}
 
 
 def _matrix_indices(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_build_matrix_indices`, cached per (plan, device) (traced afresh under torch.compile)."""
-    if torch.compiler.is_compiling():
-        return _build_matrix_indices(plan, device)
-    key = (plan, device)
-    if key not in _INDEX_CACHE:
-        with torch.inference_mode(False):  # normal tensors: a later differentiable call saves them for backward
-            _INDEX_CACHE[key] = _build_matrix_indices(plan, device)
-    return _INDEX_CACHE[key]
+    """:func:`_build_matrix_indices`, cached per (plan, device)."""
+    return _cached_per_plan(_INDEX_CACHE, _build_matrix_indices, plan, device)
 
 
 def _build_matrix_indices(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,28 +251,23 @@ _PLAN_CACHE: dict = {}
 
 
 def _plan_tensors(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float64 constants of the carry scan, cached per plan and device as :func:`_matrix_indices`:
+    """Float64 constants of the carry scan, cached per (plan, device):
 
     * ``[3, N]``: each block's first real position minus T/2 (P) with the signs (+, -, +): the exponents (times w)
       that take the left / right sums of a block to the origin (rows 0, 1: ``e^{P w}``, ``e^{-P w}``) and back
       (rows 1, 2);
     * (kernel chunks subdivided) ``[chunks]``: T/2 minus each kernel chunk's start; else None.
     """
-    def build():
-        pos = torch.tensor(plan.block_starts(), dtype=torch.float64) - plan.T / 2
-        signed = torch.stack([pos, -pos, pos]).to(device)
-        if not plan.per_chunk:
-            return signed, None
-        chunk_starts = torch.arange(plan.N // plan.per_chunk, dtype=torch.float64) * plan.kc
-        return signed, (plan.T / 2 - chunk_starts).to(device)
+    return _cached_per_plan(_PLAN_CACHE, _build_plan_tensors, plan, device)
 
-    if torch.compiler.is_compiling():
-        return build()
-    key = (plan, device)
-    if key not in _PLAN_CACHE:
-        with torch.inference_mode(False):
-            _PLAN_CACHE[key] = build()
-    return _PLAN_CACHE[key]
+
+def _build_plan_tensors(plan: BlockPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pos = torch.tensor(plan.block_starts(), dtype=torch.float64) - plan.T / 2
+    signed = torch.stack([pos, -pos, pos]).to(device)
+    if not plan.per_chunk:
+        return signed, None
+    chunk_starts = torch.arange(plan.N // plan.per_chunk, dtype=torch.float64) * plan.kc
+    return signed, (plan.T / 2 - chunk_starts).to(device)
 
 
 def _framed_carries(sums, m, k_start, v_start, w, plan: BlockPlan, dtype, in_place: bool = False):
